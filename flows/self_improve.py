@@ -1,0 +1,186 @@
+"""The Prefect flow: N rounds of generate -> verify -> pairs -> DPO -> evaluate -> log.
+
+Round 0 evaluates the base model (the baseline every later round is compared with). Each stage is a
+Prefect task that writes its output into the run directory and marks itself done, so re-running the
+same run id resumes where it stopped (see loop/rundir.py). One vLLM engine serves every round of a
+flow run; each round's adapter is hot-loaded with a new LoRA id, never merged, never restarting vLLM.
+Training runs in this process while the engine idles (on CPU, keeping the engine is cheaper than
+restarting it; see the README for the measurement).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from loop.config import RunConfig, load_config
+from loop.evaluate import evaluate_policy
+from loop.generate import Policy
+from loop.models import resolve_model
+from loop.pairs import build_pairs, load_pairs, save_pairs
+from loop.records import Graded, Trajectory
+from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
+from loop.tasks import load_tasks
+from loop.tasks.base import Task
+from loop.tracking import Tracker, git_commit
+from loop.train import train_round
+from loop.verify import grade_trajectories
+
+STAGES = ("generate", "verify", "pairs", "train", "evaluate", "log")
+
+
+def _load_trajectories(path: Path) -> list[Trajectory]:
+    return [Trajectory.from_dict(d) for d in read_jsonl(path)]
+
+
+def _load_graded(path: Path) -> list[Graded]:
+    return [Graded.from_dict(d) for d in read_jsonl(path)]
+
+
+@task(name="generate", cache_policy=NONE)
+def generate(policy: Policy, tasks: list[Task], cfg: RunConfig, adapter: Path | None, adapter_id: int | None,
+             out: Path) -> dict[str, float]:
+    t0 = time.perf_counter()
+    trajs = policy.generate(tasks, cfg.sampling, adapter=adapter, adapter_id=adapter_id)
+    dt = time.perf_counter() - t0
+    write_jsonl(out, (t.to_dict() for t in trajs))
+    tokens = sum(t.num_model_tokens for t in trajs)
+    return {"time/generate_s": dt, "generate/samples": len(trajs), "generate/tokens": tokens,
+            "generate/tokens_per_s": tokens / dt if dt else 0.0}
+
+
+@task(name="verify", cache_policy=NONE)
+def verify(tasks_by_id: dict[str, Task], cfg: RunConfig, samples: Path, out: Path) -> dict[str, float]:
+    t0 = time.perf_counter()
+    graded = grade_trajectories(tasks_by_id, _load_trajectories(samples), cfg.verify)
+    write_jsonl(out, (g.to_dict() for g in graded))
+    return {"time/verify_s": time.perf_counter() - t0,
+            "train_samples/correct": sum(g.correct for g in graded),
+            "train_samples/timeout": sum(g.status == "timeout" for g in graded)}
+
+
+@task(name="build-pairs", cache_policy=NONE)
+def pairs(cfg: RunConfig, graded_path: Path, out: Path) -> dict[str, float]:
+    t0 = time.perf_counter()
+    built, stats = build_pairs(_load_graded(graded_path), cfg.pairs)
+    save_pairs(out, built)
+    return {"time/pairs_s": time.perf_counter() - t0, **{f"pairs/{k}": v for k, v in stats.to_dict().items()}}
+
+
+@task(name="train", cache_policy=NONE)
+def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path, init_adapter: Path | None,
+          out: Path) -> dict[str, float]:
+    logger = get_run_logger()
+    examples = load_pairs(pairs_path)
+    if not examples and cfg.train.algorithm == "dpo":
+        logger.warning("round has no preference pairs (every prompt all-correct or all-wrong): "
+                       "skipping training; the previous adapter stays current")
+        return {"train/skipped": 1.0}
+    data = examples if cfg.train.algorithm == "dpo" else _load_graded(graded_path)
+    t0 = time.perf_counter()
+    result = train_round(model_path, data, cfg.train, init_adapter=init_adapter, out_dir=out)
+    return {"time/train_s": time.perf_counter() - t0, "train/skipped": 0.0, **result.metrics}
+
+
+@task(name="evaluate", cache_policy=NONE)
+def evaluate(policy: Policy, tasks: list[Task], cfg: RunConfig, adapter: Path | None, adapter_id: int | None,
+             rd: Path) -> dict[str, float]:
+    return evaluate_policy(policy, tasks, cfg.eval, cfg.verify, rd, adapter=adapter, adapter_id=adapter_id)
+
+
+@task(name="log-round", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def log_round(tracker: Tracker, r: int, metrics: dict[str, float], rd: Path, adapter: Path | None) -> str:
+    artifacts = {p.name: p for p in sorted(rd.glob("*.jsonl")) + [rd / "metrics.json"] if p.exists()}
+    return tracker.log_round(r, metrics, artifacts, adapter)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    keys = ["round"] + [k for k in ("eval/pass@1", "eval/greedy_acc", "eval/pass@max", "pairs/pairs",
+                                    "train/loss", "time/stages_s") if any(k in r for r in rows)]
+    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    body = "".join("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |\n" for r in rows)
+    return head + body
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+@flow(name="self-improve", log_prints=True)
+def self_improve(config_path: str, rounds: int | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) `rounds` rounds of the loop described by the YAML config at `config_path`."""
+    logger = get_run_logger()
+    cfg = load_config(config_path, rounds=rounds)
+    run = RunDir(cfg.run_dir, run_id or cfg.name)
+    try:
+        run.lock()
+    except RunLocked as e:
+        logger.warning(f"skipping: {e}")
+        return []
+    try:
+        return _run(cfg, run, logger)
+    finally:
+        run.unlock()
+
+
+def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, Any]]:
+    config_dict = cfg.model_dump(mode="json")
+    run.check_config(config_dict)
+    model = resolve_model(cfg.model)
+    train_tasks = load_tasks(cfg.train_tasks)
+    eval_tasks = load_tasks(cfg.eval.tasks)
+    train_by_id = {t.id: t for t in train_tasks}
+    tracker = Tracker(cfg.tracking, run.run_id, tags={
+        "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, "git_commit": git_commit()})
+    tracker.log_config(config_dict, model.provenance)
+    logger.info(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment})")
+
+    policy = Policy(model.path, cfg.engine)
+    rows: list[dict[str, Any]] = []
+    adapter: Path | None = None  # the current policy's adapter (None: the base model)
+    adapter_id: int | None = None  # its LoRA id in vLLM: the round that trained it
+    try:
+        for r in range(0, cfg.rounds + 1):
+            rd = run.round(r)
+            m: dict[str, Any] = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").exists() else {}
+
+            def stage(name: str, fn, *args) -> None:
+                # Metrics are saved after every stage, so a resumed round keeps the finished stages' figures.
+                if not run.done(r, name):
+                    m.update(fn(*args))
+                    write_json(rd / "metrics.json", m)
+                    run.mark_done(r, name)
+
+            if r > 0:
+                stage("generate", generate, policy, train_tasks, cfg, adapter, adapter_id, rd / "samples.jsonl")
+                stage("verify", verify, train_by_id, cfg, rd / "samples.jsonl", rd / "graded.jsonl")
+                stage("pairs", pairs, cfg, rd / "graded.jsonl", rd / "pairs.jsonl")
+                stage("train", train, model.path, cfg, rd / "pairs.jsonl", rd / "graded.jsonl",
+                      adapter if cfg.train.continue_adapter else None, rd / "adapter")
+                if (rd / "adapter").is_dir():
+                    adapter, adapter_id = rd / "adapter", r
+                    policy.check_adapter_applied(adapter, adapter_id=adapter_id)
+            stage("evaluate", evaluate, policy, eval_tasks, cfg, adapter, adapter_id, rd)
+            if not run.done(r, "log"):
+                m["time/stages_s"] = sum(v for k, v in m.items() if k.startswith("time/") and k != "time/stages_s")
+                write_json(rd / "metrics.json", m)
+                log_round(tracker, r, m, rd, rd / "adapter" if (rd / "adapter").is_dir() else None)
+                create_markdown_artifact(key=f"round-{r}", markdown=_table([{"round": r, **m}]),
+                                         description=f"{run.run_id} round {r}")
+                run.mark_done(r, "log")
+            run.mark_done(r, "round")
+            rows.append({"round": r, **m})
+        tracker.finish()
+        create_markdown_artifact(key="loop-summary", markdown=_table(rows), description=f"{run.run_id}: all rounds")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        policy.close()
+    return rows

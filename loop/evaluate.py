@@ -1,0 +1,35 @@
+"""Evaluate a policy on held-out tasks: n samples for pass@k and diversity, plus a greedy decode."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from loop import metrics
+from loop.generate import Policy
+from loop.rundir import write_json, write_jsonl
+from loop.tasks.base import Task
+from loop.verify import VerifyConfig, grade_trajectories
+
+
+def evaluate_policy(policy: Policy, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path,
+                    adapter: Path | None = None, adapter_id: int | None = None) -> dict[str, float]:
+    """Sample, grade and score `tasks`; write eval_*.jsonl and eval_summary.json to `out_dir`.
+
+    Returns the aggregate metrics with keys prefixed `eval/` (pass@k, maj@k, greedy_acc, diversity).
+    """
+    t0 = time.perf_counter()
+    by_id = {t.id: t for t in tasks}
+    graded = grade_trajectories(by_id, policy.generate(tasks, eval_cfg.sampling, adapter=adapter,
+                                                       adapter_id=adapter_id), verify_cfg)
+    write_jsonl(out_dir / "eval_samples.jsonl", (g.to_dict() for g in graded))
+    greedy = None
+    if eval_cfg.greedy:
+        greedy = grade_trajectories(by_id, policy.generate(tasks, eval_cfg.sampling.greedy(), adapter=adapter,
+                                                           adapter_id=adapter_id), verify_cfg)
+        write_jsonl(out_dir / "eval_greedy.jsonl", (g.to_dict() for g in greedy))
+    per_prompt, summary = metrics.evaluate(tasks, graded, greedy)
+    write_jsonl(out_dir / "eval_per_prompt.jsonl", per_prompt)
+    out = {f"eval/{k}": v for k, v in summary.items()}
+    out["time/evaluate_s"] = time.perf_counter() - t0
+    write_json(out_dir / "eval_summary.json", out)
+    return out

@@ -1,0 +1,76 @@
+"""Grade trajectories with the verifier their task names: math answers or sandboxed code tests.
+
+A verifier crash is an error, not a reward of 0: an "error" verdict stops the round (the caller sees
+which task and why), while a "timeout" is a known outcome kept out of the pairs and counted.
+"""
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from pydantic import BaseModel, ConfigDict
+
+from loop.records import Graded, Trajectory
+from loop.tasks.base import Task
+from verifiers import math as math_verifier
+from verifiers import python_exec
+
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
+
+
+class VerifyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = 2
+    """Parallel graders (math worker processes, code sandboxes)."""
+    math_timeout_s: float = 5.0
+    code_timeout_s: float = 10.0
+    fallback_last_number: bool = True
+    """Accept the last number of a completion when it states no explicit answer (small models rarely
+    write '####' or \\boxed{}); the verdict's reason says which rule extracted the answer."""
+
+
+class VerifierCrash(RuntimeError):
+    pass
+
+
+def extract_program(text: str) -> str:
+    """The program a code completion proposes: its last fenced code block, else the whole text."""
+    blocks = _CODE_BLOCK.findall(text)
+    return blocks[-1] if blocks else text
+
+
+def grade_trajectories(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: VerifyConfig) -> list[Graded]:
+    math_idx = [i for i, t in enumerate(trajectories) if tasks[t.task_id].verifier == "math"]
+    code_idx = [i for i, t in enumerate(trajectories) if tasks[t.task_id].verifier == "code"]
+    out: list[Graded | None] = [None] * len(trajectories)
+
+    if math_idx:
+        # The full text, observations included: a tool-integrated answer may sit only in the last
+        # ```output block.
+        items = [(trajectories[i].text, tasks[trajectories[i].task_id].answer) for i in math_idx]
+        verdicts = math_verifier.grade_many(items, workers=cfg.workers, timeout_s=cfg.math_timeout_s,
+                                            fallback_last_number=cfg.fallback_last_number)
+        for i, v in zip(math_idx, verdicts):
+            out[i] = Graded(trajectories[i], v.status, v.extracted, v.reason)
+
+    if code_idx:
+        def run_one(i: int) -> Graded:
+            t = trajectories[i]
+            task = tasks[t.task_id]
+            program = extract_program(t.model_text)
+            r = python_exec.run_tests(program, task.tests, entry_point=task.entry_point, timeout_s=cfg.code_timeout_s)
+            status = {"ok": "correct", "timeout": "timeout"}.get(r.status, "incorrect")
+            return Graded(t, status, program, f"tests {r.status}: {r.stderr.strip()[-300:]}")
+
+        with ThreadPoolExecutor(cfg.workers) as ex:
+            for i, g in zip(code_idx, ex.map(run_one, code_idx)):
+                out[i] = g
+
+    graded = [g for g in out if g is not None]
+    errors = [g for g in graded if g.status == "error"]
+    if errors:
+        e = errors[0]
+        raise VerifierCrash(f"the verifier crashed on {len(errors)} sample(s); first: task {e.trajectory.task_id} "
+                            f"sample {e.trajectory.sample}: {e.reason}")
+    return graded
