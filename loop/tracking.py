@@ -67,6 +67,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def metric_key(name: str) -> str:
+    """MLflow forbids '@' in metric names: pass@4 is logged as pass_at_4 (and maj@4 as maj_at_4)."""
+    return name.replace("@", "_at_")
+
+
 class Tracker:
     """Logs one loop to MLflow. Idempotent per (run id, round): resuming reuses the runs."""
 
@@ -109,9 +114,12 @@ class Tracker:
 
     def log_round(self, round_: int, metrics: dict[str, float], artifacts: dict[str, Path],
                   adapter: Path | None) -> str:
-        """Log a round's metrics (nested run + parent at step=round) and artifacts; return its run id."""
+        """Log a round's metrics (nested run + parent at step=round) and artifacts; return its run id.
+
+        `artifacts` maps names to files (logged at the run's artifact root) or folders (logged under the name).
+        """
         rid = self._find_or_create(round_, {RUN_ID_TAG: self.run_id, **self.tags}, name=f"{self.run_id}/round-{round_}")
-        finite = {k: float(v) for k, v in metrics.items() if v is not None}
+        finite = {metric_key(k): float(v) for k, v in metrics.items() if v is not None}
         ts = int(__import__("time").time() * 1000)
         ms_round = [mlflow.entities.Metric(k, v, ts, 0) for k, v in finite.items()]
         ms_parent = [mlflow.entities.Metric(k, v, ts, round_) for k, v in finite.items()]
@@ -122,7 +130,7 @@ class Tracker:
             if path.is_dir():
                 self.client.log_artifacts(rid, str(path), name)
             else:
-                self.client.log_artifact(rid, str(path), name)
+                self.client.log_artifact(rid, str(path))
         if adapter is not None:
             self.client.log_artifacts(rid, str(adapter), "adapter")
             if self.cfg.registered_model:
