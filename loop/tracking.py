@@ -41,6 +41,14 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return uri
 
 
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Keep a SQLite store's artifacts beside the database file (MLflow's default is ./mlruns of
+    whatever the working directory is); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
 def git_commit() -> str:
     """The project's git commit (with a +dirty mark), or 'unknown' outside a checkout."""
     here = Path(__file__).resolve().parent
@@ -81,7 +89,8 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(cfg.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            cfg.experiment, artifact_location=_artifact_location(self.uri, cfg.experiment))
         self.run_id = run_id
         self.tags = tags
         self.parent_id = self._find_or_create(None, {RUN_ID_TAG: run_id, **tags}, name=run_id)
