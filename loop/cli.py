@@ -71,6 +71,25 @@ def demo(rounds: Optional[int] = typer.Option(None, help="Override the number of
     run(config=cfg, rounds=rounds, run_id=None)
 
 
+@app.command()
+def serve(config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/)."),
+          rounds: Optional[int] = typer.Option(None, help="Rounds per scheduled run (default: the config's)."),
+          cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 2 * * *" (none: trigger by hand).'),
+          name: Optional[str] = typer.Option(None, help="Deployment name (default: the config's name)."),
+          run_id: Optional[str] = typer.Option(None, help="Run id every scheduled run resumes (default: the config's name).")) -> None:
+    """Serve the loop as a Prefect deployment (on PREFECT_API_URL's server), optionally on a cron schedule.
+
+    Parameters (config path, rounds, run id) stay editable in the Prefect UI. Two runs of one loop never
+    write the same run directory at once: a run that finds it locked logs why and skips.
+    """
+    cfg = _load(config, rounds=rounds)
+    from flows.self_improve import self_improve
+
+    self_improve.serve(name=name or cfg.name, cron=cron, tags=["ratchet", cfg.name],
+                       parameters={"config_path": str(config.resolve()), "rounds": rounds, "run_id": run_id},
+                       description=f"{cfg.rounds if rounds is None else rounds} rounds of {cfg.name} ({cfg.model})")
+
+
 @app.command("eval")
 def eval_(config: Path = typer.Option(..., "--config", "-c"),
           adapter: Optional[Path] = typer.Option(None, help="A LoRA adapter folder to evaluate (default: the base model)."),
