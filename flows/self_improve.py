@@ -26,7 +26,7 @@ from loop.models import resolve_model
 from loop.pairs import build_pairs, load_pairs, save_pairs
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
-from loop.tasks import load_tasks
+from loop.tasks import check_disjoint, load_tasks
 from loop.tasks.base import Task
 from loop.tracking import Tracker, git_commit
 from loop.train import train_round
@@ -135,6 +135,7 @@ def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, 
     model = resolve_model(cfg.model)
     train_tasks = load_tasks(cfg.train_tasks)
     eval_tasks = load_tasks(cfg.eval.tasks)
+    check_disjoint(train_tasks, eval_tasks)
     train_by_id = {t.id: t for t in train_tasks}
     tracker = Tracker(cfg.tracking, run.run_id, tags={
         "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, "git_commit": git_commit()})

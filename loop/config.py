@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loop.generate import EngineConfig, SamplingConfig
 from loop.pairs import PairsConfig
@@ -46,6 +46,15 @@ class RunConfig(BaseModel):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _splits(self) -> "RunConfig":
+        # Training on the evaluation split would make every held-out figure meaningless.
+        if self.train_tasks.split != "train":
+            raise ValueError(f"train_tasks.split must be 'train' (got {self.train_tasks.split!r})")
+        if self.eval.tasks.split != "eval":
+            raise ValueError(f"eval.tasks.split must be 'eval' (got {self.eval.tasks.split!r})")
+        return self
 
 
 class ConfigError(ValueError):
