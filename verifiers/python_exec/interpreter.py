@@ -1,0 +1,176 @@
+"""One sandboxed Python process that executes cells sent by the host, one at a time (see runner.py)."""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+
+from .cgroups import ExecCgroup
+from .errors import SandboxError
+from .framing import encode
+from .isolation import Isolation, require_isolation
+from .launch import (HOST_ENV, SANDBOX_ENV, WORKDIR, bwrap_command, enter_cgroups, host_interpreter,
+                     rlimits_for, runner_args)
+from .limits import Limits
+from .pump import Collected, Pump
+
+STARTUP_TIMEOUT_S = 60.0  # generous: under load, many sandboxes start at once; not charged to the program
+
+
+@dataclass
+class CellReport:
+    """Raw facts about one cell; outcome.classify turns them into an ExecResult."""
+
+    collected: Collected
+    reply: dict | None  # the runner's verdict; None when the process died or was stopped first
+    returncode: int | None  # set once the process has ended
+    oom_killed: bool
+    duration_s: float
+
+
+class SandboxedInterpreter:
+    """Starts at construction (so start-up overlaps the caller's work); close() kills it and frees everything."""
+
+    def __init__(self, limits: Limits, *, one_shot: bool, isolation: Isolation | None = None):
+        self.isolation = require_isolation(isolation)
+        self.limits = limits
+        self.via_bwrap = self.isolation.bwrap is not None
+        self._ready = False
+        self._closed = False
+        self._tmpdir: str | None = None
+        self._cgroup: ExecCgroup | None = None
+        self._pidfd: int | None = None
+        homes = {h.controller: h for h in self.isolation.cgroups}
+        if homes:
+            self._cgroup = ExecCgroup(homes, max_processes=limits.max_processes, memory_bytes=limits.memory_mb << 20)
+        request_read, self._request_fd = os.pipe()
+        self._reply_fd, reply_write = os.pipe()
+        try:
+            self._proc = self._launch(one_shot, request_read, reply_write)
+        except BaseException:
+            os.close(self._request_fd)
+            os.close(self._reply_fd)
+            _cleanup_host_state(self._cgroup, self._tmpdir)
+            raise
+        finally:
+            os.close(request_read)  # the child has its own copies now
+            os.close(reply_write)
+        try:
+            self._pidfd = os.pidfd_open(self._proc.pid)
+        except (AttributeError, OSError):
+            self._pidfd = None  # old kernel or Python: the pump polls the process instead
+        # Also runs if the owner forgets close() (garbage collection, interpreter exit): no orphaned sandbox.
+        self._finalizer = weakref.finalize(self, _release, self._proc, self._cgroup, self._tmpdir,
+                                           [self._request_fd, self._reply_fd, self._pidfd])
+        self._pump = Pump(stdout_fd=self._proc.stdout.fileno(), stderr_fd=self._proc.stderr.fileno(),
+                          reply_fd=self._reply_fd, request_fd=self._request_fd, pidfd=self._pidfd,
+                          has_exited=lambda: self._proc.poll() is not None, max_output_bytes=limits.max_output_bytes)
+
+    def _launch(self, one_shot: bool, request_fd: int, reply_fd: int) -> subprocess.Popen:
+        interpreter = host_interpreter()
+        controllers = self._cgroup.controllers if self._cgroup else set()
+        rlimits = rlimits_for(self.limits, one_shot=one_shot, memory_cgroup="memory" in controllers,
+                              process_cgroup="pids" in controllers)
+        if self.via_bwrap:
+            workdir, cwd, env = WORKDIR, None, HOST_ENV
+            command = bwrap_command(self.isolation.bwrap, interpreter, self.limits)
+        else:
+            self._tmpdir = workdir = cwd = tempfile.mkdtemp(prefix="ratchet-exec-")
+            env = {**SANDBOX_ENV, "HOME": workdir, "TMPDIR": workdir}
+            command = [interpreter.executable]
+        command += runner_args(request_fd=request_fd, reply_fd=reply_fd, workdir=workdir,
+                               interpreter=interpreter, rlimits=rlimits)
+        command = enter_cgroups(self._cgroup.procs_files if self._cgroup else [], command)
+        # Own session and process group: the whole tree can be SIGKILLed at once.
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(request_fd, reply_fd), env=env, cwd=cwd, start_new_session=True)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._proc.returncode is None
+
+    def execute(self, code: str, *, stdin: str, filename: str, echo: bool, final: bool,
+                timeout_s: float) -> CellReport:
+        """Run one cell under a wall-clock limit. The process is killed if it times out, floods its output
+        or breaks the protocol; check `alive` afterwards."""
+        if not self.alive:
+            raise SandboxError("this sandboxed interpreter has ended; start a new one")
+        if not self._ready:
+            self._wait_until_ready()
+        start = time.monotonic()
+        request_id = secrets.token_hex(8)
+        request = {"id": request_id, "code": code, "stdin": stdin, "filename": filename, "echo": echo,
+                   "final": final}
+
+        def replied(got: Collected) -> bool:
+            return any(f.get("id") == request_id for f in got.frames)
+
+        # A final cell also waits for the process to end (atexit handlers, non-daemon threads), like python.
+        done = (lambda got: False) if final else replied
+        got = self._pump.exchange(encode(request), done, start + timeout_s)
+        reply = next((f for f in got.frames if f.get("id") == request_id), None)
+        if reply is None and got.frames and not got.violation:
+            got.violation = f"unexpected reply frames {got.frames!r:.200}"
+        if got.timed_out or got.output_exceeded or got.violation:
+            self._kill()
+        elif got.exited:
+            self._proc.wait()
+        oom = got.exited and self._cgroup is not None and self._cgroup.oom_killed()
+        return CellReport(got, reply, self._proc.returncode, oom, time.monotonic() - start)
+
+    def _wait_until_ready(self) -> None:
+        got = self._pump.exchange(b"", lambda g: bool(g.frames), time.monotonic() + STARTUP_TIMEOUT_S)
+        if got.frames == [{"ready": True}]:
+            self._ready = True
+            return
+        self._kill()
+        detail = (bytes(got.stderr) or bytes(got.stdout)).decode("utf-8", "replace").strip()
+        what = "did not start in time" if got.timed_out else f"failed to start (exit code {self._proc.returncode})"
+        raise SandboxError(f"the sandboxed interpreter {what}: {detail or got.frames or 'no output'}")
+
+    def _kill(self) -> None:
+        _kill_tree(self._proc, self._cgroup)
+
+    def close(self) -> None:
+        """Kill whatever still runs and release the pipes, cgroups and temporary directory. Idempotent."""
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> "SandboxedInterpreter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _kill_tree(proc: subprocess.Popen, cgroup: ExecCgroup | None) -> None:
+    if proc.returncode is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # not yet reaped, so the group id cannot have been reused
+        proc.wait()
+    if cgroup is not None:
+        cgroup.kill_all()  # whatever left the process group (setsid daemons in the unsafe mode)
+
+
+def _release(proc: subprocess.Popen, cgroup: ExecCgroup | None, tmpdir: str | None, fds: list[int | None]) -> None:
+    try:
+        _kill_tree(proc, cgroup)
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+        proc.stdout.close()
+        proc.stderr.close()
+        _cleanup_host_state(cgroup, tmpdir)
+
+
+def _cleanup_host_state(cgroup: ExecCgroup | None, tmpdir: str | None) -> None:
+    if cgroup is not None:
+        cgroup.remove()
+    if tmpdir is not None:
+        shutil.rmtree(tmpdir)

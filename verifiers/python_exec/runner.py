@@ -1,0 +1,197 @@
+"""The bootstrap that runs *inside* the sandbox (passed to the interpreter with -c; never imported by the host).
+
+It applies the resource limits to itself, then serves cells: each request from the host is executed in one
+persistent namespace (so a Session keeps its definitions) and answered with one reply frame. A request
+marked final ends the process afterwards with the program's exit code, like `python main.py` would.
+Stdlib only: the host package is not visible in the sandbox.
+
+Frames: 4-byte big-endian length, then the body -- marshal from the host (trusted, and free to import),
+JSON to the host (which must parse it safely: the program can write to that pipe too).
+Start-up cost matters (it is paid by every run()), so modules are imported only when needed: ast for
+echoing a trailing expression, traceback on errors, threading for large stdin.
+"""
+import builtins
+import io
+import marshal
+import os
+import resource
+import sys
+
+_PIPE_CAPACITY = 65536  # stdin up to this size is written in one go, without a feeder thread
+
+
+def read_frame(fd):
+    header = _read_exact(fd, 4)
+    if header is None:
+        return None
+    body = _read_exact(fd, int.from_bytes(header, "big"))
+    if body is None:
+        raise EOFError("the host closed the request pipe in the middle of a frame")
+    return marshal.loads(body)
+
+
+def _read_exact(fd, n):
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            if got == 0:
+                return None
+            raise EOFError("the host closed the request pipe in the middle of a frame")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def write_reply(fd, body):
+    data = len(body).to_bytes(4, "big") + body
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def apply_rlimits(rlimits):
+    for name, value in rlimits.items():
+        kind = getattr(resource, name)
+        _, hard = resource.getrlimit(kind)
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)  # only ever lower a limit: raising the hard one is not allowed
+        resource.setrlimit(kind, (value, value))
+
+
+def _feed(fd, data):
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except BrokenPipeError:
+        pass  # the program stopped reading before the end of its input: that is its choice, not an error
+    finally:
+        os.close(fd)
+
+
+def attach_stdin(text):
+    """Give the cell a fresh fd 0 holding `text`, so input(), sys.stdin and open(0) all see it, then EOF."""
+    data = text.encode("utf-8")
+    if data:
+        read_end, write_end = os.pipe()
+        os.dup2(read_end, 0)
+        os.close(read_end)
+        if len(data) <= _PIPE_CAPACITY:
+            _feed(write_end, data)
+        else:
+            import threading
+
+            threading.Thread(target=_feed, args=(write_end, data), daemon=True).start()
+    else:
+        _stdin_from_devnull()
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "rb", closefd=False)), encoding="utf-8")
+
+
+def _stdin_from_devnull():
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+
+
+def print_user_traceback(exc):
+    """The traceback without the runner's own frames, which would only confuse the reader."""
+    import traceback
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == "<string>":
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
+
+
+def execute(code, filename, namespace, echo, workdir):
+    """Run one cell. Returns (kind, exit_code): kind is ok | exit | exception | memory."""
+    if filename.startswith("<"):  # a notebook cell: the source lives in memory (linecache: once a session)
+        import linecache
+
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    else:  # a program file, as `python main.py` would have it: tracebacks and inspect read it from disk
+        filename = os.path.join(workdir, filename)
+        with open(filename, "w", encoding="utf-8") as f:
+            f.write(code)
+        namespace["__file__"] = filename
+    try:
+        if echo:
+            import ast
+
+            tree = ast.parse(code, filename)
+            last = None
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = ast.Expression(tree.body.pop().value)
+            exec(compile(tree, filename, "exec"), namespace)
+            if last is not None:
+                value = eval(compile(last, filename, "eval"), namespace)
+                if value is not None:
+                    sys.displayhook(value)  # prints the repr, like a notebook's Out[] (and sets builtins._)
+        else:
+            exec(compile(code, filename, "exec"), namespace)
+        return "ok", 0
+    except SystemExit as exc:
+        code_ = exc.code
+        if code_ is None:
+            return "exit", 0
+        if isinstance(code_, int):
+            return "exit", code_
+        print(code_, file=sys.stderr)  # sys.exit("message") prints the message and exits 1
+        return "exit", 1
+    except MemoryError as exc:
+        print_user_traceback(exc)
+        return "memory", 1
+    except BaseException as exc:  # the program's failure is the result we report, whatever it is
+        print_user_traceback(exc)
+        return "exception", 1
+
+
+def restore_stdio():
+    """Undo what a cell did to the standard streams, and push its output to the host before the reply."""
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _stdin_from_devnull()
+
+
+def serve(config):
+    request_fd, reply_fd = config["request_fd"], config["reply_fd"]
+    # The program's namespace is a fresh __main__ module (not the runner's), so that `import __main__`,
+    # pickle and multiprocessing find the functions and classes the program defines.
+    program = type(sys)("__main__")
+    program.__builtins__ = builtins
+    sys.modules["__main__"] = program
+    namespace = program.__dict__
+    write_reply(reply_fd, b'{"ready": true}')
+    while True:
+        request = read_frame(request_fd)
+        if request is None:
+            return 0  # the host closed the session
+        attach_stdin(request["stdin"])
+        kind, exit_code = execute(request["code"], request["filename"], namespace, request["echo"],
+                                  config["workdir"])
+        restore_stdio()
+        # Hand-written JSON (json costs 4 ms to import): id is the host's hex token, kind a fixed word.
+        reply = '{"id": "%s", "kind": "%s", "exit_code": %d}' % (request["id"], kind, exit_code)
+        write_reply(reply_fd, reply.encode())
+        if request["final"]:
+            return exit_code
+
+
+def main():
+    config = marshal.loads(bytes.fromhex(sys.argv[1]))
+    apply_rlimits(config["rlimits"])
+    for fd in (config["request_fd"], config["reply_fd"]):
+        os.set_inheritable(fd, False)  # the program's own subprocesses must not get the control pipes
+    sys.path[:0] = [config["workdir"]]  # like `python main.py` run from the working directory
+    sys.path.extend(config["sys_path"])
+    sys.argv = ["main.py"]
+    # Big integers are ordinary in math answers; the 4300-digit str() guard protects servers parsing
+    # untrusted input, and here the time limit already bounds the cost.
+    sys.set_int_max_str_digits(0)
+    # Line buffering: output printed before a kill (timeout, crash) still reaches the host.
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.exit(serve(config))
+
+
+if __name__ == "__main__":
+    main()
