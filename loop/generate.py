@@ -1,0 +1,282 @@
+"""On-policy generation with vLLM: n samples per task, LoRA adapters hot-loaded, tool turns in a sandbox.
+
+One `vllm.LLM` is started per process and reused for every round; each round's adapter is served per
+request with `LoRARequest(name, int_id, path)` (no merge, no engine restart). Trajectories are built in
+token space: every turn sends the exact token ids so far (prompt + model turns + observations) and keeps
+which spans the model wrote, so training can mask the observations without re-tokenising anything.
+
+Tool use: when a turn ends with a complete ```python block, the code runs in that trajectory's sandbox
+`Session` (definitions persist across its cells) and the output is appended as a ```output block; the
+model then continues. All live trajectories of a round go through the engine together, turn by turn, and
+each turn's tool calls run concurrently.
+"""
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
+
+from loop.records import Segment, Trajectory
+from loop.tasks.base import Task
+
+TOOL_SYSTEM_PROMPT = (
+    "You can run Python: write a ```python code block and stop; its printed output will be shown to you in a "
+    "```output block, and you can continue. Give the final answer as the instructions ask.")
+_PY_BLOCK_AT_END = re.compile(r"```python[ \t]*\n(.*?)```\s*$", re.S)
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_model_len: int = Field(2048, ge=64)
+    """Prompt + all turns + observations; a trajectory that would exceed it ends with finish_reason 'context'."""
+    dtype: str = "bfloat16"
+    seed: int = 0
+    max_lora_rank: int = Field(16, ge=1)
+    """Must be >= the training config's lora_r."""
+    max_loras: int = Field(1, ge=1)
+    kv_cache_memory_bytes: int = Field(2 << 30, ge=1 << 24)
+    """KV cache size on CPU (vLLM-CPU needs it explicitly)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Share of GPU memory vLLM may take (training shares the GPU with it)."""
+    enforce_eager: bool = False
+    enable_sleep_mode: bool = False
+    """GPU only: free vLLM's memory while training runs (sleep/wake)."""
+
+
+class SamplingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(512, ge=1)
+    """Per model turn."""
+    seed: int = 0
+    tools: bool = False
+    """Multi-turn tool-integrated reasoning: run the model's ```python blocks and show it the output."""
+    max_turns: int = Field(4, ge=1)
+    """Tool calls per trajectory; a trajectory that asks for one more ends with finish_reason 'max_turns'."""
+    observation_max_chars: int = Field(1024, ge=16)
+    tool_timeout_s: float = Field(10.0, gt=0)
+    system_prompt: str | None = None
+    """None: none for plain chain of thought, TOOL_SYSTEM_PROMPT when tools are on."""
+
+    def greedy(self) -> "SamplingConfig":
+        return self.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0})
+
+
+class AdapterNotApplied(RuntimeError):
+    pass
+
+
+class _Live:
+    """A trajectory being generated, with its sandbox session (opened at its first tool call)."""
+
+    def __init__(self, traj: Trajectory, seed: int):
+        self.traj = traj
+        self.seed = seed
+        self.session = None
+        self.turn_text = ""  # model text since the last observation
+
+    @property
+    def ids(self) -> list[int]:
+        return self.traj.prompt_token_ids + self.traj.completion_token_ids
+
+
+class Policy:
+    def __init__(self, model_path: str | Path, cfg: EngineConfig):
+        import torch
+        from vllm import LLM
+
+        self.cfg = cfg
+        kwargs = dict(model=str(model_path), enable_lora=True, max_lora_rank=cfg.max_lora_rank,
+                      max_loras=cfg.max_loras, max_model_len=cfg.max_model_len, dtype=cfg.dtype, seed=cfg.seed,
+                      enforce_eager=cfg.enforce_eager)
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode)
+        else:
+            kwargs.update(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
+        self.model_path = str(model_path)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._adapters: dict[int, str] = {}
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+    # --- requests -------------------------------------------------------------------------------------
+    def _lora(self, adapter: Path | None, adapter_id: int | None):
+        from vllm.lora.request import LoRARequest
+
+        if adapter is None:
+            return None
+        if adapter_id is None or adapter_id < 1:
+            raise ValueError("an adapter needs a LoRA id >= 1 (one per distinct adapter, e.g. its round)")
+        path = str(Path(adapter).resolve())
+        if self._adapters.setdefault(adapter_id, path) != path:
+            raise ValueError(f"LoRA id {adapter_id} already serves {self._adapters[adapter_id]}; give {path} a new id")
+        return LoRARequest(f"adapter-{adapter_id}", adapter_id, path)
+
+    def prompt_ids(self, task: Task, cfg: SamplingConfig) -> list[int]:
+        system = cfg.system_prompt if cfg.system_prompt is not None else (TOOL_SYSTEM_PROMPT if cfg.tools else None)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": task.prompt}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, tasks: list[Task], cfg: SamplingConfig, adapter: Path | None = None,
+                 adapter_id: int | None = None) -> list[Trajectory]:
+        """n trajectories per task, in task order then sample order."""
+        from vllm import SamplingParams, TokensPrompt
+
+        lora = self._lora(adapter, adapter_id)
+        live: list[_Live] = []
+        for ti, task in enumerate(tasks):
+            ids = self.prompt_ids(task, cfg)
+            for s in range(cfg.n):
+                live.append(_Live(Trajectory(task.id, s, ids), seed=cfg.seed * 1_000_003 + ti * 1009 + s))
+        done: list[_Live] = []
+        # Stop at the end of a fenced block so a ```python cell can run before the model goes on.
+        stop = ["```\n", "```output"] if cfg.tools else None
+        turn = 0
+        try:
+            while live:
+                turn += 1
+                requests, params, active = [], [], []
+                for lv in live:
+                    budget = min(cfg.max_tokens, self.cfg.max_model_len - len(lv.ids))
+                    if budget < 1:
+                        lv.traj.finish_reason = "context"
+                        done.append(lv)
+                        continue
+                    requests.append(TokensPrompt(prompt_token_ids=lv.ids))
+                    params.append(SamplingParams(
+                        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget, logprobs=0,
+                        seed=None if cfg.temperature == 0 else lv.seed + turn, stop=stop,
+                        include_stop_str_in_output=True))
+                    active.append(lv)
+                if not active:
+                    break
+                outs = self.llm.generate(requests, params, lora_request=lora, use_tqdm=len(active) > 8)
+                calls: list[tuple[_Live, str]] = []
+                live = []
+                for lv, out in zip(active, outs):
+                    c = out.outputs[0]
+                    ids = list(c.token_ids)
+                    text = self.tokenizer.decode(ids)
+                    lv.traj.segments.append(Segment("model", text, ids))
+                    lv.traj.cumulative_logprob += c.cumulative_logprob or 0.0
+                    lv.turn_text += text
+                    if c.finish_reason == "length":
+                        # Cut by max_tokens, or by the context window when that was the tighter budget.
+                        lv.traj.finish_reason = "context" if len(lv.ids) >= self.cfg.max_model_len else "length"
+                        done.append(lv)
+                    elif cfg.tools and c.stop_reason is not None and isinstance(c.stop_reason, str):
+                        m = _PY_BLOCK_AT_END.search(lv.turn_text)
+                        if m is None:
+                            live.append(lv)  # a non-Python block closed: let the model go on
+                        elif lv.traj.num_tool_calls >= cfg.max_turns:
+                            lv.traj.finish_reason = "max_turns"
+                            done.append(lv)
+                        else:
+                            calls.append((lv, m.group(1)))
+                    else:
+                        lv.traj.finish_reason = "stop"
+                        done.append(lv)
+                if calls:
+                    with ThreadPoolExecutor(max_workers=min(16, len(calls))) as ex:
+                        observations = list(ex.map(lambda a: self._run_tool(a[0], a[1], cfg), calls))
+                    for (lv, _), obs in zip(calls, observations):
+                        obs_ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
+                        lv.traj.segments.append(Segment("observation", obs, obs_ids))
+                        lv.traj.num_tool_calls += 1
+                        lv.turn_text = ""
+                        live.append(lv)
+        finally:
+            for lv in done + live:
+                if lv.session is not None:
+                    lv.session.close()
+        order = {(t.id): i for i, t in enumerate(tasks)}
+        return sorted((lv.traj for lv in done + live), key=lambda t: (order[t.task_id], t.sample))
+
+    def _run_tool(self, lv: _Live, code: str, cfg: SamplingConfig) -> str:
+        from verifiers.python_exec import Session
+
+        if lv.session is None:
+            lv.session = Session(timeout_s=cfg.tool_timeout_s)
+        r = lv.session.run(code, timeout_s=cfg.tool_timeout_s)
+        body = r.stdout if r.status == "ok" else (r.stdout + r.stderr).strip() or r.status
+        if r.status == "timeout":
+            body += f"\n(timed out after {cfg.tool_timeout_s:g} s)"
+        if len(body) > cfg.observation_max_chars:
+            body = body[: cfg.observation_max_chars] + "\n... (output truncated)"
+        return f"```output\n{body.rstrip()}\n```\n"
+
+    # --- the adapter check -----------------------------------------------------------------------------
+    def check_adapter_applied(self, adapter: Path, adapter_id: int) -> float:
+        """Fail loudly if vLLM would serve the base model for this adapter; return the log-prob shift.
+
+        vLLM silently ignores adapter weights whose module names do not match the model (vllm#34186), so
+        first every adapted module must exist in the base model, then the adapter must move the prompt
+        log-probs of a fixed text (unless its B matrices are all zero, as peft initialises them).
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        adapter = Path(adapter)
+        base_keys = _weight_names(Path(self.model_path))
+        lora_modules, nonzero = _adapter_modules(adapter)
+        if base_keys is not None:
+            missing = sorted(m for m in lora_modules if f"{m}.weight" not in base_keys)
+            if missing:
+                raise AdapterNotApplied(
+                    f"adapter {adapter} targets modules the model {self.model_path} does not have "
+                    f"(e.g. {missing[:3]}); vLLM would silently serve the base model. Was it trained on another model?")
+        ids = self.tokenizer("The quick brown fox jumps over the lazy dog. 12 + 30 = 42.",
+                             add_special_tokens=False)["input_ids"]
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        base, tuned = (self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=lr,
+                                         use_tqdm=False)[0].prompt_logprobs
+                       for lr in (None, self._lora(adapter, adapter_id)))
+        shift = max(abs(next(iter(a.values())).logprob - next(iter(b.values())).logprob)
+                    for a, b in zip(base[1:], tuned[1:]))
+        if shift == 0.0 and nonzero:
+            raise AdapterNotApplied(f"adapter {adapter} (LoRA id {adapter_id}) does not change vLLM's log-probs "
+                                    "although its weights are non-zero: vLLM is serving the base model")
+        return shift
+
+
+def _weight_names(model_dir: Path) -> set[str] | None:
+    """Parameter names of a local model folder (None for a hub id: nothing to check against)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    files = list(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            names.update(sf.keys())
+    return names
+
+
+def _adapter_modules(adapter: Path) -> tuple[set[str], bool]:
+    """Module names a peft adapter adapts (peft's base_model.model. prefix removed), and whether any B != 0."""
+    f = adapter / "adapter_model.safetensors"
+    if not f.is_file():
+        raise AdapterNotApplied(f"{adapter} has no adapter_model.safetensors (not a peft LoRA adapter folder)")
+    modules, nonzero = set(), False
+    with safe_open(str(f), "pt") as sf:
+        for k in sf.keys():
+            name = k.removeprefix("base_model.model.")
+            if ".lora_A" in name:
+                modules.add(name.split(".lora_A")[0])
+            elif ".lora_B" in name and not nonzero:
+                nonzero = bool(sf.get_tensor(k).abs().sum() > 0)
+    return modules, nonzero
