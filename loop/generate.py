@@ -133,27 +133,49 @@ class Policy:
     def generate(self, tasks: list[Task], cfg: SamplingConfig, adapter: Path | None = None,
                  adapter_id: int | None = None) -> list[Trajectory]:
         """n trajectories per task, in task order then sample order."""
-        from vllm import SamplingParams, TokensPrompt
-
-        lora = self._lora(adapter, adapter_id)
-        live: list[_Live] = []
+        starts = []
         for ti, task in enumerate(tasks):
             ids = self.prompt_ids(task, cfg)
-            for s in range(cfg.n):
-                live.append(_Live(Trajectory(task.id, s, ids), seed=cfg.seed * 1_000_003 + ti * 1009 + s))
-        done: list[_Live] = []
+            starts += [(Trajectory(task.id, s, ids), cfg.seed * 1_000_003 + ti * 1009 + s) for s in range(cfg.n)]
+        return self._run([_Live(t, seed) for t, seed in starts], cfg, self._lora(adapter, adapter_id))
+
+    def continue_trajectories(self, trajectories: list[Trajectory], cfg: SamplingConfig, adapter: Path | None = None,
+                              adapter_id: int | None = None) -> list[Trajectory]:
+        """Go on from partial trajectories (e.g. a prefix ending in a ```python block, which runs first)."""
+        live = []
+        for i, t in enumerate(trajectories):
+            lv = _Live(Trajectory.from_dict(t.to_dict()), seed=cfg.seed * 1_000_003 + i)
+            after_obs = [s for s in lv.traj.segments[self._last_obs(lv.traj) + 1:] if s.kind == "model"]
+            lv.turn_text = "".join(s.text for s in after_obs)
+            live.append(lv)
+        return self._run(live, cfg, self._lora(adapter, adapter_id))
+
+    @staticmethod
+    def _last_obs(t: Trajectory) -> int:
+        return max((i for i, s in enumerate(t.segments) if s.kind == "observation"), default=-1)
+
+    def _run(self, live: list[_Live], cfg: SamplingConfig, lora) -> list[Trajectory]:
+        from vllm import SamplingParams, TokensPrompt
+
+        everyone = list(live)
         # Stop at the end of a fenced block so a ```python cell can run before the model goes on.
         stop = ["```\n", "```output"] if cfg.tools else None
         turn = 0
         try:
-            while live:
+            # Trajectories handed in ending with a Python block run it before generating.
+            calls = [(lv, code) for lv in live if cfg.tools and (code := self._pending_code(lv, cfg)) is not None]
+            live = [lv for lv in live if lv.traj.finish_reason != "max_turns" and all(lv is not c[0] for c in calls)]
+            while live or calls:
+                if calls:
+                    self._execute(calls, cfg)
+                    live += [lv for lv, _ in calls]
+                    calls = []
                 turn += 1
                 requests, params, active = [], [], []
                 for lv in live:
                     budget = min(cfg.max_tokens, self.cfg.max_model_len - len(lv.ids))
                     if budget < 1:
                         lv.traj.finish_reason = "context"
-                        done.append(lv)
                         continue
                     requests.append(TokensPrompt(prompt_token_ids=lv.ids))
                     params.append(SamplingParams(
@@ -161,11 +183,10 @@ class Policy:
                         seed=None if cfg.temperature == 0 else lv.seed + turn, stop=stop,
                         include_stop_str_in_output=True))
                     active.append(lv)
+                live = []
                 if not active:
                     break
                 outs = self.llm.generate(requests, params, lora_request=lora, use_tqdm=len(active) > 8)
-                calls: list[tuple[_Live, str]] = []
-                live = []
                 for lv, out in zip(active, outs):
                     c = out.outputs[0]
                     ids = list(c.token_ids)
@@ -176,34 +197,43 @@ class Policy:
                     if c.finish_reason == "length":
                         # Cut by max_tokens, or by the context window when that was the tighter budget.
                         lv.traj.finish_reason = "context" if len(lv.ids) >= self.cfg.max_model_len else "length"
-                        done.append(lv)
-                    elif cfg.tools and c.stop_reason is not None and isinstance(c.stop_reason, str):
-                        m = _PY_BLOCK_AT_END.search(lv.turn_text)
-                        if m is None:
+                    elif cfg.tools and isinstance(c.stop_reason, str):
+                        code = self._pending_code(lv, cfg)
+                        if code is not None:
+                            calls.append((lv, code))
+                        elif lv.traj.finish_reason != "max_turns":
                             live.append(lv)  # a non-Python block closed: let the model go on
-                        elif lv.traj.num_tool_calls >= cfg.max_turns:
-                            lv.traj.finish_reason = "max_turns"
-                            done.append(lv)
-                        else:
-                            calls.append((lv, m.group(1)))
                     else:
                         lv.traj.finish_reason = "stop"
-                        done.append(lv)
-                if calls:
-                    with ThreadPoolExecutor(max_workers=min(16, len(calls))) as ex:
-                        observations = list(ex.map(lambda a: self._run_tool(a[0], a[1], cfg), calls))
-                    for (lv, _), obs in zip(calls, observations):
-                        obs_ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
-                        lv.traj.segments.append(Segment("observation", obs, obs_ids))
-                        lv.traj.num_tool_calls += 1
-                        lv.turn_text = ""
-                        live.append(lv)
         finally:
-            for lv in done + live:
+            for lv in everyone:
                 if lv.session is not None:
                     lv.session.close()
-        order = {(t.id): i for i, t in enumerate(tasks)}
-        return sorted((lv.traj for lv in done + live), key=lambda t: (order[t.task_id], t.sample))
+        order: dict[str, int] = {}
+        for lv in everyone:
+            order.setdefault(lv.traj.task_id, len(order))
+        return sorted((lv.traj for lv in everyone), key=lambda t: (order[t.task_id], t.sample))
+
+    @staticmethod
+    def _pending_code(lv: _Live, cfg: SamplingConfig) -> str | None:
+        """The code of a ```python block that ends the current model turn; None if there is none, or
+        if the tool budget is spent (then the trajectory ends with finish_reason 'max_turns')."""
+        m = _PY_BLOCK_AT_END.search(lv.turn_text)
+        if m is None:
+            return None
+        if lv.traj.num_tool_calls >= cfg.max_turns:
+            lv.traj.finish_reason = "max_turns"
+            return None
+        return m.group(1)
+
+    def _execute(self, calls: list[tuple[_Live, str]], cfg: SamplingConfig) -> None:
+        with ThreadPoolExecutor(max_workers=min(16, len(calls))) as ex:
+            observations = list(ex.map(lambda a: self._run_tool(a[0], a[1], cfg), calls))
+        for (lv, _), obs in zip(calls, observations):
+            obs_ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
+            lv.traj.segments.append(Segment("observation", obs, obs_ids))
+            lv.traj.num_tool_calls += 1
+            lv.turn_text = ""
 
     def _run_tool(self, lv: _Live, code: str, cfg: SamplingConfig) -> str:
         from verifiers.python_exec import Session

@@ -1,0 +1,85 @@
+"""Grade completions against gold answers: extraction, then equivalence, as a Verdict."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from loop.records import GradeStatus
+from verifiers.math.equivalence import Judgement, decide_in_process, judge, judge_in_worker
+from verifiers.math.extract import find_answer
+from verifiers.math.pool import DEFAULT_SIZE, default_pool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: GradeStatus  # "correct" | "incorrect" | "no_answer" | "timeout" | "error"
+    extracted: str | None  # the answer the completion states, as written
+    reason: str  # why, in words: which rule extracted the answer and how it was compared
+
+    @property
+    def correct(self) -> bool:
+        return self.status == "correct"
+
+
+_STATUS = {"equal": "correct", "different": "incorrect", "timeout": "timeout", "error": "error"}
+
+
+def _verdict(answer: str, rule: str, gold: str, j: Judgement) -> Verdict:
+    return Verdict(_STATUS[j.outcome], answer, f"answer {answer!r} found by rule {rule}; gold {gold!r}; {j.how}")
+
+
+def _check_gold(gold) -> None:
+    if gold is None:
+        raise TypeError("the gold answer is None: a math task needs Task.answer")
+
+
+def grade(completion: str, gold: str, *, timeout_s: float = 5.0, fallback_last_number: bool = True) -> Verdict:
+    """Grade one completion against its gold answer.
+
+    timeout_s bounds the comparison (it runs in a killable worker process); fallback_last_number
+    lets a completion without an explicit answer be graded on its last number (see extract.py).
+    A timeout or crash is reported as such, never as "incorrect".
+    """
+    _check_gold(gold)
+    found = find_answer(completion, fallback_last_number=fallback_last_number)
+    if found.answer is None:
+        return Verdict("no_answer", None, found.rule)
+    return _verdict(found.answer, found.rule, gold, judge(found.answer, gold, timeout_s=timeout_s))
+
+
+def grade_many(items: list[tuple[str, str]], *, workers: int = DEFAULT_SIZE, timeout_s: float = 5.0,
+               fallback_last_number: bool = True) -> list[Verdict]:
+    """grade() over (completion, gold) pairs, in order, with up to `workers` comparisons in parallel.
+
+    The cheap part (extraction, in-process decisions) runs in the calling thread; only comparisons
+    that need a worker process are spread over threads, which then mostly wait on their pipes (so
+    they do not fight over the GIL with the in-process work).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    verdicts: list[Verdict | None] = [None] * len(items)
+    pending: list[tuple[int, str, str, str, tuple[str, str]]] = []
+    for i, (completion, gold) in enumerate(items):
+        _check_gold(gold)
+        found = find_answer(completion, fallback_last_number=fallback_last_number)
+        if found.answer is None:
+            verdicts[i] = Verdict("no_answer", None, found.rule)
+            continue
+        decided = decide_in_process(found.answer, gold)
+        if isinstance(decided, Judgement):
+            verdicts[i] = _verdict(found.answer, found.rule, gold, decided)
+        else:
+            pending.append((i, found.answer, found.rule, gold, decided))
+
+    def compare(job: tuple[int, str, str, str, tuple[str, str]]) -> None:
+        i, answer, rule, gold, (p, g) = job
+        verdicts[i] = _verdict(answer, rule, gold, judge_in_worker(p, g, timeout_s))
+
+    if workers == 1 or len(pending) <= 1:
+        for job in pending:
+            compare(job)
+    else:
+        default_pool().ensure_size(workers)
+        with ThreadPoolExecutor(min(workers, len(pending)), thread_name_prefix="math-grade") as pool:
+            list(pool.map(compare, pending))
+    return verdicts  # type: ignore[return-value] - every slot is filled above
