@@ -1,0 +1,143 @@
+"""Throughput of one DPO round (loop.train.train_round) on synthetic multi-turn pairs with the real model.
+
+Prints a table and writes JSON: pairs/s, tokens/s (every prompt+completion token of chosen and rejected
+sequences, per second of training), peak memory (CPU: the process's max RSS; GPU: torch.cuda.max_memory_allocated)
+and the achieved model FLOP/s as a fraction of a bf16 (GPU) / fp32 (CPU) matmul rate measured in the same run.
+
+Model FLOPs per token ~ 3 x forward: the policy forward, its backward (input gradients only: the base is frozen
+and the LoRA weight gradients are negligible) and the reference forward. Forward = 2 x (linear weights, LM head
+included) + the causal attention scores (2 x layers x context x hidden, averaged over positions).
+
+    .venv/bin/python bench/train.py --lengths 128 512 --pairs 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loop.models import resolve_model  # noqa: E402
+from loop.pairs import PreferencePair  # noqa: E402
+from loop.records import Segment, Trajectory  # noqa: E402
+from loop.train import TrainConfig, train_round  # noqa: E402
+
+
+def synthetic_pairs(n: int, prompt_len: int, completion_len: int, obs_frac: float, vocab: int,
+                    seed: int = 0) -> list[PreferencePair]:
+    """Random tokens shaped like tool-use trajectories: model turn, observation, model turn."""
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(100, vocab) for _ in range(k)]  # noqa: E731 (above the special tokens)
+    obs = int(completion_len * obs_frac)
+    first = (completion_len - obs) // 2
+
+    def traj(task: str, sample: int, prompt: list[int]) -> Trajectory:
+        segs = [Segment("model", "", ids(first)), Segment("observation", "", ids(obs)),
+                Segment("model", "", ids(completion_len - obs - first))]
+        return Trajectory(task, sample, prompt, segs)
+
+    out = []
+    for i in range(n):
+        prompt = ids(prompt_len)
+        out.append(PreferencePair(f"t{i}", prompt, traj(f"t{i}", 0, prompt), traj(f"t{i}", 1, prompt), "random"))
+    return out
+
+
+def matmul_flops(dtype: torch.dtype, device: str, size: int, seconds: float = 2.0) -> float:
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    sync()
+    return 2 * size**3 * n / (time.perf_counter() - t0)
+
+
+def model_flops_per_token(model_path: Path, context: int) -> float:
+    cfg = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 2 * cfg.num_hidden_layers * context * cfg.hidden_size
+    return 3 * (2 * linear + attention)
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128], help="completion tokens per sequence")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--obs-frac", type=float, default=0.25, help="share of completion tokens that are observations")
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
+    args = ap.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_path = Path(resolve_model(args.model).path)
+    vocab = AutoConfig.from_pretrained(model_path).vocab_size
+    cfg = TrainConfig(per_device_batch_size=args.batch_size, max_length=None,
+                      gradient_checkpointing=args.gradient_checkpointing)
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device == "cuda" and torch.cuda.is_bf16_supported()
+    mm_dtype = torch.bfloat16 if bf16 else torch.float32
+    mm_rate = matmul_flops(mm_dtype, device, 8192 if device == "cuda" else 2048)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # Warm-up round (kernel selection, allocator, lazy imports) so the measured round is steady-state.
+        train_round(model_path, synthetic_pairs(args.batch_size, 16, 16, args.obs_frac, vocab), cfg,
+                    out_dir=Path(tmp) / "warmup")
+        for length in args.lengths:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            pairs = synthetic_pairs(args.pairs, args.prompt_len, length, args.obs_frac, vocab)
+            res = train_round(model_path, pairs, cfg, out_dir=Path(tmp) / f"len{length}")
+            m = res.metrics
+            seconds, tokens = m["train/time_s"], m["train/tokens"]
+            achieved = model_flops_per_token(model_path, (args.prompt_len + length) // 2) * tokens / seconds
+            rows.append({"completion_len": length, "prompt_len": args.prompt_len, "pairs": args.pairs,
+                         "steps": m["train/steps"], "seconds": seconds, "pairs_per_s": args.pairs / seconds,
+                         "tokens_per_s": tokens / seconds, "model_tokens": m["train/model_tokens"],
+                         "peak_mem_gib": peak_memory_gib(device), "model_tflops": achieved / 1e12,
+                         "mfu_vs_matmul": achieved / mm_rate})
+
+    meta = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+            or platform.machine(), "threads": torch.get_num_threads(), "dtype": str(mm_dtype).split(".")[-1],
+            "matmul_tflops": mm_rate / 1e12, "batch_size": args.batch_size, "obs_frac": args.obs_frac,
+            "gradient_checkpointing": args.gradient_checkpointing, "memory": "cuda max allocated" if device == "cuda"
+            else "process max RSS"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    print(f"{meta['model']} on {meta['device']} ({device}, {meta['threads']} threads, {meta['dtype']}); "
+          f"measured matmul {meta['matmul_tflops']:.3f} TFLOP/s")
+    head = ["completion_len", "steps", "seconds", "pairs_per_s", "tokens_per_s", "peak_mem_gib", "model_tflops",
+            "mfu_vs_matmul"]
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in head))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

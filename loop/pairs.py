@@ -1,0 +1,215 @@
+"""Preference pairs from one round's graded samples (the data of the M-DPO update).
+
+Samples are grouped by task: a pair is a correct trajectory (chosen) and a wrong one (rejected) for the same
+prompt, as in iterative M-DPO (Xiong et al. 2024, arXiv:2409.02392). A prompt whose usable samples are all
+correct or all wrong gives no pair: with a binary verifier there is no preference to learn there.
+
+Samples that carry no trustworthy verdict are left out before pairing: trajectories cut off by the token or
+turn budget (their "wrong" answer may only be unfinished) and verifier timeouts (no verdict), unless the
+config keeps them. Pairs keep the trajectories in token space, segments and all, so training sees exactly the
+tokens the policy sampled and can mask the tool observations.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loop.records import Graded, Trajectory
+from loop.rundir import read_jsonl, write_jsonl
+
+TRUNCATED = frozenset({"length", "context", "max_turns"})
+
+
+class PairsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["random", "best_worst", "all"] = "random"
+    """random: one random correct vs one random wrong sample per prompt (as in M-DPO);
+    best_worst: one pair per prompt, chosen and rejected picked by `by`;
+    all: every correct x wrong combination, at most `max_pairs_per_prompt` of them (a seeded random subset)."""
+    by: Literal["length", "logprob"] = "length"
+    """best_worst only. length: the shortest correct vs the longest wrong sample (in model-written tokens), which
+    also teaches brevity; logprob: the correct sample the policy found least likely vs the wrong one it found most
+    likely (mean log-prob per model token), the pair the policy ranks most wrongly."""
+    max_pairs_per_prompt: int = Field(8, ge=1)
+    """Cap for `all`, so prompts with many samples do not dominate the round."""
+    seed: int = 0
+    """Seeds the random choices; the same graded samples and seed give the same pairs."""
+    keep_truncated: bool = False
+    """Keep trajectories cut off by the budget (finish_reason length, context or max_turns)."""
+    timeout_as_incorrect: bool = False
+    """Count a verifier timeout as a wrong answer (for code, usually an endless loop) instead of leaving the
+    sample out."""
+
+
+@dataclass
+class PreferencePair:
+    task_id: str
+    prompt_token_ids: list[int]
+    chosen: Trajectory
+    rejected: Trajectory
+    strategy: str
+
+    def __post_init__(self) -> None:
+        # Both completions must continue the very same prompt tokens, or the DPO log-ratios compare different contexts.
+        for name, t in (("chosen", self.chosen), ("rejected", self.rejected)):
+            if t.prompt_token_ids != self.prompt_token_ids:
+                raise ValueError(f"pair for task {self.task_id}: the {name} trajectory (sample {t.sample}) has other "
+                                 "prompt tokens than the pair; both completions must continue the same prompt")
+
+    def to_dict(self) -> dict:
+        return {"task_id": self.task_id, "strategy": self.strategy, "prompt_token_ids": self.prompt_token_ids,
+                "chosen": self.chosen.to_dict(), "rejected": self.rejected.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreferencePair":
+        return cls(d["task_id"], d["prompt_token_ids"], Trajectory.from_dict(d["chosen"]),
+                   Trajectory.from_dict(d["rejected"]), d["strategy"])
+
+
+@dataclass
+class PairStats:
+    """Counts for one round; `to_dict` gives MLflow-ready numbers. Every prompt lands in exactly one of
+    prompts_with_pairs, prompts_all_correct, prompts_all_wrong and prompts_ungradeable."""
+
+    prompts: int = 0
+    prompts_with_pairs: int = 0
+    prompts_all_correct: int = 0
+    prompts_all_wrong: int = 0
+    prompts_ungradeable: int = 0  # no usable sample left (all cut off, timed out or conflicting)
+    samples: int = 0
+    samples_used: int = 0  # samples that took part in the pairing (after the drops below)
+    dropped_truncated: int = 0
+    dropped_ungradeable: int = 0
+    dropped_duplicates: int = 0
+    dropped_conflicting: int = 0  # identical completions graded differently (e.g. a flaky timeout)
+    pairs: int = 0
+    chosen_model_tokens_mean: float = 0.0
+    rejected_model_tokens_mean: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class _Usable:
+    """The samples of one prompt that can be paired, split by verdict."""
+
+    correct: list[Graded] = field(default_factory=list)
+    wrong: list[Graded] = field(default_factory=list)
+
+
+def _usable_samples(samples: list[Graded], cfg: PairsConfig, stats: PairStats) -> _Usable:
+    kept: list[Graded] = []
+    for g in samples:
+        if g.trajectory.finish_reason in TRUNCATED and not cfg.keep_truncated:
+            stats.dropped_truncated += 1
+        elif g.status == "timeout" and cfg.timeout_as_incorrect:
+            kept.append(Graded(g.trajectory, "incorrect", g.extracted,
+                               f"verifier timeout counted as incorrect: {g.reason}"))
+        elif not g.gradeable:
+            stats.dropped_ungradeable += 1
+        else:
+            kept.append(g)
+    # Exact duplicates would give pairs that repeat one completion; keep one of each. Duplicates graded
+    # differently have no trustworthy verdict, so all copies go.
+    groups: dict[tuple[int, ...], list[Graded]] = {}
+    for g in kept:
+        groups.setdefault(tuple(g.trajectory.completion_token_ids), []).append(g)
+    out = _Usable()
+    for group in groups.values():
+        if len({g.correct for g in group}) > 1:
+            stats.dropped_conflicting += len(group)
+            continue
+        stats.dropped_duplicates += len(group) - 1
+        (out.correct if group[0].correct else out.wrong).append(group[0])
+    stats.samples_used += len(out.correct) + len(out.wrong)
+    return out
+
+
+def _mean_logprob(g: Graded) -> float:
+    return g.trajectory.cumulative_logprob / max(g.trajectory.num_model_tokens, 1)
+
+
+def _choose(u: _Usable, cfg: PairsConfig, rng: random.Random) -> list[tuple[Graded, Graded]]:
+    if cfg.strategy == "random":
+        return [(rng.choice(u.correct), rng.choice(u.wrong))]
+    if cfg.strategy == "best_worst":
+        if cfg.by == "length":
+            # Ties (same length) go to the earlier sample, so the choice is deterministic.
+            return [(min(u.correct, key=lambda g: g.trajectory.num_model_tokens),
+                     max(u.wrong, key=lambda g: g.trajectory.num_model_tokens))]
+        return [(min(u.correct, key=_mean_logprob), max(u.wrong, key=_mean_logprob))]
+    combos = list(itertools.product(u.correct, u.wrong))
+    if len(combos) > cfg.max_pairs_per_prompt:
+        combos = rng.sample(combos, cfg.max_pairs_per_prompt)
+    return combos
+
+
+def _usable_by_task(graded: list[Graded], cfg: PairsConfig) -> tuple[dict[str, _Usable], PairStats]:
+    by_task: dict[str, list[Graded]] = {}
+    for g in graded:
+        by_task.setdefault(g.trajectory.task_id, []).append(g)
+    stats = PairStats(prompts=len(by_task), samples=len(graded))
+    usable: dict[str, _Usable] = {}
+    for task_id, samples in by_task.items():
+        prompts = {tuple(g.trajectory.prompt_token_ids) for g in samples}
+        if len(prompts) > 1:
+            raise ValueError(f"task {task_id}: its {len(samples)} samples were generated from {len(prompts)} different "
+                             "prompt token sequences; pairs need one prompt per task (were two rounds' samples mixed?)")
+        # In sample order, so the (seeded) choices do not depend on the order of the input file.
+        samples = sorted(samples, key=lambda g: g.trajectory.sample)
+        u = usable[task_id] = _usable_samples(samples, cfg, stats)
+        if not u.correct and not u.wrong:
+            stats.prompts_ungradeable += 1
+        elif not u.wrong:
+            stats.prompts_all_correct += 1
+        elif not u.correct:
+            stats.prompts_all_wrong += 1
+        else:
+            stats.prompts_with_pairs += 1
+    return usable, stats
+
+
+def build_pairs(graded: list[Graded], cfg: PairsConfig) -> tuple[list[PreferencePair], PairStats]:
+    """Preference pairs for one round, in the order the tasks first appear, and the round's counts."""
+    usable, stats = _usable_by_task(graded, cfg)
+    pairs: list[PreferencePair] = []
+    for task_id, u in usable.items():
+        if not (u.correct and u.wrong):
+            continue
+        # One generator per prompt, seeded by (seed, task): a prompt's pairs do not depend on the other prompts.
+        rng = random.Random(f"{cfg.seed}:{task_id}")
+        for chosen, rejected in _choose(u, cfg, rng):
+            pairs.append(PreferencePair(task_id, list(chosen.trajectory.prompt_token_ids), chosen.trajectory,
+                                        rejected.trajectory, cfg.strategy))
+    stats.pairs = len(pairs)
+    if pairs:
+        stats.chosen_model_tokens_mean = sum(p.chosen.num_model_tokens for p in pairs) / len(pairs)
+        stats.rejected_model_tokens_mean = sum(p.rejected.num_model_tokens for p in pairs) / len(pairs)
+    return pairs, stats
+
+
+def select_samples(graded: list[Graded], cfg: PairsConfig) -> tuple[list[Graded], PairStats]:
+    """The samples pairing would use (same drops as `build_pairs`), unpaired: the input of a KTO round, where
+    each usable sample is an example of its own, desirable when correct. A verifier timeout kept by
+    `timeout_as_incorrect` comes back graded "incorrect"."""
+    usable, stats = _usable_by_task(graded, cfg)
+    return [g for u in usable.values() for g in u.correct + u.wrong], stats
+
+
+def save_pairs(path: str | Path, pairs: list[PreferencePair]) -> Path:
+    """One JSON line per pair (written atomically); the trajectories keep their model/observation segments."""
+    return write_jsonl(Path(path), (p.to_dict() for p in pairs))
+
+
+def load_pairs(path: str | Path) -> list[PreferencePair]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pairs file at {path} (the round's 'pairs' stage writes it)")
+    return [PreferencePair.from_dict(d) for d in read_jsonl(path)]

@@ -1,0 +1,319 @@
+"""One round's update of the LoRA adapter: multi-turn DPO on preference pairs (or KTO on graded samples).
+
+TRL's DPOTrainer/KTOTrainer do the optimisation on a frozen base with a peft LoRA adapter. What this module adds:
+- token-space rows with tool observations masked out of the policy and reference log-probs (loop/train_data.py);
+  TRL 1.16's DPO/KTO trainers only take text datasets, so a two-line subclass skips their tokenisation step
+  (`_prepare_dataset`), and the masked rows reach TRL's loss through its `data_collator` argument;
+- the reference policy: the base model (adapter disabled, TRL's default for a fresh adapter) or the previous
+  round's adapter, loaded frozen as the "ref" adapter that TRL's DPO/KTO look for;
+- continuing from the previous round's adapter weights;
+- a divergence guard: a non-finite loss, gradient norm or adapter weight stops the round, and the adapter is only
+  written (atomically renamed into place) when training finished, so the previous adapter stays current.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, load_peft_weights, set_peft_model_state_dict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+from loop.pairs import PreferencePair
+from loop.records import Graded, Trajectory
+from loop.train_data import MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, trajectories_of
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["dpo", "kto"] = "dpo"
+    """dpo: preference pairs (M-DPO); kto: every usable graded sample, desirable when correct (multi-turn KTO)."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023; TRL normalises it per model token)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull towards the reference policy (IPO: its tau)."""
+    nll_coef: float = Field(0.0, ge=0)
+    """Weight of an NLL term on the chosen completions' model tokens (RPO, Pang et al. 2024); 0 = off. DPO only."""
+    lr: float = Field(5e-5, gt=0)
+    """AdamW learning rate of the LoRA weights (LoRA needs ~10x the full fine-tuning rate)."""
+    epochs: float = Field(1.0, gt=0)
+    per_device_batch_size: int = Field(4, ge=1)
+    """Pairs (DPO) or samples (KTO) per forward pass; KTO needs >= 2 (its KL estimate uses the other samples)."""
+    grad_accumulation: int = Field(1, ge=1)
+    max_length: int | None = Field(2048, ge=2)
+    """Prompt + completion tokens kept per sequence (the end is cut); None: no limit."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~25% slower; for long sequences or big models."""
+    bf16: bool | None = None
+    """bf16 weights and autocast. None: on when the device supports it (a CUDA GPU with bf16), else fp32."""
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """0 keeps the policy and reference forwards comparable (TRL disables dropout for that reason)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules that get LoRA weights; all-linear: every linear layer but the LM head (vLLM serves all of them)."""
+    reference: Literal["base", "previous"] = "base"
+    """pi_ref: the base model (adapter disabled, pi_0) or the previous round's adapter, frozen (the base in the
+    first round, which has no previous adapter)."""
+    continue_adapter: bool = True
+    """Start from the previous round's adapter weights instead of a fresh (zero-effect) adapter."""
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    """KTO loss weights; the KTO paper advises weight x count to be similar for both kinds (ratio 1 to 4/3)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "TrainConfig":
+        if self.algorithm == "kto":
+            if self.per_device_batch_size < 2:
+                raise ValueError("KTO estimates its KL term from the other samples of a batch: "
+                                 "set per_device_batch_size >= 2")
+            if self.loss != "sigmoid" or self.nll_coef:
+                raise ValueError("loss and nll_coef are DPO options; with algorithm: kto leave them at their defaults")
+        return self
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    metrics: dict[str, float]
+    """Round summary, MLflow-ready keys under train/ (means over optimizer steps unless named otherwise)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """TRL's log of every optimizer step (loss, rewards/*, logps/*, grad_norm, ...)."""
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class _StopOnNonFinite(TrainerCallback):
+    """Raise at the first non-finite loss, gradient norm or adapter weight (checked every step)."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def _fail(self, step: int, what: str) -> None:
+        raise TrainingDiverged(f"training diverged at step {step}: {what}. No adapter was written; the previous "
+                               f"adapter stays current. Lower train.lr (now {self.lr:g}) or check the pairs.")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                self._fail(state.global_step, f"{key} = {value}")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # A huge but finite step leaves weights that overflow only in the next forward, possibly next round's.
+        for name, p in model.named_parameters():
+            if p.requires_grad and not torch.isfinite(p).all():
+                self._fail(state.global_step, f"adapter weight {name} is not finite")
+
+
+class _TokenDPOTrainer(DPOTrainer):
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # rows are token ids already (dpo_rows); TRL would re-tokenise text here
+
+
+class _TokenKTOTrainer(KTOTrainer):
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # rows are token ids with their KL completions already (kto_rows)
+
+
+def _use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _check_adapter_dir(path: Path, what: str) -> None:
+    if not (path / "adapter_config.json").is_file() or not any(
+            (path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(f"{what} {path} is not a saved peft adapter (adapter_config.json and "
+                                "adapter_model.safetensors expected); pass the adapter folder a previous round wrote")
+
+
+def _check_inputs(base_model_path: Path, data: list, cfg: TrainConfig, init_adapter: Path | None) -> None:
+    """Everything that can be wrong with the inputs, checked before loading any weights."""
+    if not (base_model_path / "config.json").is_file():
+        raise FileNotFoundError(f"base model {base_model_path} has no config.json (a Hugging Face model folder is "
+                                "expected; loop.models.resolve_model gives one)")
+    if not data:
+        raise ValueError("nothing to train on: the round has no preference pairs / graded samples "
+                         "(skip training for such rounds; the previous adapter stays current)")
+    want = PreferencePair if cfg.algorithm == "dpo" else Graded
+    if not all(isinstance(x, want) for x in data):
+        raise TypeError(f"algorithm {cfg.algorithm} trains on {want.__name__} items (got "
+                        f"{type(next(x for x in data if not isinstance(x, want))).__name__}); DPO takes "
+                        "loop.pairs.build_pairs output, KTO the graded samples (loop.pairs.select_samples)")
+    if cfg.max_length is not None:
+        longest = max(len(t.prompt_token_ids) for t in trajectories_of(data))
+        if longest >= cfg.max_length:
+            raise ValueError(f"a prompt has {longest} tokens, which leaves no completion token within "
+                             f"train.max_length = {cfg.max_length}; raise train.max_length")
+    if init_adapter is not None:
+        _check_adapter_dir(init_adapter, "previous adapter")
+        prev = json.loads((init_adapter / "adapter_config.json").read_text())
+        if cfg.continue_adapter and (prev.get("r"), prev.get("lora_alpha")) != (cfg.lora_r, cfg.lora_alpha):
+            raise ValueError(f"cannot continue the adapter {init_adapter}: it has r={prev.get('r')}, "
+                             f"lora_alpha={prev.get('lora_alpha')} but train asks r={cfg.lora_r}, "
+                             f"lora_alpha={cfg.lora_alpha}; match them or set train.continue_adapter: false")
+
+
+def _load_previous_weights(model, init_adapter: Path) -> None:
+    """Copy the previous round's LoRA weights into the fresh "default" adapter TRL created."""
+    result = set_peft_model_state_dict(model, load_peft_weights(str(init_adapter)), adapter_name="default")
+    missing = [k for k in result.missing_keys if ".default." in k and "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"the previous adapter {init_adapter} does not fit this LoRA config "
+                         f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected weights, e.g. "
+                         f"{(missing + list(result.unexpected_keys))[0]}); match train.target_modules to it "
+                         "or set train.continue_adapter: false")
+
+
+def _token_counts(trajs: list[Trajectory], max_length: int | None) -> dict[str, float]:
+    """Per epoch: model tokens trained on, observation tokens masked, sequences cut at max_length."""
+    model = masked = cut = 0
+    for t in trajs:
+        room = len(t.completion_mask) if max_length is None else max_length - len(t.prompt_token_ids)
+        kept = t.completion_mask[:room]
+        model += sum(kept)
+        masked += len(kept) - sum(kept)
+        cut += len(kept) < len(t.completion_mask)
+    return {"train/model_tokens": float(model), "train/observation_tokens": float(masked),
+            "train/truncated_sequences": float(cut)}
+
+
+def _summarise(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, float]:
+    """Means over the optimizer steps; a metric no step measured (e.g. KTO margins when no batch held both kinds)
+    is left out rather than reported as NaN."""
+    steps = [h for h in history if "loss" in h]
+    per_step: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        per_step.setdefault(key, []).append(value)
+
+    for h in steps:
+        for ours, trl in (("loss", "loss"), ("grad_norm", "grad_norm"), ("reward_margin", "rewards/margins"),
+                          ("reward_accuracy", "rewards/accuracies"), ("logps_chosen", "logps/chosen"),
+                          ("logps_rejected", "logps/rejected"), ("kl", "kl")):
+            if trl in h:
+                add(ours, h[trl])
+        # TRL logs rewards = beta * (policy - reference) log-probs, so the reference log-probs follow exactly.
+        for side in ("chosen", "rejected"):
+            if f"rewards/{side}" in h:
+                add(f"ref_logps_{side}", h[f"logps/{side}"] - h[f"rewards/{side}"] / cfg.beta)
+    if cfg.algorithm == "kto":
+        per_step.pop("reward_accuracy", None)  # not logged by KTO; no pairs to rank
+    m = {f"train/{k}": sum(v) / len(v) for k, v in per_step.items()}
+    m.update({"train/loss_first": steps[0]["loss"], "train/loss_last": steps[-1]["loss"],
+              "train/steps": float(len(steps))})
+    return m
+
+
+def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[Graded], cfg: TrainConfig, *,
+                init_adapter: Path | None = None, out_dir: Path) -> TrainResult:
+    """Train the round's adapter and save it to `out_dir` (peft format, loadable by vLLM's LoRARequest).
+
+    `init_adapter` is the previous round's adapter (None in the first round): the start point when
+    `cfg.continue_adapter`, the reference when `cfg.reference == "previous"`. `data` is the round's preference
+    pairs (DPO) or graded samples (KTO; samples without a verdict are left out). On failure nothing is written
+    to `out_dir`.
+    """
+    base_model_path, out_dir = Path(base_model_path), Path(out_dir)
+    init_adapter = Path(init_adapter) if init_adapter is not None else None
+    _check_inputs(base_model_path, data, cfg, init_adapter)
+    extra: dict[str, float] = {}
+    if cfg.algorithm == "kto":
+        usable = [g for g in data if g.gradeable]
+        extra["train/dropped_ungradeable"] = float(len(data) - len(usable))
+        if not usable:
+            raise ValueError("no graded sample has a verdict (all timed out or errored): nothing to train on")
+        data = usable
+    extra.update(_token_counts(trajectories_of(data), cfg.max_length))
+    extra["train/examples"] = float(len(data))
+
+    bf16 = _use_bf16(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id in the vocabulary will do
+    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+
+    scratch = Path(tempfile.mkdtemp(prefix="ratchet-train-"))
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        common = dict(output_dir=str(scratch), learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+                      per_device_train_batch_size=cfg.per_device_batch_size,
+                      gradient_accumulation_steps=cfg.grad_accumulation, max_length=cfg.max_length,
+                      gradient_checkpointing=cfg.gradient_checkpointing, bf16=bf16, beta=cfg.beta,
+                      max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed,
+                      disable_dropout=cfg.lora_dropout == 0,
+                      # Every step is logged (and checked by the guard); NaNs must reach the log unfiltered.
+                      logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none",
+                      disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+                      dataloader_pin_memory=torch.cuda.is_available())
+        if cfg.algorithm == "dpo":
+            losses, weights = [cfg.loss], [1.0]
+            if cfg.nll_coef:
+                losses, weights = [cfg.loss, "sft"], [1.0, cfg.nll_coef]  # TRL's "sft" = NLL of chosen tokens
+            args = DPOConfig(loss_type=losses, loss_weights=weights, **common)
+            collator = MaskedPreferenceCollator(tokenizer.pad_token_id, cfg.max_length)
+            trainer_cls, rows = _TokenDPOTrainer, dpo_rows(data)
+        else:
+            args = KTOConfig(desirable_weight=cfg.kto_desirable_weight, undesirable_weight=cfg.kto_undesirable_weight,
+                             train_sampling_strategy="sequential", **common)
+            collator = MaskedUnpairedCollator(tokenizer.pad_token_id, cfg.max_length)
+            trainer_cls, rows = _TokenKTOTrainer, kto_rows(data, cfg.per_device_batch_size, cfg.seed)
+        trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer, peft_config=lora, callbacks=[_StopOnNonFinite(cfg.lr)])
+        policy = trainer.model
+        if init_adapter is not None and cfg.continue_adapter:
+            _load_previous_weights(policy, init_adapter)
+        if init_adapter is not None and cfg.reference == "previous":
+            # TRL computes the reference with the adapter named "ref" when there is one, else with adapters off.
+            policy.load_adapter(str(init_adapter), adapter_name="ref", is_trainable=False)
+
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+
+        policy.save_pretrained(partial, selected_adapters=["default"])
+        history = [dict(h) for h in trainer.state.log_history]
+        tokens = float(max((h.get("num_tokens", 0.0) for h in history), default=0.0))
+        metrics = {**_summarise(history, cfg), **extra, "train/time_s": seconds, "train/tokens": tokens,
+                   "train/tokens_per_s": tokens / seconds, "train/examples_per_s": len(rows) * cfg.epochs / seconds}
+        (partial / "ratchet_train.json").write_text(json.dumps(
+            {"config": cfg.model_dump(mode="json"), "base_model": str(base_model_path),
+             "init_adapter": str(init_adapter) if init_adapter else None, "metrics": metrics}, indent=1))
+        _replace_dir(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return TrainResult(out_dir, metrics, history)
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move `new` to `dest`; an existing `dest` (a re-run of the stage) is swapped out, never half-written."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        new.rename(dest)
+        shutil.rmtree(old)
+    else:
+        new.rename(dest)

@@ -1,0 +1,183 @@
+"""notebooks/diversity_collapse.ipynb and loop/report.py against a real MLflow store.
+
+The store is written by the project's own Tracker with three rounds of constructed evaluations whose
+per-prompt rows and summaries come from the real loop.metrics.evaluate, so the report reads exactly
+what a loop logs. The notebook is executed top to bottom in a real kernel.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from loop import metrics, report
+from loop.records import Graded, Segment, Trajectory
+from loop.rundir import write_json, write_jsonl
+from loop.tasks.base import Task
+from loop.tracking import Tracker, TrackingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "diversity_collapse.ipynb"
+FIGURES = ["pass_at_k", "pass_at_1_and_max", "diversity", "coverage", "per_difficulty"]
+TAGS = {"config_name": "t", "model": "m", "task": "arithmetic", "git_commit": "x"}
+N = 8  # samples per problem
+
+# Correct samples out of N for 12 problems (4 per level) in rounds 0, 1, 2: later rounds get the easy
+# problems right more often but stop solving problems the base model solved now and then.
+CORRECT = {
+    "L1": [(4, 7, 8), (5, 8, 8), (3, 6, 8), (6, 8, 8)],
+    "L2": [(2, 5, 7), (1, 3, 6), (3, 4, 8), (1, 0, 0)],
+    "L3": [(1, 2, 0), (1, 0, 0), (0, 0, 1), (1, 0, 0)],
+}
+# Against round 0: round 1 loses L2/3, L3/1, L3/3; round 2 loses L2/3, L3/0, L3/1, L3/3 and gains L3/2.
+LOST_GAINED = {1: (3, 0), 2: (4, 1)}
+NLL = {0: 0.9, 1: 0.6, 2: 0.35}  # sharper distributions in later rounds
+LENGTH = {0: 60, 1: 45, 2: 35}
+
+
+def _tasks() -> list[Task]:
+    return [Task(id=f"arith/{lvl}/{i}", prompt=f"problem {lvl}.{i}", verifier="math", family="arithmetic",
+                 answer=str(10 * int(lvl[1]) + i), difficulty=lvl)
+            for lvl, rows in CORRECT.items() for i in range(len(rows))]
+
+
+def _graded(task: Task, rnd: int, sample: int, correct: bool) -> Graded:
+    n_tok = LENGTH[rnd] + 3 * (sample % 4)
+    if correct:
+        status, answer = "correct", task.answer
+    elif rnd == 0 and sample % 5 == 4:
+        status, answer = "no_answer", None
+    else:
+        # The base model's wrong answers are spread out; later rounds repeat one wrong answer.
+        status, answer = "incorrect", str(int(task.answer) + (1 + sample if rnd == 0 else 1))
+    text = f"Work for {task.id}. The answer is \\boxed{{{answer}}}" if answer else f"Work for {task.id}."
+    segments = [Segment("model", text, list(range(n_tok)))]
+    tool = sample % 3 == 0
+    if tool:  # a tool turn: code, the sandbox's output, the model's continuation
+        segments = [Segment("model", "```python\nprint(1)\n```", [1, 2, 3]),
+                    Segment("observation", "```output\n1\n```", [4, 5]), *segments]
+    traj = Trajectory(task_id=task.id, sample=sample, prompt_token_ids=[0, 1],
+                      segments=segments, finish_reason="length" if rnd == 0 and sample == 7 else "stop",
+                      cumulative_logprob=-NLL[rnd] * (n_tok + 3 * tool), num_tool_calls=int(tool))
+    return Graded(traj, status, answer, "constructed")
+
+
+def _round(tasks: list[Task], rnd: int, rd: Path) -> tuple[dict[str, float], dict[str, Path]]:
+    counts = [c[rnd] for rows in CORRECT.values() for c in rows]
+    graded = [_graded(t, rnd, s, s < c) for t, c in zip(tasks, counts) for s in range(N)]
+    greedy = [_graded(t, rnd, 0, c >= N // 2) for t, c in zip(tasks, counts)]
+    rows, summary = metrics.evaluate(tasks, graded, greedy)
+    rd.mkdir(parents=True)
+    m = {f"eval/{k}": v for k, v in summary.items()}
+    if rnd > 0:
+        m.update({"pairs/pairs": 20.0 - 5 * rnd, "train/loss": 0.69 - 0.1 * rnd, "time/train_s": 12.0})
+        write_jsonl(rd / "samples.jsonl", (g.trajectory.to_dict() for g in graded))
+        write_jsonl(rd / "graded.jsonl", (g.to_dict() for g in graded))
+        write_jsonl(rd / "pairs.jsonl", [{"task_id": tasks[0].id, "chosen": 0, "rejected": 7}])
+    write_jsonl(rd / "eval_samples.jsonl", (g.to_dict() for g in graded))
+    write_jsonl(rd / "eval_greedy.jsonl", (g.to_dict() for g in greedy))
+    write_jsonl(rd / "eval_per_prompt.jsonl", rows)
+    write_json(rd / "metrics.json", m)
+    return m, {p.name: p for p in sorted(rd.glob("*.json*"))}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """A store with an older one-round loop and the three-round loop the report is about."""
+    tmp = tmp_path_factory.mktemp("store")
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db", experiment="exp", registered_model=None)
+    tasks = _tasks()
+    older = Tracker(cfg, "older-loop", TAGS)
+    older.log_round(0, *_round(tasks, 0, tmp / "older" / "round-00"), adapter=None)
+    older.finish()
+    tracker = Tracker(cfg, "loop-a", TAGS)
+    logged = {}
+    for rnd in range(3):
+        rd = tmp / "loop-a" / f"round-{rnd:02d}"
+        m, artifacts = _round(tasks, rnd, rd)
+        adapter = None
+        if rnd > 0:
+            adapter = rd / "adapter"
+            adapter.mkdir()
+            (adapter / "adapter_config.json").write_text("{}")
+        tracker.log_round(rnd, m, artifacts, adapter)
+        logged[rnd] = m
+    tracker.finish()
+    return {"uri": cfg.uri, "experiment": "exp", "parent": tracker.parent_id, "older": older.parent_id,
+            "logged": logged, "tmp": tmp}
+
+
+def test_load_loop_reads_the_latest_loop_by_default_and_by_either_id(store):
+    default = report.load_loop(store["uri"], "exp")
+    assert default.parent_run_id == store["parent"] and default.ratchet_run_id == "loop-a"
+    assert report.load_loop(store["uri"], "exp", store["parent"]).parent_run_id == store["parent"]
+    older = report.load_loop(store["uri"], "exp", "older-loop")
+    assert older.parent_run_id == store["older"] and older.rounds == [0]
+    with pytest.raises(ValueError, match="no loop run with ratchet or MLflow run id 'nope'"):
+        report.load_loop(store["uri"], "exp", "nope")
+    with pytest.raises(FileNotFoundError, match="no MLflow store"):
+        report.load_loop(f"sqlite:///{store['tmp']}/missing.db", "exp")
+
+    assert default.rounds == [0, 1, 2]
+    for rnd, m in store["logged"].items():
+        assert default.metrics.loc[rnd, "eval/pass_at_1"] == pytest.approx(m["eval/pass@1"])
+        assert default.metrics.loc[rnd, "eval/pass_at_8"] == pytest.approx(m["eval/pass@8"])
+    assert len(default.per_prompt) == 3 * 12 and len(default.samples) == 3 * 12 * N
+    report.cross_check(default)
+    table = report.pass_at_k_table(default.metrics)
+    assert list(table.columns) == [1, 2, 4, 8]
+    # Round 2 beats the base model at pass@1 but solves fewer problems at pass@8.
+    assert table.loc[2, 1] > table.loc[0, 1] and table.loc[2, 8] < table.loc[0, 8]
+    assert report.crossover_k(table)[2] is not None
+
+
+def test_coverage_counts_lost_and_gained_problems():
+    rows = [{"round": r, "task_id": t, "correct": c} for r, per_task in enumerate([
+        {"a": 3, "b": 1, "c": 0, "d": 0},   # round 0 solves a, b
+        {"a": 5, "b": 0, "c": 2, "d": 0},   # loses b, gains c
+        {"a": 0, "b": 0, "c": 1, "d": 4},   # loses a, b; gains c, d
+    ]) for t, c in per_task.items()]
+    cov = report.coverage(pd.DataFrame(rows))
+    assert cov.loc[:, ["solved", "lost", "gained"]].values.tolist() == [[2, 0, 0], [2, 1, 1], [2, 2, 2]]
+    assert (cov["num_prompts"] == 4).all()
+    with pytest.raises(ValueError, match="different set of problems"):
+        report.coverage(pd.DataFrame(rows[:-1]))
+
+
+def test_coverage_of_the_logged_loop(store):
+    cov = report.coverage(report.load_loop(store["uri"], "exp", "loop-a").per_prompt)
+    assert {r: (cov.loc[r, "lost"], cov.loc[r, "gained"]) for r in (1, 2)} == LOST_GAINED
+
+
+def test_crossover_k():
+    table = pd.DataFrame({1: [0.3, 0.5, 0.2], 2: [0.5, 0.55, 0.3], 4: [0.7, 0.6, 0.5], 8: [0.8, 0.6, 0.9]},
+                         index=[0, 1, 2])
+    # Round 1 is above round 0 at k=1, 2 and below from k=4 on; round 2 ends above round 0.
+    assert report.crossover_k(table) == {1: 4, 2: None}
+
+
+def test_notebook_runs_unattended_and_writes_every_figure(store, tmp_path, monkeypatch):
+    out = tmp_path / "figures"
+    monkeypatch.setenv("RATCHET_TRACKING_URI", store["uri"])
+    monkeypatch.setenv("RATCHET_EXPERIMENT", "exp")
+    monkeypatch.setenv("RATCHET_RUN_ID", "loop-a")
+    monkeypatch.setenv("RATCHET_FIGURES_DIR", str(out))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # Raises CellExecutionError (with the traceback) when any cell fails.
+    NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(ROOT)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{f}.png" for f in FIGURES)
+    for f in FIGURES:
+        assert (out / f"{f}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+        assert (out / f"{f}.png").stat().st_size > 10_000, f
+    # The figures are shown inline too, not only saved.
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == len(FIGURES)
+    # It reported on the loop asked for.
+    text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
+    assert "loop-a" in text and store["parent"] in text

@@ -1,0 +1,157 @@
+"""Preference pairs from constructed graded trajectories (loop/pairs.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from loop.pairs import PairsConfig, PreferencePair, build_pairs, load_pairs, save_pairs, select_samples
+from loop.records import Graded, Segment, Trajectory
+
+PROMPT = [1, 2, 3]
+
+
+def graded(task: str, sample: int, status: str = "correct", *, tokens: list[int] | None = None,
+           obs: list[int] | None = None, finish: str = "stop", logprob: float = -1.0, prompt=PROMPT) -> Graded:
+    """A two-turn trajectory: model tokens, optionally a tool observation, then a final model turn."""
+    tokens = tokens if tokens is not None else [100 + sample, 7]
+    segments = [Segment("model", "m", tokens)]
+    if obs is not None:
+        segments += [Segment("observation", "o", obs), Segment("model", "a", [9])]
+    t = Trajectory(task, sample, list(prompt), segments, finish_reason=finish, cumulative_logprob=logprob)
+    return Graded(t, status, None, "test")
+
+
+def ids(pairs: list[PreferencePair]) -> list[tuple[str, int, int]]:
+    return [(p.task_id, p.chosen.sample, p.rejected.sample) for p in pairs]
+
+
+def test_random_pairs_one_correct_vs_one_wrong_per_mixed_prompt():
+    data = [graded("a", 0), graded("a", 1, "incorrect"), graded("a", 2, "no_answer"), graded("a", 3),
+            graded("b", 0), graded("b", 1),  # all correct
+            graded("c", 0, "incorrect"), graded("c", 1, "no_answer"),  # all wrong
+            graded("d", 0, "timeout"), graded("d", 1, "timeout")]  # nothing usable
+    pairs, stats = build_pairs(data, PairsConfig())
+    assert len(pairs) == 1
+    (p,) = pairs
+    assert p.task_id == "a" and p.strategy == "random"
+    assert p.chosen.sample in (0, 3) and p.rejected.sample in (1, 2)
+    assert p.prompt_token_ids == PROMPT
+    s = stats.to_dict()
+    assert (s["prompts"], s["prompts_with_pairs"], s["prompts_all_correct"], s["prompts_all_wrong"],
+            s["prompts_ungradeable"], s["pairs"]) == (4, 1, 1, 1, 1, 1)
+    assert s["prompts"] == sum(s[k] for k in ("prompts_with_pairs", "prompts_all_correct", "prompts_all_wrong",
+                                              "prompts_ungradeable"))
+    assert s["dropped_ungradeable"] == 2 and s["samples"] == 10 and s["samples_used"] == 8
+    assert all(isinstance(v, float) for v in s.values())
+
+
+def test_truncated_samples_dropped_unless_kept():
+    data = [graded("a", 0), graded("a", 1, "incorrect", finish="length"), graded("a", 2, "incorrect", finish="context"),
+            graded("a", 3, "incorrect", finish="max_turns")]
+    pairs, stats = build_pairs(data, PairsConfig())
+    assert pairs == [] and stats.dropped_truncated == 3 and stats.prompts_all_correct == 1
+
+    pairs, stats = build_pairs(data, PairsConfig(strategy="all", keep_truncated=True))
+    assert sorted(ids(pairs)) == [("a", 0, 1), ("a", 0, 2), ("a", 0, 3)]
+    assert stats.dropped_truncated == 0
+
+
+def test_timeouts_left_out_or_counted_as_incorrect():
+    data = [graded("a", 0), graded("a", 1, "timeout"), graded("a", 2, "error")]
+    pairs, stats = build_pairs(data, PairsConfig())
+    assert pairs == [] and stats.dropped_ungradeable == 2
+
+    pairs, stats = build_pairs(data, PairsConfig(timeout_as_incorrect=True))
+    assert ids(pairs) == [("a", 0, 1)] and stats.dropped_ungradeable == 1  # an "error" never has a verdict
+
+
+def test_never_pairs_equal_grades_and_drops_duplicates():
+    same = [5, 6, 7]
+    data = [graded("a", 0, tokens=same), graded("a", 1, tokens=same), graded("a", 2, tokens=[8]),
+            graded("a", 3, "incorrect", tokens=[4]), graded("a", 4, "incorrect", tokens=[4]),
+            graded("a", 5, "no_answer", tokens=[3])]
+    pairs, stats = build_pairs(data, PairsConfig(strategy="all", max_pairs_per_prompt=100))
+    assert stats.dropped_duplicates == 2
+    assert sorted(ids(pairs)) == [("a", 0, 3), ("a", 0, 5), ("a", 2, 3), ("a", 2, 5)]
+    for p in pairs:
+        assert p.chosen.completion_token_ids != p.rejected.completion_token_ids
+    # The same completion graded both ways has no trustworthy verdict: every copy is dropped.
+    data = [graded("b", 0, tokens=same), graded("b", 1, "incorrect", tokens=same), graded("b", 2, "incorrect")]
+    pairs, stats = build_pairs(data, PairsConfig())
+    assert pairs == [] and stats.dropped_conflicting == 2 and stats.prompts_all_wrong == 1
+
+
+def test_best_worst_by_length_and_by_logprob():
+    data = [graded("a", 0, tokens=[1] * 5, logprob=-5.0),   # correct, long, likely (-1/token)
+            graded("a", 1, tokens=[2] * 2, logprob=-4.0),   # correct, short, unlikely (-2/token)
+            graded("a", 2, "incorrect", tokens=[3] * 3, logprob=-1.5),  # wrong, short, likely (-0.5/token)
+            graded("a", 3, "incorrect", tokens=[4] * 6, logprob=-18.0)]  # wrong, long, unlikely (-3/token)
+    pairs, _ = build_pairs(data, PairsConfig(strategy="best_worst"))
+    assert ids(pairs) == [("a", 1, 3)]
+    pairs, _ = build_pairs(data, PairsConfig(strategy="best_worst", by="logprob"))
+    assert ids(pairs) == [("a", 1, 2)]
+
+
+def test_all_is_capped_per_prompt_without_repeats():
+    data = [graded("a", i) for i in range(4)] + [graded("a", 10 + i, "incorrect") for i in range(3)]
+    pairs, _ = build_pairs(data, PairsConfig(strategy="all", max_pairs_per_prompt=100))
+    assert len(pairs) == 12 and len(set(ids(pairs))) == 12
+    pairs, stats = build_pairs(data, PairsConfig(strategy="all", max_pairs_per_prompt=5))
+    assert len(pairs) == 5 == stats.pairs and len(set(ids(pairs))) == 5
+
+
+def test_random_choice_is_seeded():
+    data = [graded(f"t{k}", i, "correct" if i < 4 else "incorrect") for k in range(20) for i in range(8)]
+    first, _ = build_pairs(data, PairsConfig(seed=1))
+    again, _ = build_pairs(list(reversed(data)), PairsConfig(seed=1))
+    other, _ = build_pairs(data, PairsConfig(seed=2))
+    assert sorted(ids(first)) == sorted(ids(again))  # per-prompt generators: order of the input does not matter
+    assert ids(first) != ids(other)
+    assert len({p.chosen.sample for p in first}) > 1  # not always the first correct sample
+
+
+def test_one_prompt_per_task_is_required():
+    data = [graded("a", 0), graded("a", 1, "incorrect", prompt=[1, 2, 4])]
+    with pytest.raises(ValueError, match="different prompt token sequences"):
+        build_pairs(data, PairsConfig())
+
+
+def test_save_load_round_trip_keeps_segments(tmp_path):
+    data = [graded("a", 0, obs=[50, 51]), graded("a", 1, "incorrect", obs=[60])]
+    pairs, _ = build_pairs(data, PairsConfig())
+    path = save_pairs(tmp_path / "pairs.jsonl", pairs)
+    assert len(path.read_text().splitlines()) == 1
+    (loaded,) = load_pairs(path)
+    assert loaded == pairs[0]
+    assert [s.kind for s in loaded.chosen.segments] == ["model", "observation", "model"]
+    assert loaded.chosen.completion_token_ids == [100, 7, 50, 51, 9]
+    assert loaded.chosen.completion_mask == [1, 1, 0, 0, 1]
+    assert loaded.rejected.completion_mask == [1, 1, 0, 1]
+    assert save_pairs(tmp_path / "empty.jsonl", []) and load_pairs(tmp_path / "empty.jsonl") == []
+    with pytest.raises(FileNotFoundError, match="pairs"):
+        load_pairs(tmp_path / "missing.jsonl")
+    bad = json.loads(path.read_text())
+    bad["prompt_token_ids"] = [9, 9]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match="same prompt"):
+        load_pairs(tmp_path / "bad.jsonl")
+
+
+def test_select_samples_for_kto_uses_the_same_drops():
+    data = [graded("a", 0), graded("a", 1, "incorrect", finish="length"), graded("a", 2, "timeout"),
+            graded("b", 0, "incorrect"), graded("b", 1, "incorrect", tokens=[100, 7])]  # b/1 duplicates b/0
+    kept, stats = select_samples(data, PairsConfig(timeout_as_incorrect=True))
+    assert [(g.trajectory.task_id, g.trajectory.sample, g.status) for g in kept] == [
+        ("a", 0, "correct"), ("a", 2, "incorrect"), ("b", 0, "incorrect")]
+    assert stats.dropped_truncated == 1 and stats.dropped_duplicates == 1 and stats.prompts_with_pairs == 1
+
+
+def test_config_rejects_unknown_and_invalid_keys():
+    with pytest.raises(ValidationError, match="extra"):
+        PairsConfig(stratgy="all")
+    with pytest.raises(ValidationError):
+        PairsConfig(strategy="best")
+    with pytest.raises(ValidationError):
+        PairsConfig(max_pairs_per_prompt=0)

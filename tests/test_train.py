@@ -1,0 +1,236 @@
+"""DPO / KTO rounds on the real SmolLM2-135M-Instruct (loop/train.py): a few steps on short sequences, CPU."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, load_peft_weights
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loop.models import resolve_model
+from loop.pairs import PreferencePair
+from loop.records import Graded, Segment, Trajectory
+from loop.train import TrainConfig, TrainingDiverged, train_round
+
+pytestmark = pytest.mark.slow
+
+# Short sequences and few steps keep each round to a few seconds on CPU.
+FAST = dict(lr=1e-3, per_device_batch_size=2, max_length=128)
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return Path(resolve_model("smollm2-135m-instruct").path)
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def traj(tok, task: str, sample: int, parts: list[tuple[str, str]]) -> Trajectory:
+    prompt = tok.encode(f"Question: what is {task}? Answer:", add_special_tokens=False)
+    segments = [Segment(kind, text, tok.encode(text, add_special_tokens=False)) for kind, text in parts]
+    return Trajectory(task, sample, prompt, segments)
+
+
+def pair(tok, task: str, chosen: list[tuple[str, str]], rejected: list[tuple[str, str]]) -> PreferencePair:
+    c, r = traj(tok, task, 0, chosen), traj(tok, task, 1, rejected)
+    return PreferencePair(task, c.prompt_token_ids, c, r, "random")
+
+
+def tool_pair(tok, task: str, answer: str, wrong: str) -> PreferencePair:
+    return pair(tok, task, [("model", f" ```python\nprint({task})\n```"),
+                            ("observation", f"\n```output\n{answer}\n```\n"), ("model", f" It is {answer}.")],
+                [("model", f" It is {wrong}.")])
+
+
+@pytest.fixture(scope="module")
+def pairs(tok) -> list[PreferencePair]:
+    return [tool_pair(tok, "2+3", "5", "6"), tool_pair(tok, "4*5", "20", "9"),
+            tool_pair(tok, "7-1", "6", "8"), tool_pair(tok, "9/3", "3.0", "27")]
+
+
+@pytest.fixture(scope="module")
+def first_round(model_path, pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("round1") / "adapter"
+    # One batch of all four pairs, two epochs: step 1 sees every pair with the policy still equal to the base.
+    return train_round(model_path, pairs, TrainConfig(**{**FAST, "per_device_batch_size": 4, "epochs": 2}),
+                       init_adapter=None, out_dir=out)
+
+
+def lora_weights(adapter: Path) -> dict[str, torch.Tensor]:
+    return load_peft_weights(str(adapter))
+
+
+def test_dpo_round_trains_a_loadable_adapter(first_round, model_path):
+    res = first_round
+    assert sorted(p.name for p in res.adapter_dir.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "ratchet_train.json"]
+    assert not any(p.name.startswith(".") for p in res.adapter_dir.parent.iterdir())  # no partial/old dirs left
+    m = res.metrics
+    assert all(math.isfinite(v) for v in m.values()), m
+    assert m["train/steps"] == 2 and m["train/examples"] == 4
+    assert m["train/loss_first"] == pytest.approx(math.log(2), abs=1e-6)  # fresh LoRA: policy == reference
+    assert m["train/loss_last"] < m["train/loss_first"]
+    assert m["train/tokens"] > 0 and m["train/tokens_per_s"] > 0 and m["train/observation_tokens"] > 0
+    for key in ("train/reward_accuracy", "train/reward_margin", "train/logps_chosen", "train/logps_rejected",
+                "train/ref_logps_chosen", "train/ref_logps_rejected", "train/time_s"):
+        assert key in m
+
+    # Trained: the zero-initialised LoRA B matrices moved.
+    weights = lora_weights(res.adapter_dir)
+    b = [w for k, w in weights.items() if "lora_B" in k]
+    assert b and any(w.abs().max() > 0 for w in b)
+
+    # Loadable by peft on the base model, onto modules the model really has, and it changes the model's output.
+    config = json.loads((res.adapter_dir / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    assert set(config["target_modules"]) <= names and "lm_head" not in config["target_modules"]
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = base(x).logits
+        after = PeftModel.from_pretrained(base, res.adapter_dir)(x).logits
+    assert not torch.allclose(before, after)
+
+
+def masked_logp(model, t: Trajectory, mask: list[int]) -> float:
+    """Sum of the log-probs of the completion tokens where mask is 1, with every token as context."""
+    ids = torch.tensor([t.prompt_token_ids + t.completion_token_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    token_logps = logprobs.gather(-1, ids[0, 1:, None])[:, 0]
+    return float((token_logps * torch.tensor([0] * len(t.prompt_token_ids) + mask)[1:]).sum())
+
+
+def test_logps_are_model_tokens_only_with_observations_as_context(first_round, pairs, model_path):
+    # The observation sits in the middle: context for the final model turn, but no score of its own. At step 1 the
+    # policy is the base model, so TRL's logps must equal this direct computation.
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    step1 = first_round.history[0]
+    for side in ("chosen", "rejected"):
+        trajs = [getattr(p, side) for p in pairs]
+        masked = sum(masked_logp(base, t, t.completion_mask) for t in trajs) / len(trajs)
+        assert step1[f"logps/{side}"] == pytest.approx(masked, abs=1e-3)
+    unmasked = sum(masked_logp(base, p.chosen, [1] * len(p.chosen.completion_mask)) for p in pairs) / len(pairs)
+    assert abs(unmasked - step1["logps/chosen"]) > 1.0  # the check can tell masked from unmasked
+
+
+def one_step(model_path, data, tmp_path, name, **cfg):
+    cfg = {**FAST, "per_device_batch_size": len(data) if cfg.get("algorithm") != "kto" else 2, **cfg}
+    res = train_round(model_path, data, TrainConfig(**cfg), init_adapter=None, out_dir=tmp_path / name)
+    return res, lora_weights(res.adapter_dir)
+
+
+def as_graded(p: PreferencePair) -> list[Graded]:
+    return [Graded(p.chosen, "correct", None, ""), Graded(p.rejected, "incorrect", None, "")]
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "kto"])
+def test_observation_tokens_do_not_move_the_loss(model_path, tok, tmp_path, algorithm):
+    # Trajectories that end in an observation (a tool budget ran out): the observation is context for nothing,
+    # so with masking its contents cannot change any log-prob, the loss or the update.
+    def make(answer: str = " It is 5.", shift: int = 0) -> PreferencePair:
+        p = pair(tok, "2+3", [("model", answer), ("observation", "\n```output\n5\n```")],
+                 [("model", " It is 6."), ("observation", "\n```output\n6\n```")])
+        for t in (p.chosen, p.rejected):  # other observation contents, same length
+            t.segments[-1].token_ids = [i + shift for i in t.segments[-1].token_ids]
+        return p
+
+    a, a2 = make(), make(shift=7)
+    assert a.chosen.completion_token_ids != a2.chosen.completion_token_ids
+    b = make(answer=" It is 7.")  # one model token differs
+
+    data = (lambda p: [p]) if algorithm == "dpo" else as_graded
+    keys = ("loss", "logps/chosen", "logps/rejected")
+    (ra, wa), (ra2, wa2), (rb, wb) = (one_step(model_path, data(p), tmp_path, n, algorithm=algorithm, epochs=1)
+                                      for p, n in ((a, "a"), (a2, "a2"), (b, "b")))
+    first = [r.history[0] for r in (ra, ra2, rb)]
+    for k in keys:
+        assert first[0][k] == pytest.approx(first[1][k], abs=1e-5), k
+    assert first[0]["logps/chosen"] != pytest.approx(first[2]["logps/chosen"], abs=1e-3)
+    assert all(torch.allclose(wa[k], wa2[k], atol=1e-7) for k in wa)
+    assert not all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert ra.metrics["train/observation_tokens"] > 0
+
+
+def test_ipo_with_nll_term(model_path, pairs, tmp_path):
+    # At step 1 (policy == reference) IPO is (0 - 1/(2 beta))^2 and the RPO term is the chosen model tokens' mean NLL.
+    p = pairs[0]
+    res, _ = one_step(model_path, [p], tmp_path, "ipo", loss="ipo", nll_coef=0.5, beta=0.1)
+    step1 = res.history[0]
+    nll = -step1["logps/chosen"] / p.chosen.num_model_tokens
+    assert step1["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2 + 0.5 * nll, rel=1e-5)
+
+
+def test_kto_round_on_graded_samples(model_path, pairs, tmp_path):
+    graded = [g for p in pairs[:2] for g in as_graded(p)]
+    graded.append(Graded(pairs[2].rejected, "timeout", None, "verifier timed out"))  # no verdict: left out
+    res = train_round(model_path, graded, TrainConfig(algorithm="kto", **FAST), init_adapter=None,
+                      out_dir=tmp_path / "kto")
+    m = res.metrics
+    assert m["train/examples"] == 4 and m["train/dropped_ungradeable"] == 1 and m["train/steps"] == 2
+    assert all(math.isfinite(v) for v in m.values()), m
+    assert m["train/loss_first"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0): policy == reference
+    assert "train/kl" in m and "train/reward_accuracy" not in m
+    assert any(w.abs().max() > 0 for k, w in lora_weights(res.adapter_dir).items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("reference", ["base", "previous"])
+def test_continue_from_previous_adapter(first_round, model_path, pairs, tmp_path, reference):
+    prev = first_round.adapter_dir
+    before = lora_weights(prev)
+    res = train_round(model_path, pairs[:2], TrainConfig(**FAST, reference=reference), init_adapter=prev,
+                      out_dir=tmp_path / "round2")
+    step1 = res.history[0]
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    base_logps = sum(masked_logp(base, p.chosen, p.chosen.completion_mask) for p in pairs[:2]) / 2
+    policy_logps = step1["logps/chosen"]
+    ref_logps = policy_logps - step1["rewards/chosen"] / 0.1  # TRL: reward = beta * (policy - reference)
+    # Either way the policy starts from the previous adapter, not from the base model.
+    assert abs(policy_logps - base_logps) > 1e-2
+    if reference == "base":
+        assert ref_logps == pytest.approx(base_logps, abs=1e-3)
+    else:  # the reference is the previous adapter, frozen: equal to the policy at step 1
+        assert ref_logps == pytest.approx(policy_logps, abs=1e-5)
+        assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    after = lora_weights(res.adapter_dir)
+    assert after.keys() == before.keys()  # only the policy adapter is saved, never the frozen "ref" copy
+    assert not all(torch.equal(after[k], before[k]) for k in after)
+    prev_now = lora_weights(prev)
+    assert all(torch.equal(v, prev_now[k]) for k, v in before.items())  # the previous adapter is untouched
+
+
+def test_divergence_raises_and_writes_no_adapter(first_round, model_path, pairs, tmp_path):
+    out = tmp_path / "diverged"
+    with pytest.raises(TrainingDiverged, match="previous adapter stays current"):
+        train_round(model_path, pairs, TrainConfig(**{**FAST, "lr": 1e30}), init_adapter=first_round.adapter_dir,
+                    out_dir=out)
+    assert list(tmp_path.iterdir()) == []  # neither the adapter nor a partial one
+
+
+def test_bad_input_fails_before_loading_the_model(model_path, pairs, tmp_path, first_round):
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_round(model_path, [], TrainConfig(), out_dir=tmp_path / "x")
+    with pytest.raises(TypeError, match="PreferencePair"):
+        train_round(model_path, as_graded(pairs[0]), TrainConfig(), out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="raise train.max_length"):
+        train_round(model_path, pairs, TrainConfig(max_length=8), out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="r=16"):
+        train_round(model_path, pairs, TrainConfig(lora_r=8), init_adapter=first_round.adapter_dir,
+                    out_dir=tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="not a saved peft adapter"):
+        train_round(model_path, pairs, TrainConfig(), init_adapter=tmp_path, out_dir=tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        train_round(tmp_path, pairs, TrainConfig(), out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="per_device_batch_size >= 2"):
+        TrainConfig(algorithm="kto", per_device_batch_size=1)
+    with pytest.raises(ValueError, match="DPO options"):
+        TrainConfig(algorithm="kto", loss="ipo")
+    with pytest.raises(ValueError, match="extra"):
+        TrainConfig(learning_rate=1e-4)
+    assert not (tmp_path / "x").exists()
