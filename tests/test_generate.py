@@ -55,9 +55,11 @@ def test_n_samples_per_task_in_token_space(policy):
         assert t.cumulative_logprob <= 0
         assert t.finish_reason in ("stop", "length")
         assert (t.finish_reason == "length") == (t.num_model_tokens == 24)
-    # Sampling is seeded: the same config gives the same samples.
-    again = policy.generate(TASKS, SamplingConfig(n=3, max_tokens=24, seed=1))
-    assert [t.completion_token_ids for t in again] == [t.completion_token_ids for t in trajs]
+    # Each sample has its own seed, so the n samples of a prompt are not copies of one another. (Repeating a
+    # call is not asserted to give the same tokens: vLLM's multiprocess engine does not promise bit-identical
+    # sampling across calls, see SamplingConfig.seed.)
+    for task in TASKS:
+        assert len({tuple(t.completion_token_ids) for t in trajs if t.task_id == task.id}) > 1
 
 
 def test_adapter_changes_outputs_and_is_checked(policy, adapter):
