@@ -14,34 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from helpers import tiny_config
+
 pytestmark = pytest.mark.slow
 RATCHET = [sys.executable, "-m", "loop.cli"]
-
-
-def tiny_config(tmp: Path, **over) -> Path:
-    cfg = {
-        "name": "e2e",
-        "model": "smollm2-135m-instruct",
-        "rounds": 2,
-        "run_dir": str(tmp / "runs"),
-        "train_tasks": {"family": "arithmetic", "split": "train", "limit": 6, "difficulty": 1},
-        "sampling": {"n": 6, "temperature": 1.0, "max_tokens": 48, "seed": 0},
-        "eval": {"tasks": {"family": "arithmetic", "split": "eval", "limit": 4, "difficulty": 1},
-                 "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 48, "seed": 1}},
-        "engine": {"max_model_len": 512},
-        "pairs": {"strategy": "all", "max_pairs_per_prompt": 2, "keep_truncated": True},
-        "train": {"lr": 5e-4, "per_device_batch_size": 4, "max_length": 256, "lora_r": 4, "lora_alpha": 8},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "e2e"},
-    }
-    for k, v in over.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-    path = tmp / f"{cfg['name']}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def ratchet(*args: str, cwd: Path, **kw) -> subprocess.Popen:
