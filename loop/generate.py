@@ -57,9 +57,10 @@ class SamplingConfig(BaseModel):
     max_tokens: int = Field(512, ge=1)
     """Per model turn."""
     seed: int = 0
-    """Per-sample seeds derive from it. vLLM's default multiprocess engine does not make repeated calls
-    bit-identical (scheduling varies between calls); VLLM_ENABLE_V1_MULTIPROCESSING=0 does, at about a third
-    of the throughput on 2 CPU cores (measured here: 41 vs 138 tok/s)."""
+    """Per-sample seeds derive from it on GPU; on CPU the engine's seed governs sampling (see Policy). vLLM's
+    default multiprocess engine does not make repeated calls bit-identical (scheduling varies between calls);
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 does, at about a third of the throughput on 2 CPU cores (measured here:
+    41 vs 138 tok/s)."""
     tools: bool = False
     """Multi-turn tool-integrated reasoning: run the model's ```python blocks and show it the output."""
     max_turns: int = Field(4, ge=1)
@@ -104,6 +105,10 @@ class Policy:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode)
         else:
             kwargs.update(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
+        # Per-request seeds need a generator vLLM can rewind when chunked prefill discards a sampled token;
+        # CPU generators cannot ("CPU Generator does not use offset" kills the engine), so on CPU samples draw
+        # from the engine's seeded stream (EngineConfig.seed) instead.
+        self._request_seeds = torch.cuda.is_available()
         self.model_path = str(model_path)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -183,7 +188,7 @@ class Policy:
                     requests.append(TokensPrompt(prompt_token_ids=lv.ids))
                     params.append(SamplingParams(
                         temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget, logprobs=0,
-                        seed=None if cfg.temperature == 0 else lv.seed + turn, stop=stop,
+                        seed=lv.seed + turn if self._request_seeds and cfg.temperature > 0 else None, stop=stop,
                         include_stop_str_in_output=True))
                     active.append(lv)
                 live = []

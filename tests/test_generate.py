@@ -62,6 +62,17 @@ def test_n_samples_per_task_in_token_space(policy):
         assert len({tuple(t.completion_token_ids) for t in trajs if t.task_id == task.id}) > 1
 
 
+def test_a_batch_larger_than_one_prefill_step(policy):
+    # More prompt tokens than vLLM-CPU schedules in one step (4096): some prompts are prefilled in chunks, which
+    # made per-request seeds kill the CPU engine ("CPU Generator does not use offset").
+    tasks = [Task(f"b{i}", f"Add {i} and {i + 3}, then multiply the sum by {i % 7 + 2}. Show each step briefly.",
+                  "math", "test", answer="0") for i in range(64)]
+    assert sum(len(policy.prompt_ids(t, SamplingConfig())) for t in tasks) * 2 > 4096
+    trajs = policy.generate(tasks, SamplingConfig(n=2, max_tokens=4, seed=3))
+    assert [(t.task_id, t.sample) for t in trajs] == [(k.id, s) for k in tasks for s in range(2)]
+    assert all(0 < t.num_model_tokens <= 4 for t in trajs)
+
+
 def test_adapter_changes_outputs_and_is_checked(policy, adapter):
     shift = policy.check_adapter_applied(adapter, adapter_id=1)
     assert shift > 0
