@@ -1,6 +1,9 @@
 """The `ratchet` command line. Heavy imports (vLLM, torch, Prefect) happen inside the commands."""
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +18,19 @@ app.add_typer(models_app, name="models")
 console = Console()
 
 SHOWN = ("pass@1", "pass@max", "maj@max", "greedy_acc", "distinct_answers", "entropy_proxy", "mean_length")
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (a scheduler or `kill` stopping the loop) into SystemExit, so the finally blocks run: the
+    vLLM engine shuts down, the MLflow runs are marked FAILED, and Prefect's temporary server is stopped
+    instead of being left running."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _local_prefect_defaults() -> None:
+    # Prefect's temporary local server otherwise tries to send usage telemetry, which fails (and logs an
+    # error) on machines without internet access; a user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _fail(msg: str) -> None:
@@ -57,6 +73,8 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (se
         run_id: Optional[str] = typer.Option(None, help="Run id (default: the config's name). Re-running an id resumes it.")) -> None:
     """Run (or resume) the self-improvement loop as a Prefect flow, tracked in MLflow."""
     _load(config, rounds=rounds)  # validate before starting anything expensive
+    _exit_cleanly_on_sigterm()
+    _local_prefect_defaults()
     from flows.self_improve import self_improve
 
     rows = self_improve(str(config), rounds=rounds, run_id=run_id)
@@ -83,6 +101,7 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
     write the same run directory at once: a run that finds it locked logs why and skips.
     """
     cfg = _load(config, rounds=rounds)
+    _local_prefect_defaults()
     from flows.self_improve import self_improve
 
     self_improve.serve(name=name or cfg.name, cron=cron, tags=["ratchet", cfg.name],

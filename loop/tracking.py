@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ class Tracker:
         """
         rid = self._find_or_create(round_, {RUN_ID_TAG: self.run_id, **self.tags}, name=f"{self.run_id}/round-{round_}")
         finite = {metric_key(k): float(v) for k, v in metrics.items() if v is not None}
-        ts = int(__import__("time").time() * 1000)
+        ts = int(time.time() * 1000)
         ms_round = [mlflow.entities.Metric(k, v, ts, 0) for k, v in finite.items()]
         ms_parent = [mlflow.entities.Metric(k, v, ts, round_) for k, v in finite.items()]
         for i in range(0, len(finite), 200):
