@@ -34,8 +34,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)
 
+# Every benchmark at its default (small, CPU-sized) settings, one after the other; results in bench/results/.
 bench: install
 	$(BIN)/python bench/verifiers.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/round.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from prefect.cache_policies import NONE
 from loop.config import RunConfig, load_config
 from loop.evaluate import evaluate_policy
 from loop.generate import Policy
-from loop.models import resolve_model
+from loop.models import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, save_pairs
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
@@ -129,59 +130,98 @@ def self_improve(config_path: str, rounds: int | None = None, run_id: str | None
         run.unlock()
 
 
-def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, Any]]:
+@dataclass
+class Loop:
+    """What every round of one flow run shares: the config, run directory, tasks, tracker and vLLM engine."""
+
+    cfg: RunConfig
+    run: RunDir
+    model: ResolvedModel
+    train_tasks: list[Task]
+    train_by_id: dict[str, Task]
+    eval_tasks: list[Task]
+    tracker: Tracker
+    policy: Policy
+
+
+def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
+    """Check the config against the run directory, load the tasks, open the MLflow runs and start vLLM."""
     config_dict = cfg.model_dump(mode="json")
     run.check_config(config_dict)
     model = resolve_model(cfg.model)
     train_tasks = load_tasks(cfg.train_tasks)
     eval_tasks = load_tasks(cfg.eval.tasks)
     check_disjoint(train_tasks, eval_tasks)
-    train_by_id = {t.id: t for t in train_tasks}
     tracker = Tracker(cfg.tracking, run.run_id, tags={
         "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, "git_commit": git_commit()})
     tracker.log_config(config_dict, model.provenance)
     logger.info(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment})")
-
     policy = Policy(model.path, cfg.engine)
+    return Loop(cfg, run, model, train_tasks, {t.id: t for t in train_tasks}, eval_tasks, tracker, policy)
+
+
+def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
+              timings: dict[str, float] | None = None) -> tuple[dict[str, Any], Path | None, int | None]:
+    """Round `r` (round 0: evaluate only) from the current policy `adapter` (None: the base model) served as
+    LoRA id `adapter_id`; stages already done in the run directory are skipped (resume).
+
+    Returns the round's metrics and the adapter that is current afterwards, with its LoRA id. `timings`, when
+    given, receives the wall time of every stage run (Prefect and file overhead included; "check_adapter" is
+    the vLLM check of a newly trained adapter).
+    """
+    cfg, run, policy = lp.cfg, lp.run, lp.policy
+    rd = run.round(r)
+    m: dict[str, Any] = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").exists() else {}
+    timings = {} if timings is None else timings
+
+    def stage(name: str, fn, *args) -> None:
+        # Metrics are saved after every stage, so a resumed round keeps the finished stages' figures.
+        if not run.done(r, name):
+            t0 = time.perf_counter()
+            m.update(fn(*args))
+            write_json(rd / "metrics.json", m)
+            run.mark_done(r, name)
+            timings[name] = time.perf_counter() - t0
+
+    if r > 0:
+        stage("generate", generate, policy, lp.train_tasks, cfg, adapter, adapter_id, rd / "samples.jsonl")
+        stage("verify", verify, lp.train_by_id, cfg, rd / "samples.jsonl", rd / "graded.jsonl")
+        stage("pairs", pairs, cfg, rd / "graded.jsonl", rd / "pairs.jsonl")
+        stage("train", train, lp.model.path, cfg, rd / "pairs.jsonl", rd / "graded.jsonl",
+              adapter if cfg.train.continue_adapter else None, rd / "adapter")
+        if (rd / "adapter").is_dir():
+            adapter, adapter_id = rd / "adapter", r
+            t0 = time.perf_counter()
+            policy.check_adapter_applied(adapter, adapter_id=adapter_id)
+            timings["check_adapter"] = time.perf_counter() - t0
+    stage("evaluate", evaluate, policy, lp.eval_tasks, cfg, adapter, adapter_id, rd)
+    if not run.done(r, "log"):
+        t0 = time.perf_counter()
+        m["time/stages_s"] = sum(v for k, v in m.items() if k.startswith("time/") and k != "time/stages_s")
+        write_json(rd / "metrics.json", m)
+        log_round(lp.tracker, r, m, rd, rd / "adapter" if (rd / "adapter").is_dir() else None)
+        create_markdown_artifact(key=f"round-{r}", markdown=_table([{"round": r, **m}]),
+                                 description=f"{run.run_id} round {r}")
+        run.mark_done(r, "log")
+        timings["log"] = time.perf_counter() - t0
+    run.mark_done(r, "round")
+    return m, adapter, adapter_id
+
+
+def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, Any]]:
+    lp = open_loop(cfg, run, logger)
     rows: list[dict[str, Any]] = []
     adapter: Path | None = None  # the current policy's adapter (None: the base model)
     adapter_id: int | None = None  # its LoRA id in vLLM: the round that trained it
     try:
         for r in range(0, cfg.rounds + 1):
-            rd = run.round(r)
-            m: dict[str, Any] = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").exists() else {}
-
-            def stage(name: str, fn, *args) -> None:
-                # Metrics are saved after every stage, so a resumed round keeps the finished stages' figures.
-                if not run.done(r, name):
-                    m.update(fn(*args))
-                    write_json(rd / "metrics.json", m)
-                    run.mark_done(r, name)
-
-            if r > 0:
-                stage("generate", generate, policy, train_tasks, cfg, adapter, adapter_id, rd / "samples.jsonl")
-                stage("verify", verify, train_by_id, cfg, rd / "samples.jsonl", rd / "graded.jsonl")
-                stage("pairs", pairs, cfg, rd / "graded.jsonl", rd / "pairs.jsonl")
-                stage("train", train, model.path, cfg, rd / "pairs.jsonl", rd / "graded.jsonl",
-                      adapter if cfg.train.continue_adapter else None, rd / "adapter")
-                if (rd / "adapter").is_dir():
-                    adapter, adapter_id = rd / "adapter", r
-                    policy.check_adapter_applied(adapter, adapter_id=adapter_id)
-            stage("evaluate", evaluate, policy, eval_tasks, cfg, adapter, adapter_id, rd)
-            if not run.done(r, "log"):
-                m["time/stages_s"] = sum(v for k, v in m.items() if k.startswith("time/") and k != "time/stages_s")
-                write_json(rd / "metrics.json", m)
-                log_round(tracker, r, m, rd, rd / "adapter" if (rd / "adapter").is_dir() else None)
-                create_markdown_artifact(key=f"round-{r}", markdown=_table([{"round": r, **m}]),
-                                         description=f"{run.run_id} round {r}")
-                run.mark_done(r, "log")
-            run.mark_done(r, "round")
+            m, adapter, adapter_id = run_round(lp, r, adapter, adapter_id)
             rows.append({"round": r, **m})
-        tracker.finish()
+        lp.tracker.finish()
         create_markdown_artifact(key="loop-summary", markdown=_table(rows), description=f"{run.run_id}: all rounds")
     except BaseException:
-        tracker.finish("FAILED")
+        lp.tracker.finish("FAILED")
         raise
     finally:
-        policy.close()
+        lp.policy.close()
     return rows
