@@ -4,8 +4,8 @@ Round 0 evaluates the base model (the baseline every later round is compared wit
 Prefect task that writes its output into the run directory and marks itself done, so re-running the
 same run id resumes where it stopped (see loop/rundir.py). One vLLM engine serves every round of a
 flow run; each round's adapter is hot-loaded with a new LoRA id, never merged, never restarting vLLM.
-Training runs in this process while the engine idles (on CPU, keeping the engine is cheaper than
-restarting it; see the README for the measurement).
+Training runs in this process while the engine idles: on CPU a vLLM start costs ~30 s, more than the adapter
+costs a round's generation with loop/vllm_cpu_lora.py (bench/RESULTS.md), so the engine is kept.
 """
 from __future__ import annotations
 
@@ -74,7 +74,9 @@ def pairs(cfg: RunConfig, graded_path: Path, out: Path) -> dict[str, float]:
     return {"time/pairs_s": time.perf_counter() - t0, **{f"pairs/{k}": v for k, v in stats.to_dict().items()}}
 
 
-@task(name="train", cache_policy=NONE)
+# log_prints off: `datasets` hashes functions with dill, which captures dis.dis output through print(); routed
+# to the Prefect logger, that output floods the log with bytecode and dill sees no globals.
+@task(name="train", cache_policy=NONE, log_prints=False)
 def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path, init_adapter: Path | None,
           out: Path) -> dict[str, float]:
     logger = get_run_logger()
