@@ -15,7 +15,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Iterative on-policy self-improvement: generate -> verify -> DPO -> evaluate, in rounds.")
 models_app = typer.Typer(no_args_is_help=True, help="Built-in models shipped as wheels on PyPI.")
 app.add_typer(models_app, name="models")
-console = Console()
+# Tables stay readable when the output is a pipe or a log (rich assumes 80 columns there).
+console = Console(width=max(Console().width, 120))
 
 SHOWN = ("pass@1", "pass@max", "maj@max", "greedy_acc", "distinct_answers", "entropy_proxy", "mean_length")
 
