@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -144,6 +145,10 @@ print(open('inside.txt').read())
     assert not Path("/x").exists()
 
 
+PROJECT_FILE = Path(__file__).resolve().parents[1] / "pyproject.toml"
+VENV_TOP = Path(sysconfig.get_paths()["purelib"]).resolve().parts[1]  # e.g. 'work' for /work/main/.venv
+
+
 def test_symlink_escape_and_reading_host_files(tmp_path):
     secret = f"host-secret-{secrets.token_hex(8)}"
     host_file = tmp_path / "secret.txt"
@@ -158,7 +163,7 @@ for path in ['link', {str(host_file)!r}, '/etc/passwd', '/root/.bashrc', '/proc/
     except OSError as e:
         print(path, type(e).__name__)
 print(sorted(os.listdir('root')))
-print(os.path.exists('/work/main/pyproject.toml'), os.path.exists('/etc'))
+print(os.path.exists({str(PROJECT_FILE)!r}), os.path.exists('/etc'))
 """
     r = run(code)
     assert r.status == "ok", r.stderr
@@ -166,7 +171,8 @@ print(os.path.exists('/work/main/pyproject.toml'), os.path.exists('/etc'))
     assert "link FileNotFoundError" in r.stdout
     assert "False False" in r.stdout  # neither the project nor /etc exists in there
     listing = r.stdout.splitlines()[-2]
-    assert "'work'" in listing and "'etc'" not in listing  # /work holds only the venv's site-packages
+    # The venv's top folder is there (holding only its site-packages), /etc is not.
+    assert f"'{VENV_TOP}'" in listing and "'etc'" not in listing
 
 
 def test_environment_is_scrubbed_and_parent_environ_unreachable(monkeypatch):

@@ -79,12 +79,14 @@ def system_binds() -> list[str]:
 def bwrap_command(bwrap: str, interpreter: Interpreter, limits: Limits) -> list[str]:
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
             "--die-with-parent", "--new-session", "--hostname", "sandbox", *system_binds()]
-    for path in interpreter.mounts:
-        args += ["--ro-bind", path, path]
     args += ["--proc", "/proc", "--dev", "/dev",
              "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
-             "--size", str(limits.disk_mb << 20), "--tmpfs", WORKDIR,
-             "--remount-ro", "/dev", "--remount-ro", "/",  # last: everything above is set up by now
+             "--size", str(limits.disk_mb << 20), "--tmpfs", WORKDIR]
+    # After the tmpfs: an interpreter or venv that lives under /tmp on the host (a CI checkout, say) would
+    # otherwise be hidden by the private /tmp mounted over it.
+    for path in interpreter.mounts:
+        args += ["--ro-bind", path, path]
+    args += ["--remount-ro", "/dev", "--remount-ro", "/",  # last: everything above is set up by now
              "--chdir", WORKDIR, "--clearenv"]
     for key, value in {**SANDBOX_ENV, "HOME": WORKDIR, "TMPDIR": WORKDIR}.items():
         args += ["--setenv", key, value]
