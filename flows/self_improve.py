@@ -4,8 +4,9 @@ Round 0 evaluates the base model (the baseline every later round is compared wit
 Prefect task that writes its output into the run directory and marks itself done, so re-running the
 same run id resumes where it stopped (see loop/rundir.py). One vLLM engine serves every round of a
 flow run; each round's adapter is hot-loaded with a new LoRA id, never merged, never restarting vLLM.
-Training runs in this process while the engine idles: on CPU a vLLM start costs ~30 s, more than the adapter
-costs a round's generation with loop/vllm_cpu_lora.py (bench/RESULTS.md), so the engine is kept.
+Training runs in this process while the engine idles. On CPU, with loop/vllm_cpu_lora.py, serving the adapter
+costs about what restarting vLLM on a merged model would (a ~30 s start vs 12 s of adapter cost on the generation
+benchmark, ~40-60 s per demo round; bench/RESULTS.md, README), so the engine is kept and nothing is merged.
 """
 from __future__ import annotations
 
