@@ -5,6 +5,8 @@ completions (GSM8K-style "#### n" answers, boxed LaTeX fractions, boxed radicals
 about half of them wrong), against the same items through math-verify called directly
 (parse + parse + verify, in-process, one thread) measured in the same run.
 
+bench_sandbox: sandboxed executions/s at 1 and N workers against a bare, unisolated `python -c` subprocess.
+
     .venv/bin/python bench/verifiers.py
 """
 from __future__ import annotations
@@ -102,8 +104,48 @@ def bench_math(n: int = 400, workers: int | None = None) -> dict:
             f"ours_{workers}_per_s": n_rate, "agreement": agree / n, "startup_s": startup_s}
 
 
+def bench_sandbox(n: int = 40, workers: int | None = None) -> dict:
+    """Sandboxed executions/s (verifiers.python_exec: bubblewrap + cgroups + rlimits) at 1 and N workers, against
+    the same programs in a bare `python -c` subprocess (no isolation), in the same run: the price of the sandbox."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    from verifiers.python_exec import ExecPool
+
+    workers = workers or os.cpu_count() or 1
+    codes = [f"def f(n):\n    return sum(i * i for i in range(n))\nprint(f({1000 + i}))" for i in range(n)]
+    expected = [str(sum(j * j for j in range(1000 + i))) for i in range(n)]
+
+    def rate(run_all) -> float:
+        t0 = time.perf_counter()
+        out = run_all()
+        dt = time.perf_counter() - t0
+        if [o.strip() for o in out] != expected:
+            raise RuntimeError("a benchmark program printed the wrong value")
+        return n / dt
+
+    def bare(k: int):
+        run1 = lambda c: subprocess.run([sys.executable, "-c", c], capture_output=True, text=True).stdout
+        with ThreadPoolExecutor(k) as ex:
+            return list(ex.map(run1, codes))
+
+    def sandboxed(k: int):
+        with ExecPool(k) as pool:
+            return [r.stdout for r in pool.map(codes, timeout_s=10)]
+
+    rates = {"bare_1": rate(lambda: bare(1)), f"bare_{workers}": rate(lambda: bare(workers)),
+             "sandbox_1": rate(lambda: sandboxed(1)), f"sandbox_{workers}": rate(lambda: sandboxed(workers))}
+    print(f"\nsandboxed Python executions, {n} small programs, {os.cpu_count()} CPUs")
+    for k in (1, workers):
+        print(f"  bare python -c subprocess, {k} at once : {rates[f'bare_{k}']:8.1f} executions/s (1.00x)")
+        print(f"  python_exec sandbox, {k} worker(s)      : {rates[f'sandbox_{k}']:8.1f} executions/s "
+              f"({rates[f'sandbox_{k}'] / rates[f'bare_{k}']:.2f}x)")
+    return rates
+
+
 def main() -> None:
     bench_math()
+    bench_sandbox()
 
 
 if __name__ == "__main__":
