@@ -18,7 +18,6 @@ app.add_typer(models_app, name="models")
 # Tables stay readable when the output is a pipe or a log (rich assumes 80 columns there).
 console = Console(width=max(Console().width, 120))
 
-SHOWN = ("pass@1", "pass@max", "maj@max", "greedy_acc", "distinct_answers", "entropy_proxy", "mean_length")
 
 
 def _exit_cleanly_on_sigterm() -> None:
