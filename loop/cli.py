@@ -19,7 +19,6 @@ app.add_typer(models_app, name="models")
 console = Console(width=max(Console().width, 120))
 
 
-
 def _exit_cleanly_on_sigterm() -> None:
     """Turn SIGTERM (a scheduler or `kill` stopping the loop) into SystemExit, so the finally blocks run: the
     vLLM engine shuts down, the MLflow runs are marked FAILED, and Prefect's temporary server is stopped
