@@ -10,6 +10,7 @@ benchmark, ~40-60 s per demo round; bench/RESULTS.md, README), so the engine is 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -141,10 +142,13 @@ class Loop:
     run: RunDir
     model: ResolvedModel
     train_tasks: list[Task]
-    train_by_id: dict[str, Task]
     eval_tasks: list[Task]
     tracker: Tracker
     policy: Policy
+
+    @functools.cached_property
+    def train_by_id(self) -> dict[str, Task]:
+        return {t.id: t for t in self.train_tasks}
 
 
 def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
@@ -160,7 +164,7 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     tracker.log_config(config_dict, model.provenance)
     logger.info(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment})")
     policy = Policy(model.path, cfg.engine)
-    return Loop(cfg, run, model, train_tasks, {t.id: t for t in train_tasks}, eval_tasks, tracker, policy)
+    return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, policy)
 
 
 def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
