@@ -19,13 +19,14 @@ def evaluate_policy(policy: Policy, tasks: list[Task], eval_cfg, verify_cfg: Ver
     """
     t0 = time.perf_counter()
     by_id = {t.id: t for t in tasks}
-    graded = grade_trajectories(by_id, policy.generate(tasks, eval_cfg.sampling, adapter=adapter,
-                                                       adapter_id=adapter_id), verify_cfg)
+    # The greedy decode goes through the engine with the samples, not after them (Policy.generate_many).
+    jobs = [(tasks, eval_cfg.sampling)] + ([(tasks, eval_cfg.sampling.greedy())] if eval_cfg.greedy else [])
+    sampled, *greedy_run = policy.generate_many(jobs, adapter=adapter, adapter_id=adapter_id)
+    graded = grade_trajectories(by_id, sampled, verify_cfg)
     write_jsonl(out_dir / "eval_samples.jsonl", (g.to_dict() for g in graded))
     greedy = None
-    if eval_cfg.greedy:
-        greedy = grade_trajectories(by_id, policy.generate(tasks, eval_cfg.sampling.greedy(), adapter=adapter,
-                                                           adapter_id=adapter_id), verify_cfg)
+    if greedy_run:
+        greedy = grade_trajectories(by_id, greedy_run[0], verify_cfg)
         write_jsonl(out_dir / "eval_greedy.jsonl", (g.to_dict() for g in greedy))
     per_prompt, summary = metrics.evaluate(tasks, graded, greedy)
     write_jsonl(out_dir / "eval_per_prompt.jsonl", per_prompt)

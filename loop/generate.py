@@ -81,8 +81,9 @@ class AdapterNotApplied(RuntimeError):
 class _Live:
     """A trajectory being generated, with its sandbox session (opened at its first tool call)."""
 
-    def __init__(self, traj: Trajectory, seed: int):
+    def __init__(self, traj: Trajectory, cfg: SamplingConfig, seed: int):
         self.traj = traj
+        self.cfg = cfg
         self.seed = seed
         self.session = None
         self.turn_text = ""  # model text since the last observation
@@ -141,46 +142,63 @@ class Policy:
     def generate(self, tasks: list[Task], cfg: SamplingConfig, adapter: Path | None = None,
                  adapter_id: int | None = None) -> list[Trajectory]:
         """n trajectories per task, in task order then sample order."""
-        starts = []
-        for ti, task in enumerate(tasks):
-            ids = self.prompt_ids(task, cfg)
-            starts += [(Trajectory(task.id, s, ids), cfg.seed * 1_000_003 + ti * 1009 + s) for s in range(cfg.n)]
-        return self._run([_Live(t, seed) for t, seed in starts], cfg, self._lora(adapter, adapter_id))
+        [trajs] = self.generate_many([(tasks, cfg)], adapter=adapter, adapter_id=adapter_id)
+        return trajs
+
+    def generate_many(self, jobs: list[tuple[list[Task], SamplingConfig]], adapter: Path | None = None,
+                      adapter_id: int | None = None) -> list[list[Trajectory]]:
+        """Several `generate` calls in one pass through the engine (e.g. sampled and greedy evaluation).
+
+        One batch keeps the engine full: separate calls each end in a tail where a few long answers decode
+        alone, which on CPU runs at a fraction of the batched speed."""
+        lora = self._lora(adapter, adapter_id)
+        sets = []
+        for tasks, cfg in jobs:
+            lives = []
+            for ti, task in enumerate(tasks):
+                ids = self.prompt_ids(task, cfg)
+                lives += [_Live(Trajectory(task.id, s, ids), cfg, cfg.seed * 1_000_003 + ti * 1009 + s)
+                          for s in range(cfg.n)]
+            sets.append(lives)
+        self._run([lv for lives in sets for lv in lives], lora)
+        return [[lv.traj for lv in lives] for lives in sets]
 
     def continue_trajectories(self, trajectories: list[Trajectory], cfg: SamplingConfig, adapter: Path | None = None,
                               adapter_id: int | None = None) -> list[Trajectory]:
-        """Go on from partial trajectories (e.g. a prefix ending in a ```python block, which runs first)."""
+        """Go on from partial trajectories (e.g. a prefix ending in a ```python block, which runs first);
+        returned in the order given."""
         live = []
         for i, t in enumerate(trajectories):
-            lv = _Live(Trajectory.from_dict(t.to_dict()), seed=cfg.seed * 1_000_003 + i)
+            lv = _Live(Trajectory.from_dict(t.to_dict()), cfg, seed=cfg.seed * 1_000_003 + i)
             after_obs = [s for s in lv.traj.segments[self._last_obs(lv.traj) + 1:] if s.kind == "model"]
             lv.turn_text = "".join(s.text for s in after_obs)
             live.append(lv)
-        return self._run(live, cfg, self._lora(adapter, adapter_id))
+        self._run(live, self._lora(adapter, adapter_id))
+        return [lv.traj for lv in live]
 
     @staticmethod
     def _last_obs(t: Trajectory) -> int:
         return max((i for i, s in enumerate(t.segments) if s.kind == "observation"), default=-1)
 
-    def _run(self, live: list[_Live], cfg: SamplingConfig, lora) -> list[Trajectory]:
+    def _run(self, live: list[_Live], lora) -> None:
+        """Generate every trajectory in `live` to its end, in place; each follows its own SamplingConfig."""
         from vllm import SamplingParams, TokensPrompt
 
         everyone = list(live)
-        # Stop at the end of a fenced block so a ```python cell can run before the model goes on.
-        stop = ["```\n", "```output"] if cfg.tools else None
         turn = 0
         try:
             # Trajectories handed in ending with a Python block run it before generating.
-            calls = [(lv, code) for lv in live if cfg.tools and (code := self._pending_code(lv, cfg)) is not None]
+            calls = [(lv, code) for lv in live if lv.cfg.tools and (code := self._pending_code(lv)) is not None]
             live = [lv for lv in live if lv.traj.finish_reason != "max_turns" and all(lv is not c[0] for c in calls)]
             while live or calls:
                 if calls:
-                    self._execute(calls, cfg)
+                    self._execute(calls)
                     live += [lv for lv, _ in calls]
                     calls = []
                 turn += 1
                 requests, params, active = [], [], []
                 for lv in live:
+                    cfg = lv.cfg
                     budget = min(cfg.max_tokens, self.cfg.max_model_len - len(lv.ids))
                     if budget < 1:
                         lv.traj.finish_reason = "context"
@@ -188,7 +206,9 @@ class Policy:
                     requests.append(TokensPrompt(prompt_token_ids=lv.ids))
                     params.append(SamplingParams(
                         temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget, logprobs=0,
-                        seed=lv.seed + turn if self._request_seeds and cfg.temperature > 0 else None, stop=stop,
+                        seed=lv.seed + turn if self._request_seeds and cfg.temperature > 0 else None,
+                        # Stop at the end of a fenced block so a ```python cell can run before the model goes on.
+                        stop=["```\n", "```output"] if cfg.tools else None,
                         include_stop_str_in_output=True))
                     active.append(lv)
                 live = []
@@ -205,8 +225,8 @@ class Policy:
                     if c.finish_reason == "length":
                         # Cut by max_tokens, or by the context window when that was the tighter budget.
                         lv.traj.finish_reason = "context" if len(lv.ids) >= self.cfg.max_model_len else "length"
-                    elif cfg.tools and isinstance(c.stop_reason, str):
-                        code = self._pending_code(lv, cfg)
+                    elif lv.cfg.tools and isinstance(c.stop_reason, str):
+                        code = self._pending_code(lv)
                         if code is not None:
                             calls.append((lv, code))
                         elif lv.traj.finish_reason != "max_turns":
@@ -217,35 +237,32 @@ class Policy:
             for lv in everyone:
                 if lv.session is not None:
                     lv.session.close()
-        order: dict[str, int] = {}
-        for lv in everyone:
-            order.setdefault(lv.traj.task_id, len(order))
-        return sorted((lv.traj for lv in everyone), key=lambda t: (order[t.task_id], t.sample))
 
     @staticmethod
-    def _pending_code(lv: _Live, cfg: SamplingConfig) -> str | None:
+    def _pending_code(lv: _Live) -> str | None:
         """The code of a ```python block that ends the current model turn; None if there is none, or
         if the tool budget is spent (then the trajectory ends with finish_reason 'max_turns')."""
         m = _PY_BLOCK_AT_END.search(lv.turn_text)
         if m is None:
             return None
-        if lv.traj.num_tool_calls >= cfg.max_turns:
+        if lv.traj.num_tool_calls >= lv.cfg.max_turns:
             lv.traj.finish_reason = "max_turns"
             return None
         return m.group(1)
 
-    def _execute(self, calls: list[tuple[_Live, str]], cfg: SamplingConfig) -> None:
+    def _execute(self, calls: list[tuple[_Live, str]]) -> None:
         with ThreadPoolExecutor(max_workers=min(16, len(calls))) as ex:
-            observations = list(ex.map(lambda a: self._run_tool(a[0], a[1], cfg), calls))
+            observations = list(ex.map(lambda a: self._run_tool(a[0], a[1]), calls))
         for (lv, _), obs in zip(calls, observations):
             obs_ids = self.tokenizer(obs, add_special_tokens=False)["input_ids"]
             lv.traj.segments.append(Segment("observation", obs, obs_ids))
             lv.traj.num_tool_calls += 1
             lv.turn_text = ""
 
-    def _run_tool(self, lv: _Live, code: str, cfg: SamplingConfig) -> str:
+    def _run_tool(self, lv: _Live, code: str) -> str:
         from verifiers.python_exec import Session
 
+        cfg = lv.cfg
         if lv.session is None:
             lv.session = Session(timeout_s=cfg.tool_timeout_s)
         r = lv.session.run(code, timeout_s=cfg.tool_timeout_s)

