@@ -93,3 +93,38 @@ def test_round_without_pairs_skips_training(tmp_path: Path):
     assert not (rd / "adapter").exists()
     assert json.loads((rd / "metrics.json").read_text())["train/skipped"] == 1.0
     assert "skipping training" in out
+
+
+def test_sigterm_stops_the_loop_and_everything_it_started(tmp_path: Path):
+    # What a scheduler or `kill` does: SIGTERM to the main process only, while vLLM is generating. The loop must
+    # exit on its own, take the vLLM engine and Prefect's temporary server with it, and mark its MLflow run.
+    import psutil
+
+    cfg = tiny_config(tmp_path, name="term", rounds=1)
+    log = tmp_path / "term.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*RATCHET, "run", "--config", str(cfg)], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, log.read_text()[-6000:]
+            assert time.time() < deadline, "vLLM never started generating"
+            children = psutil.Process(proc.pid).children(recursive=True)
+            if any("EngineCore" in c.name() for c in children) and "Processed prompts" in log.read_text():
+                break
+            time.sleep(0.5)
+        assert any("uvicorn" in " ".join(c.cmdline()) for c in children), "no Prefect temporary server seen"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 128 + signal.SIGTERM, log.read_text()[-6000:]
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive, f"left running after SIGTERM: {[' '.join(p.cmdline())[:120] for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.`ratchet.run_id` = 'term'")
+    assert runs and all(r.info.status == "FAILED" for r in runs), [(r.data.tags.get("kind"), r.info.status) for r in runs]
+    assert not (tmp_path / "runs" / "term" / "round-00" / "round.done").exists()
