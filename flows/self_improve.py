@@ -154,13 +154,15 @@ class Loop:
 def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     """Check the config against the run directory, load the tasks, open the MLflow runs and start vLLM."""
     config_dict = cfg.model_dump(mode="json")
-    run.check_config(config_dict)
+    new_run = run.check_config(config_dict)
     model = resolve_model(cfg.model)
     train_tasks = load_tasks(cfg.train_tasks)
     eval_tasks = load_tasks(cfg.eval.tasks)
     check_disjoint(train_tasks, eval_tasks)
     tracker = Tracker(cfg.tracking, run.run_id, tags={
-        "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, "git_commit": git_commit()})
+        "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, "git_commit": git_commit()},
+        new_loop=new_run)
+    run.save_config(config_dict)
     tracker.log_config(config_dict, model.provenance)
     logger.info(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment})")
     policy = Policy(model.path, cfg.engine)

@@ -19,6 +19,32 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 
+# Settings a run may resume with changed, because they change memory use or speed but not what a round
+# computes (e.g. to resume after running out of memory). `rounds` only adds or drops rounds not run yet.
+RESUMABLE_KEYS = frozenset({"rounds", "train.gradient_checkpointing", "engine.kv_cache_memory_bytes",
+                            "engine.gpu_memory_utilization", "engine.enforce_eager", "engine.enable_sleep_mode"})
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"train.lr": ..., ...}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _same_dpo_batch(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Pairs per optimizer step unchanged under DPO (same loss, less memory per pass). Not for KTO, whose KL
+    estimate depends on what else is in the forward batch."""
+    def step(c: dict[str, Any]) -> int:
+        return c.get("train.per_device_batch_size", 1) * c.get("train.grad_accumulation", 1)
+    return (old.get("train.algorithm", "dpo") == new.get("train.algorithm", "dpo") == "dpo"
+            and step(old) == step(new))
+
+
 class RunLocked(RuntimeError):
     """Another live process holds this run directory."""
 
@@ -75,18 +101,28 @@ class RunDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def check_config(self, config: dict[str, Any], resumable_keys: set[str] = frozenset({"rounds"})) -> None:
-        """Save the config on first use; on resume, refuse a config that changed (besides `rounds`)."""
+    def check_config(self, config: dict[str, Any]) -> bool:
+        """Refuse a config that differs from the one this run started with, except in `RESUMABLE_KEYS` (and a
+        DPO batch split differently, see `_same_dpo_batch`). True for a new run (no saved config).
+
+        Nothing is written: `save_config` does that once the rest of the start-up checks have passed."""
         saved_path = self.path / "config.yaml"
-        if saved_path.exists():
-            saved = yaml.safe_load(saved_path.read_text())
-            changed = sorted(k for k in set(saved) | set(config)
-                             if k not in resumable_keys and saved.get(k) != config.get(k))
-            if changed:
-                raise ValueError(
-                    f"run {self.run_id!r} was started with a different config (changed: {', '.join(changed)}). "
-                    f"Resume with the original config ({saved_path}) or start a new --run-id.")
-        _atomic_write(saved_path, yaml.safe_dump(config, sort_keys=False))
+        if not saved_path.exists():
+            return True
+        old, new = flatten(yaml.safe_load(saved_path.read_text())), flatten(config)
+        changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)} - RESUMABLE_KEYS
+        if _same_dpo_batch(old, new):
+            changed -= {"train.per_device_batch_size", "train.grad_accumulation"}
+        if changed:
+            raise ValueError(
+                f"run {self.run_id!r} was started with a different config (changed: {', '.join(sorted(changed))}). "
+                f"Resume with the original config ({saved_path}) or start a new --run-id. Settings that only "
+                f"change memory or speed may differ: {', '.join(sorted(RESUMABLE_KEYS))}, and the DPO batch split "
+                f"(train.per_device_batch_size x train.grad_accumulation kept equal).")
+        return False
+
+    def save_config(self, config: dict[str, Any]) -> None:
+        _atomic_write(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def round(self, r: int) -> Path:
         d = self.path / f"round-{r:02d}"

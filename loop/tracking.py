@@ -19,6 +19,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 
+from loop.rundir import flatten
+
 RUN_ID_TAG = "ratchet.run_id"
 ROUND_TAG = "round"
 
@@ -63,17 +65,9 @@ def git_commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            # MLflow params are strings of at most 6000 characters.
-            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-            out[key] = out[key][:6000]
-    return out
+def _params(config: dict[str, Any]) -> dict[str, str]:
+    # MLflow params are strings of at most 6000 characters.
+    return {k: (json.dumps(v) if isinstance(v, (list, tuple)) else str(v))[:6000] for k, v in flatten(config).items()}
 
 
 def metric_key(name: str) -> str:
@@ -81,10 +75,16 @@ def metric_key(name: str) -> str:
     return name.replace("@", "_at_")
 
 
+class TrackingConflict(RuntimeError):
+    pass
+
+
 class Tracker:
     """Logs one loop to MLflow. Idempotent per (run id, round): resuming reuses the runs."""
 
-    def __init__(self, cfg: TrackingConfig, run_id: str, tags: dict[str, str]):
+    def __init__(self, cfg: TrackingConfig, run_id: str, tags: dict[str, str], new_loop: bool = False):
+        """`new_loop`: the run directory is new, so MLflow must not have this run id yet (a run directory deleted
+        to start over would otherwise append its rounds to the old loop's runs, under the old params)."""
         self.cfg = cfg
         self.uri = resolve_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
@@ -94,14 +94,23 @@ class Tracker:
             cfg.experiment, artifact_location=_artifact_location(self.uri, cfg.experiment))
         self.run_id = run_id
         self.tags = tags
+        if new_loop and (old := self._find(None)) is not None:
+            raise TrackingConflict(
+                f"the MLflow store {self.uri} (experiment {cfg.experiment!r}) already has a loop with run id "
+                f"{run_id!r} (MLflow run {old.info.run_id}), but its run directory is new. Start with another "
+                f"--run-id, or first delete the old MLflow run: MLFLOW_TRACKING_URI={self.uri} mlflow runs delete "
+                f"--run-id {old.info.run_id}")
         self.parent_id = self._find_or_create(None, {RUN_ID_TAG: run_id, **tags}, name=run_id)
 
-    def _find_or_create(self, round_: int | None, tags: dict[str, str], name: str) -> str:
+    def _find(self, round_: int | None):
         flt = f"tags.`{RUN_ID_TAG}` = '{self.run_id}'"
         flt += f" and tags.`{ROUND_TAG}` = '{round_}'" if round_ is not None else " and tags.`kind` = 'loop'"
         found = self.client.search_runs([self.experiment_id], flt, max_results=1)
-        if found:
-            run = found[0]
+        return found[0] if found else None
+
+    def _find_or_create(self, round_: int | None, tags: dict[str, str], name: str) -> str:
+        run = self._find(round_)
+        if run is not None:
             if run.info.status != "RUNNING":
                 self.client.update_run(run.info.run_id, status="RUNNING")
             return run.info.run_id
@@ -112,13 +121,16 @@ class Tracker:
         return run.info.run_id
 
     def log_config(self, config: dict[str, Any], provenance: dict[str, str]) -> None:
-        params = _flatten(config)
+        params = _params(config)
         existing = self.client.get_run(self.parent_id).data.params
-        # Params are immutable in MLflow: on resume only log the ones not yet there.
+        # Params are immutable in MLflow: on resume only log the ones not yet there, and a setting the run may
+        # resume with changed (RESUMABLE_KEYS) as a tag resumed_with.<key>.
         new = [mlflow.entities.Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):
             self.client.log_batch(self.parent_id, params=new[i:i + 100])
         tags = [mlflow.entities.RunTag(f"model.{k}", str(v)[:5000]) for k, v in provenance.items()]
+        tags += [mlflow.entities.RunTag(f"resumed_with.{k}", v) for k, v in params.items()
+                 if k in existing and existing[k] != v]
         self.client.log_batch(self.parent_id, tags=tags)
         self.client.log_text(self.parent_id, json.dumps(config, indent=2, default=str), "config.json")
 

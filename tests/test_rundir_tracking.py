@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loop.rundir import RunDir, RunLocked
-from loop.tracking import Tracker, TrackingConfig
+from loop.tracking import Tracker, TrackingConfig, TrackingConflict
 
 TAGS = {"config_name": "t", "model": "m", "task": "arithmetic", "git_commit": "x"}
 
@@ -32,13 +32,29 @@ def test_lock_excludes_a_second_holder_and_dies_with_its_process(tmp_path: Path)
 
 def test_stage_markers_and_config_change_detection(tmp_path: Path):
     run = RunDir(tmp_path, "r")
-    run.check_config({"model": "a", "rounds": 2})
+    cfg = {"model": "a", "rounds": 2, "train": {"algorithm": "dpo", "lr": 1e-4, "per_device_batch_size": 4,
+                                                "grad_accumulation": 1}, "engine": {"kv_cache_memory_bytes": 1 << 30}}
+    assert run.check_config(cfg) is True  # a new run
+    run.save_config(cfg)
     assert not run.done(1, "generate")
     run.mark_done(1, "generate")
     assert RunDir(tmp_path, "r").done(1, "generate")
-    run.check_config({"model": "a", "rounds": 5})  # more rounds: a resume, allowed
+    assert run.check_config({**cfg, "rounds": 5}) is False  # more rounds: a resume, allowed
     with pytest.raises(ValueError, match="changed: model"):
-        run.check_config({"model": "b", "rounds": 5})
+        run.check_config({**cfg, "model": "b"})
+    with pytest.raises(ValueError, match=r"changed: train\.lr"):
+        run.check_config({**cfg, "train": {**cfg["train"], "lr": 1e-3}})
+    # What resuming after running out of memory needs: a smaller KV cache, the same DPO step split in two.
+    smaller = {**cfg, "train": {**cfg["train"], "per_device_batch_size": 2, "grad_accumulation": 2},
+               "engine": {"kv_cache_memory_bytes": 1 << 29}}
+    assert run.check_config(smaller) is False
+    with pytest.raises(ValueError, match=r"changed: train\.per_device_batch_size\)"):
+        run.check_config({**cfg, "train": {**cfg["train"], "per_device_batch_size": 2}})  # half the step
+    with pytest.raises(ValueError, match="per_device_batch_size"):  # KTO: the batch is part of its loss
+        kto = {**cfg, "train": {**cfg["train"], "algorithm": "kto"}}
+        RunDir(tmp_path, "k").save_config(kto)
+        RunDir(tmp_path, "k").check_config({**kto, "train": {**kto["train"], "per_device_batch_size": 2,
+                                                             "grad_accumulation": 2}})
 
 
 def test_tracker_nests_rounds_resumes_and_registers_adapters(tmp_path: Path):
@@ -72,3 +88,23 @@ def test_tracker_nests_rounds_resumes_and_registers_adapters(tmp_path: Path):
     assert {a.path for a in c.list_artifacts(r1)} == {"adapter"}
     versions = c.search_model_versions("name = 'ratchet-adapter'")
     assert [v.run_id for v in versions] == [r1]  # registered once, even though round 1 was logged twice
+
+
+def test_tracker_refuses_a_new_run_directory_under_a_logged_run_id(tmp_path: Path):
+    # A run directory deleted to start over: its run id must not resume the old MLflow loop (old params, old rounds).
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp")
+    old = Tracker(cfg, "run-a", TAGS, new_loop=True)
+    old.log_config({"train": {"lr": 1e-5}}, {})
+    old.finish("FAILED")
+    with pytest.raises(TrackingConflict, match=f"already has a loop with run id 'run-a'.*{old.parent_id}"):
+        Tracker(cfg, "run-a", TAGS, new_loop=True)
+    assert Tracker(cfg, "run-b", TAGS, new_loop=True).parent_id != old.parent_id
+    resumed = Tracker(cfg, "run-a", TAGS)  # the same run directory resuming
+    assert resumed.parent_id == old.parent_id
+    resumed.log_config({"train": {"lr": 1e-5, "per_device_batch_size": 1}}, {})
+    data = resumed.client.get_run(old.parent_id).data
+    assert data.params["train.lr"] == "1e-05" and data.params["train.per_device_batch_size"] == "1"
+    resumed.log_config({"train": {"lr": 1e-5, "per_device_batch_size": 2}}, {})
+    data = resumed.client.get_run(old.parent_id).data
+    assert data.params["train.per_device_batch_size"] == "1"  # MLflow params never change ...
+    assert data.tags["resumed_with.train.per_device_batch_size"] == "2"  # ... so the new value is a tag
