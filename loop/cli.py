@@ -23,7 +23,19 @@ def _exit_cleanly_on_sigterm() -> None:
     """Turn SIGTERM (a scheduler or `kill` stopping the loop) into SystemExit, so the finally blocks run: the
     vLLM engine shuts down, the MLflow runs are marked FAILED, and Prefect's temporary server is stopped
     instead of being left running."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _supervise() -> None:
+    """Re-run this command in a child that the current process supervises (loop/supervise.py)."""
+    from loop.supervise import is_supervised, run_supervised
+
+    if not is_supervised():
+        raise typer.Exit(run_supervised([sys.executable, "-m", "loop.cli", *sys.argv[1:]]))
 
 
 def _local_prefect_defaults() -> None:
@@ -72,6 +84,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (se
         run_id: Optional[str] = typer.Option(None, help="Run id (default: the config's name). Re-running an id resumes it.")) -> None:
     """Run (or resume) the self-improvement loop as a Prefect flow, tracked in MLflow."""
     _load(config, rounds=rounds)  # validate before starting anything expensive
+    _supervise()
     _exit_cleanly_on_sigterm()
     _local_prefect_defaults()
     from flows.self_improve import self_improve
@@ -116,6 +129,8 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
     cfg = _load(config)
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         _fail(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    _supervise()
+    _exit_cleanly_on_sigterm()
     from loop.evaluate import evaluate_policy
     from loop.generate import Policy
     from loop.models import resolve_model

@@ -95,36 +95,53 @@ def test_round_without_pairs_skips_training(tmp_path: Path):
     assert "skipping training" in out
 
 
-def test_sigterm_stops_the_loop_and_everything_it_started(tmp_path: Path):
-    # What a scheduler or `kill` does: SIGTERM to the main process only, while vLLM is generating. The loop must
-    # exit on its own, take the vLLM engine and Prefect's temporary server with it, and mark its MLflow run.
+def _start_and_wait_for_generation(cfg: Path, cwd: Path, log: Path) -> tuple[subprocess.Popen, list]:
+    """`ratchet run` with its output in `log`, once vLLM generates; with every process it started by then."""
+    import psutil
+
+    with log.open("w") as out:
+        proc = subprocess.Popen([*RATCHET, "run", "--config", str(cfg)], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    deadline = time.time() + 600
+    while True:
+        assert proc.poll() is None, log.read_text()[-6000:]
+        assert time.time() < deadline, "vLLM never started generating"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        if any("EngineCore" in c.name() for c in children) and "Processed prompts" in log.read_text():
+            assert any("uvicorn" in " ".join(c.cmdline()) for c in children), "no Prefect temporary server seen"
+            return proc, children
+        time.sleep(0.5)
+
+
+def test_sigterm_or_a_killed_loop_leaves_nothing_running(tmp_path: Path):
+    # SIGTERM to the command only, as a scheduler or `kill PID` sends it, while vLLM generates: the loop must exit
+    # on its own, take the vLLM engine and Prefect's temporary server with it, and mark its MLflow runs FAILED.
+    # Then SIGKILL to the loop process, as the out-of-memory killer does: nothing may be left running either.
     import psutil
 
     cfg = tiny_config(tmp_path, name="term", rounds=1)
-    log = tmp_path / "term.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([*RATCHET, "run", "--config", str(cfg)], cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                start_new_session=True)
+    proc, children = _start_and_wait_for_generation(cfg, tmp_path, tmp_path / "term.log")
     try:
-        deadline = time.time() + 600
-        while True:
-            assert proc.poll() is None, log.read_text()[-6000:]
-            assert time.time() < deadline, "vLLM never started generating"
-            children = psutil.Process(proc.pid).children(recursive=True)
-            if any("EngineCore" in c.name() for c in children) and "Processed prompts" in log.read_text():
-                break
-            time.sleep(0.5)
-        assert any("uvicorn" in " ".join(c.cmdline()) for c in children), "no Prefect temporary server seen"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=180) == 128 + signal.SIGTERM, log.read_text()[-6000:]
+        assert proc.wait(timeout=180) == 128 + signal.SIGTERM, (tmp_path / "term.log").read_text()[-6000:]
         _, alive = psutil.wait_procs(children, timeout=60)
         assert not alive, f"left running after SIGTERM: {[' '.join(p.cmdline())[:120] for p in alive]}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id], "tags.`ratchet.run_id` = 'term'")
     assert runs and all(r.info.status == "FAILED" for r in runs), [(r.data.tags.get("kind"), r.info.status) for r in runs]
     assert not (tmp_path / "runs" / "term" / "round-00" / "round.done").exists()
+
+    proc, children = _start_and_wait_for_generation(cfg, tmp_path, tmp_path / "kill.log")  # resumes the run
+    try:
+        [loop] = [c for c in children if c.ppid() == proc.pid]
+        loop.kill()
+        assert proc.wait(timeout=60) == 128 + signal.SIGKILL
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running after the loop was killed: {[' '.join(p.cmdline())[:120] for p in alive]}"
+        assert "out-of-memory killer" in (tmp_path / "kill.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

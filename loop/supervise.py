@@ -1,0 +1,61 @@
+"""Run a long command (`ratchet run`, `ratchet eval`) in a child process and clean up after it.
+
+vLLM's engine processes and Prefect's temporary server outlive a parent that is killed outright: an
+out-of-memory-killed loop left vLLM's EngineCore and Worker running here, holding 5 GB and a core. So the
+command's own process only supervises: it is a Linux child subreaper (orphans of the loop become its
+children), and once the loop process has exited, whatever is left is stopped. When the loop was killed by
+SIGKILL, the usual reason (the OOM killer) and how to resume are printed.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+
+SUPERVISED_ENV = "RATCHET_SUPERVISED"
+_PR_SET_CHILD_SUBREAPER = 36
+
+KILLED_HINT = (
+    "the loop process was killed by SIGKILL; on Linux that is usually the out-of-memory killer (`dmesg | grep -i "
+    "oom` shows it). Completed stages are kept: rerun the same command to resume. To use less memory, halve "
+    "train.per_device_batch_size and double train.grad_accumulation, or lower engine.kv_cache_memory_bytes (a run "
+    "may resume with these changed).")
+
+
+def is_supervised() -> bool:
+    return os.environ.get(SUPERVISED_ENV) == "1"
+
+
+def run_supervised(argv: list[str]) -> int:
+    """Run `argv` (which must see `is_supervised()`), forward SIGTERM to it, stop what it leaves; its exit code."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # Same process group: Ctrl-C in a terminal and a kill of the whole group reach the loop directly, so
+    # SIGINT is left to it; a SIGTERM sent to this process alone (a scheduler, `kill PID`) is passed on.
+    child = subprocess.Popen(argv, env={**os.environ, SUPERVISED_ENV: "1"})
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rc = child.wait()
+    stop_descendants()
+    if rc == -signal.SIGKILL:
+        print(f"error: {KILLED_HINT}", file=sys.stderr)
+    return 128 - rc if rc < 0 else rc
+
+
+def stop_descendants(grace_s: float = 10.0) -> None:
+    left = psutil.Process().children(recursive=True)
+    for p in left:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
