@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loop.models import resolve_model  # noqa: E402
 from loop.pairs import PreferencePair  # noqa: E402
 from loop.records import Segment, Trajectory  # noqa: E402
-from loop.train import TrainConfig, train_round  # noqa: E402
+from loop.train import TrainConfig, _use_bf16, train_round  # noqa: E402
 
 
 def synthetic_pairs(n: int, prompt_len: int, completion_len: int, obs_frac: float, vocab: int,
@@ -90,52 +90,62 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--dtypes", nargs="+", choices=["auto", "fp32", "bf16"], default=["auto"],
+                    help="training precisions to measure in this run (auto: TrainConfig's default for the device)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_path = Path(resolve_model(args.model).path)
     vocab = AutoConfig.from_pretrained(model_path).vocab_size
-    cfg = TrainConfig(per_device_batch_size=args.batch_size, max_length=None,
-                      gradient_checkpointing=args.gradient_checkpointing)
-    bf16 = cfg.bf16 if cfg.bf16 is not None else device == "cuda" and torch.cuda.is_bf16_supported()
-    mm_dtype = torch.bfloat16 if bf16 else torch.float32
-    mm_rate = matmul_flops(mm_dtype, device, 8192 if device == "cuda" else 2048)
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        # Warm-up round (kernel selection, allocator, lazy imports) so the measured round is steady-state.
-        train_round(model_path, synthetic_pairs(args.batch_size, 16, 16, args.obs_frac, vocab), cfg,
-                    out_dir=Path(tmp) / "warmup")
-        for length in args.lengths:
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            pairs = synthetic_pairs(args.pairs, args.prompt_len, length, args.obs_frac, vocab)
-            res = train_round(model_path, pairs, cfg, out_dir=Path(tmp) / f"len{length}")
-            m = res.metrics
-            seconds, tokens = m["train/time_s"], m["train/tokens"]
-            achieved = model_flops_per_token(model_path, (args.prompt_len + length) // 2) * tokens / seconds
-            rows.append({"completion_len": length, "prompt_len": args.prompt_len, "pairs": args.pairs,
-                         "steps": m["train/steps"], "seconds": seconds, "pairs_per_s": args.pairs / seconds,
-                         "tokens_per_s": tokens / seconds, "model_tokens": m["train/model_tokens"],
-                         "peak_mem_gib": peak_memory_gib(device), "model_tflops": achieved / 1e12,
-                         "mfu_vs_matmul": achieved / mm_rate})
+    rows, rates = [], {}
+    for dtype in args.dtypes:
+        cfg = TrainConfig(per_device_batch_size=args.batch_size, max_length=None,
+                          gradient_checkpointing=args.gradient_checkpointing,
+                          bf16={"auto": None, "fp32": False, "bf16": True}[dtype])
+        bf16 = _use_bf16(cfg)
+        mm_dtype = torch.bfloat16 if bf16 else torch.float32
+        name = str(mm_dtype).split(".")[-1]
+        rates[name] = mm_rate = matmul_flops(mm_dtype, device, 8192 if device == "cuda" else 2048)
+        with tempfile.TemporaryDirectory() as tmp:
+            # Warm-up round (kernel selection, allocator, lazy imports) so the measured round is steady-state.
+            train_round(model_path, synthetic_pairs(args.batch_size, 16, 16, args.obs_frac, vocab), cfg,
+                        out_dir=Path(tmp) / "warmup")
+            for length in args.lengths:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                pairs = synthetic_pairs(args.pairs, args.prompt_len, length, args.obs_frac, vocab)
+                res = train_round(model_path, pairs, cfg, out_dir=Path(tmp) / f"len{length}")
+                m = res.metrics
+                seconds, tokens = m["train/time_s"], m["train/tokens"]
+                achieved = model_flops_per_token(model_path, (args.prompt_len + length) // 2) * tokens / seconds
+                rows.append({"dtype": name, "completion_len": length, "prompt_len": args.prompt_len,
+                             "pairs": args.pairs, "steps": m["train/steps"], "seconds": seconds,
+                             "pairs_per_s": args.pairs / seconds, "tokens_per_s": tokens / seconds,
+                             "model_tokens": m["train/model_tokens"], "loss": m["train/loss"],
+                             "peak_mem_gib": peak_memory_gib(device), "model_tflops": achieved / 1e12,
+                             "mfu_vs_matmul": achieved / mm_rate})
 
     meta = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-            or platform.machine(), "threads": torch.get_num_threads(), "dtype": str(mm_dtype).split(".")[-1],
-            "matmul_tflops": mm_rate / 1e12, "batch_size": args.batch_size, "obs_frac": args.obs_frac,
+            or platform.machine(), "threads": torch.get_num_threads(),
+            "matmul_tflops": {k: v / 1e12 for k, v in rates.items()}, "batch_size": args.batch_size, "obs_frac": args.obs_frac,
             "gradient_checkpointing": args.gradient_checkpointing, "memory": "cuda max allocated" if device == "cuda"
             else "process max RSS"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
-    print(f"{meta['model']} on {meta['device']} ({device}, {meta['threads']} threads, {meta['dtype']}); "
-          f"measured matmul {meta['matmul_tflops']:.3f} TFLOP/s")
-    head = ["completion_len", "steps", "seconds", "pairs_per_s", "tokens_per_s", "peak_mem_gib", "model_tflops",
+    print(f"{meta['model']} on {meta['device']} ({device}, {meta['threads']} threads); measured matmul TFLOP/s: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in meta["matmul_tflops"].items()))
+    head = ["dtype", "completion_len", "steps", "seconds", "pairs_per_s", "tokens_per_s", "peak_mem_gib", "model_tflops",
             "mfu_vs_matmul"]
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in head))
+    by = {(r["dtype"], r["completion_len"]): r for r in rows}
+    for length in args.lengths:
+        if ("bfloat16", length) in by and ("float32", length) in by:
+            print(f"completion {length}: bf16 / fp32 training tokens/s = "
+                  f"{by['bfloat16', length]['tokens_per_s'] / by['float32', length]['tokens_per_s']:.2f}x")
     print(f"wrote {args.out}")
 
 
