@@ -264,7 +264,8 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
                       # Every step is logged (and checked by the guard); NaNs must reach the log unfiltered.
                       logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none",
                       disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
-                      dataloader_pin_memory=torch.cuda.is_available())
+                      dataloader_pin_memory=torch.cuda.is_available(),
+                      use_cpu=not torch.cuda.is_available())  # without it transformers refuses bf16 on CPU
         if cfg.algorithm == "dpo":
             losses, weights = [cfg.loss], [1.0]
             if cfg.nll_coef:
