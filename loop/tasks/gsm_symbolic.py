@@ -119,6 +119,13 @@ def generate_variants(template: Any, n: int, rng: random.Random) -> list[tuple[s
     return out
 
 
+def template_of(task_id: str) -> str | None:
+    """The template a gsm-symbolic task was made from ('gsm-symbolic/0042/v003' -> 'gsm-symbolic/0042'), the
+    cluster its variants share in loop/stats.py; None for a task of another family."""
+    parts = task_id.split("/")
+    return f"{FAMILY}/{parts[1]}" if len(parts) == 3 and parts[0] == FAMILY else None
+
+
 def _task(template: int, tag: str, question: str, solution: str, instruction: str | None) -> Task:
     where = f"gsm-symbolic template {template:04d} ({tag})"
     return Task(id=f"{FAMILY}/{template:04d}/{tag}", prompt=render_prompt(question, FAMILY, "math", instruction),
