@@ -29,6 +29,7 @@ from loop.models import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, save_pairs
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
+from loop.stats import detectable_change_note, format_change, format_estimate, round_statistics_from_dirs
 from loop.tasks import check_disjoint, load_tasks
 from loop.tasks.base import Task
 from loop.tracking import Tracker, git_commit
@@ -105,16 +106,50 @@ def log_round(tracker: Tracker, r: int, metrics: dict[str, float], rd: Path, ada
     return tracker.log_round(r, metrics, artifacts, adapter)
 
 
+def _accuracies(rows: list[dict[str, Any]]) -> list[str]:
+    """pass@k (every k), maj@k (every k) and greedy_acc as logged (eval/...), in that order."""
+    names = {k[len("eval/"):] for r in rows for k in r
+             if k.startswith(("eval/pass@", "eval/maj@")) and k.split("@", 1)[1].isdigit()}
+    ordered = sorted(names, key=lambda s: (s.split("@")[0] != "pass", int(s.split("@")[1])))
+    return ordered + (["greedy_acc"] if any("eval/greedy_acc" in r for r in rows) else [])
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    keys = ["round"] + [k for k in ("eval/pass@1", "eval/greedy_acc", "eval/pass@max", "pairs/pairs",
-                                    "train/loss", "time/stages_s") if any(k in r for r in rows)]
-    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    body = "".join("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |\n" for r in rows)
-    return head + body
+    """Markdown: every accuracy as mean ± SE per round, then the paired changes against round 0 and the
+    previous round with their 95% intervals and p-values."""
+    names = _accuracies(rows)
+    keys = [k for k in ("pairs/pairs", "train/loss", "time/stages_s") if any(k in r for r in rows)]
+    cols = ["round"] + [f"{n} (± SE)" for n in names] + keys
+    out = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    for r in rows:
+        cells = [str(r["round"])] + [_est(r, n) for n in names] + [_fmt(r.get(k)) for k in keys]
+        out += "| " + " | ".join(cells) + " |\n"
+    changes = [(r["round"], n, vs) for r in rows for n in names for vs in ("vs_round0", "vs_prev")
+               if f"{vs}/{n}" in r]
+    if changes:
+        by_round = {r["round"]: r for r in rows}
+        out += ("\nPaired changes over the same problems (95% interval; 'within noise' when it holds 0):\n\n"
+                "| round | metric | vs round 0 | p | vs previous round | p |\n|---|---|---|---|---|---|\n")
+        for rnd, n in dict.fromkeys((rnd, n) for rnd, n, _ in changes):
+            r = by_round[rnd]
+            cells = [str(rnd), n]
+            for vs in ("vs_round0", "vs_prev"):
+                cells += [format_change(r.get(f"{vs}/{n}"), r.get(f"{vs}/{n}_low"), r.get(f"{vs}/{n}_high")),
+                          _fmt_p(r.get(f"{vs}/{n}_p"))]
+            out += "| " + " | ".join(cells) + " |\n"
+    return out
+
+
+def _est(r: dict[str, Any], name: str) -> str:
+    return "" if r.get(f"eval/{name}") is None else format_estimate(r[f"eval/{name}"], r.get(f"eval/{name}_se"))
 
 
 def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _fmt_p(v: float | None) -> str:
+    return "" if v is None else f"{v:.2g}"
 
 
 @flow(name="self-improve", log_prints=True)
@@ -165,6 +200,8 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     run.save_config(config_dict)
     tracker.log_config(config_dict, model.provenance)
     logger.info(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment})")
+    if len(eval_tasks) >= 2:  # before vLLM starts: size the evaluation first
+        logger.info(detectable_change_note(len(eval_tasks), cfg.eval.sampling.n))
     policy = Policy(model.path, cfg.engine)
     return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, policy)
 
@@ -207,6 +244,8 @@ def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
     if not run.done(r, "log"):
         t0 = time.perf_counter()
         m["time/stages_s"] = sum(v for k, v in m.items() if k.startswith("time/") and k != "time/stages_s")
+        # Intervals of every accuracy, and paired changes against round 0 and the previous round (loop/stats.py).
+        m.update(round_statistics_from_dirs(rd, *((run.round(0), run.round(r - 1)) if r > 0 else (None, None))))
         write_json(rd / "metrics.json", m)
         log_round(lp.tracker, r, m, rd, rd / "adapter" if (rd / "adapter").is_dir() else None)
         create_markdown_artifact(key=f"round-{r}", markdown=_table([{"round": r, **m}]),

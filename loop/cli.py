@@ -58,17 +58,52 @@ def _load(config: Path, **overrides):
         _fail(str(e))
 
 
+def _accuracy_columns(rows: list[dict]) -> list[str]:
+    """greedy_acc, pass@k (every k) and the largest maj@k, as logged under eval/."""
+    def ks(prefix: str) -> list[int]:
+        return sorted({int(k[len(prefix):]) for r in rows for k in r
+                       if k.startswith(prefix) and k[len(prefix):].isdigit()})
+    majs = ks("eval/maj@")
+    return (["eval/greedy_acc"] + [f"eval/pass@{k}" for k in ks("eval/pass@")]
+            + ([f"eval/maj@{majs[-1]}"] if majs else []))
+
+
 def rounds_table(rows: list[dict]) -> Table:
-    t = Table(title="rounds (held-out evaluation)")
-    pass_keys = sorted({k for r in rows for k in r if k.startswith("eval/pass@") and k[10:].isdigit()},
-                       key=lambda k: int(k[10:]))
-    cols = ["eval/greedy_acc", *pass_keys, "eval/distinct_answers", "pairs/pairs", "train/loss", "time/stages_s"]
-    cols = [c for c in cols if any(c in r for r in rows)]
+    """Per round: every accuracy as mean ± standard error over problems, pairs, loss, time."""
+    from loop.stats import format_estimate
+
+    t = Table(title="rounds (held-out evaluation; accuracies: mean ± standard error over problems)")
+    acc = [c for c in _accuracy_columns(rows) if any(c in r for r in rows)]
+    other = [c for c in ("eval/distinct_answers", "pairs/pairs", "train/loss", "time/stages_s")
+             if any(c in r for r in rows)]
     t.add_column("round")
-    for c in cols:
+    for c in acc + other:
         t.add_column(c.split("/", 1)[1], justify="right")
     for r in rows:
-        t.add_row(str(r["round"]), *[_fmt(r.get(c)) for c in cols])
+        cells = [format_estimate(r.get(c), r.get(f"{c}_se")) for c in acc] + [_fmt(r.get(c)) for c in other]
+        t.add_row(str(r["round"]), *cells)
+    return t
+
+
+def changes_table(rows: list[dict]) -> Table | None:
+    """Per later round and accuracy: the paired change against round 0 and the previous round, with its 95%
+    interval and p-value; None when no round has one."""
+    from loop.stats import format_change
+
+    acc = [c.split("/", 1)[1] for c in _accuracy_columns(rows)]
+    found = [(r, m) for r in rows for m in acc if f"vs_round0/{m}" in r or f"vs_prev/{m}" in r]
+    if not found:
+        return None
+    t = Table(title="paired change over the same problems [95% interval] (within noise: the interval holds 0)")
+    for c in ("round", "metric", "vs round 0", "p", "vs previous round", "p"):
+        t.add_column(c, justify="left" if c in ("round", "metric") else "right")
+    for r, m in found:
+        cells = []
+        for vs in ("vs_round0", "vs_prev"):
+            cells.append(format_change(r.get(f"{vs}/{m}"), r.get(f"{vs}/{m}_low"), r.get(f"{vs}/{m}_high")))
+            p = r.get(f"{vs}/{m}_p")
+            cells.append("-" if p is None else f"{p:.2g}")
+        t.add_row(str(r["round"]), m, *cells)
     return t
 
 
@@ -92,6 +127,9 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (se
     rows = self_improve(str(config), rounds=rounds, run_id=run_id)
     if rows:
         console.print(rounds_table(rows))
+        changes = changes_table(rows)
+        if changes is not None:
+            console.print(changes)
 
 
 @app.command()
@@ -134,9 +172,13 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
     from loop.evaluate import evaluate_policy
     from loop.generate import Policy
     from loop.models import resolve_model
+    from loop.rundir import read_jsonl, write_json
+    from loop.stats import detectable_change_note, format_estimate, round_statistics
     from loop.tasks import load_tasks
 
     tasks = load_tasks(cfg.eval.tasks)
+    if len(tasks) >= 2:  # before vLLM starts: size the evaluation first
+        console.print(detectable_change_note(len(tasks), cfg.eval.sampling.n))
     model = resolve_model(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     policy = Policy(model.path, cfg.engine)
@@ -147,11 +189,21 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
                                   adapter_id=1 if adapter else None)
     finally:
         policy.close()
-    t = Table(title=f"{cfg.model} on {cfg.eval.tasks.family} ({len(tasks)} prompts, n={cfg.eval.sampling.n})")
+    stats = round_statistics(list(read_jsonl(out / "eval_per_prompt.jsonl")))
+    summary.update(stats)
+    write_json(out / "eval_summary.json", summary)
+    t = Table(title=f"{cfg.model} on {cfg.eval.tasks.family} ({len(tasks)} prompts, n={cfg.eval.sampling.n}; "
+                    f"accuracies: mean ± standard error over problems [95% interval])")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in summary.items():
-        t.add_row(k.removeprefix("eval/"), _fmt(v))
+        if k in stats and k != "eval/num_clusters":
+            continue
+        if f"{k}_se" in stats:
+            t.add_row(k.removeprefix("eval/"), f"{format_estimate(v, stats[f'{k}_se'])} "
+                                               f"[{stats[f'{k}_low']:.3f}, {stats[f'{k}_high']:.3f}]")
+        else:
+            t.add_row(k.removeprefix("eval/"), _fmt(v))
     console.print(t)
     console.print(f"samples and summary written to {out}/")
 

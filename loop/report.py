@@ -7,7 +7,10 @@ while pass@k at large k, the set of problems the model can solve at all, stays f
 the Base Model?"). The figures here show that from what the loop logs: the parent run's metric
 histories (one step per round) and each round's eval_per_prompt.jsonl / eval_samples.jsonl artifacts.
 
-Each plot function takes a LoopData and returns a matplotlib Figure; `save_figure` writes it as PNG.
+Each plot function takes a LoopData and returns a matplotlib Figure; `save_figure` writes it as PNG. Every
+accuracy drawn carries its 95% interval (bands or error bars), and every difference to round 0 its paired 95%
+interval, recomputed with loop/stats.py from the per-problem rows (so loops logged before the statistics
+existed get them too; `cross_check` compares them with the logged ones where those exist).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
+from loop import stats
 from loop.metrics import normalize_answer
 from loop.tracking import RUN_ID_TAG, ROUND_TAG, TrackingConfig, resolve_uri
 
@@ -229,15 +233,94 @@ def breakdown(per_prompt: pd.DataFrame, by: str) -> pd.DataFrame:
     df = per_prompt.assign(group=per_prompt[by].fillna("(none)").astype(str), solved=per_prompt["correct"] > 0)
     out = df.groupby(["group", "round"]).agg(prompts=("task_id", "size"), pass_at_1=("pass@1", "mean"),
                                              pass_at_max=(f"pass@{kmax}", "mean"), solved=("solved", "mean"))
+    for col, field in (("pass_at_1", "pass@1"), ("pass_at_max", f"pass@{kmax}"), ("solved", "solved")):
+        bounds = {key: _group_interval(sub, field) for key, sub in df.groupby(["group", "round"])}
+        out[f"{col}_low"] = [bounds[key][0] for key in out.index]
+        out[f"{col}_high"] = [bounds[key][1] for key in out.index]
     out.attrs["kmax"] = kmax
     return out
+
+
+def _group_interval(sub: pd.DataFrame, field: str) -> tuple[float, float]:
+    """95% interval of a group's mean of `field` (loop.stats.estimate, clustered as the loop clusters)."""
+    clusters = stats.problem_clusters(sub[["task_id"]].to_dict("records"))
+    e = stats.estimate(sub[field].astype(float).to_numpy(), [clusters[t] for t in sub["task_id"]])
+    return e.low, e.high
+
+
+def _round_rows(per_prompt: pd.DataFrame, rnd: int) -> list[dict]:
+    """One round's per-prompt rows as the loop wrote them (NaN back to None)."""
+    sub = per_prompt[per_prompt["round"] == rnd]
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+            for r in sub.drop(columns="round").to_dict("records")]
+
+
+def round_stats(per_prompt: pd.DataFrame, base: int = 0) -> pd.DataFrame:
+    """Per round (index): for every accuracy M, 'eval/M' (mean over problems) and loop.stats.round_statistics'
+    'eval/M_se', 'eval/M_low', 'eval/M_high', 'vs_round0/M[_low|_high|_p]' (against `base`) and
+    'vs_prev/M[...]', recomputed from the per-prompt rows; plus 'solved' (the share of problems solved at
+    least once) with 'solved_se', 'solved_low', 'solved_high', and its change 'vs_round0/solved[...]'."""
+    rounds = sorted(int(r) for r in per_prompt["round"].unique())
+    rows = {r: _round_rows(per_prompt, r) for r in rounds}
+    out: dict[int, dict[str, float]] = {}
+    for i, r in enumerate(rounds):
+        st = stats.round_statistics(rows[r], base=rows[base] if r != base and base in rows else None,
+                                    prev=rows[rounds[i - 1]] if i > 0 else None)
+        for name in stats.accuracy_names(rows[r]):
+            field = "greedy_correct" if name == "greedy_acc" else name
+            st[f"eval/{name}"] = float(np.mean([x[field] for x in rows[r] if x.get(field) is not None]))
+        clusters = stats.problem_clusters(rows[r])
+        solved = {x["task_id"]: float(x["correct"] > 0) for x in rows[r]}
+        e = stats.estimate(list(solved.values()), [clusters[t] for t in solved])
+        st.update({"solved": e.mean, "solved_se": e.se, "solved_low": e.low, "solved_high": e.high})
+        if r != base and base in rows:
+            before = {x["task_id"]: float(x["correct"] > 0) for x in rows[base]}
+            common = [t for t in solved if t in before]
+            if common:
+                ch = stats.paired_change([before[t] for t in common], [solved[t] for t in common],
+                                         [clusters[t] for t in common])
+                st.update({"vs_round0/solved": ch.delta, "vs_round0/solved_low": ch.low,
+                           "vs_round0/solved_high": ch.high, "vs_round0/solved_p": ch.p_value})
+        out[r] = st
+    df = pd.DataFrame.from_dict(out, orient="index").sort_index()
+    df.index.name = "round"
+    return df
+
+
+def change_table(data: LoopData, metrics: list[str] | None = None) -> pd.DataFrame:
+    """Per later round and accuracy (default: pass@1, pass@max, the largest maj@k, greedy): the paired change
+    against round 0 and the previous round, with 95% intervals, p-values and 'up' / 'down' / 'within noise'."""
+    st = round_stats(data.per_prompt)
+    if metrics is None:
+        names = stats.accuracy_names(_round_rows(data.per_prompt, data.rounds[0]))
+        passes = [n for n in names if n.startswith("pass@")]
+        majs = [n for n in names if n.startswith("maj@")]
+        metrics = passes[:1] + passes[-1:] + majs[-1:] + [n for n in names if n == "greedy_acc"]
+        metrics = list(dict.fromkeys(metrics))
+    rows = []
+    for rnd in st.index:
+        for m in metrics:
+            row = {"round": rnd, "metric": m, "value": st.loc[rnd].get(f"eval/{m}")}
+            for vs, label in (("vs_round0", "vs round 0"), ("vs_prev", "vs previous")):
+                delta = st.loc[rnd].get(f"{vs}/{m}")
+                if delta is None or pd.isna(delta):
+                    continue
+                low, high = st.loc[rnd, f"{vs}/{m}_low"], st.loc[rnd, f"{vs}/{m}_high"]
+                row[label] = stats.format_change(delta, low, high)
+                row[f"p ({label})"] = st.loc[rnd, f"{vs}/{m}_p"]
+            if len(row) > 3:
+                rows.append(row)
+    return pd.DataFrame(rows).set_index(["round", "metric"]) if rows else pd.DataFrame()
 
 
 def summary_table(data: LoopData) -> pd.DataFrame:
     """The headline numbers per round, for a quick look."""
     table = pass_at_k_table(data.metrics)
     kmax = int(table.columns[-1])
-    out = pd.DataFrame({"pass@1": table[1], f"pass@{kmax}": table[kmax]})
+    st = round_stats(data.per_prompt)
+    out = pd.DataFrame({"pass@1": table[1], "pass@1 low": st["eval/pass@1_low"], "pass@1 high": st["eval/pass@1_high"],
+                        f"pass@{kmax}": table[kmax], f"pass@{kmax} low": st.get(f"eval/pass@{kmax}_low"),
+                        f"pass@{kmax} high": st.get(f"eval/pass@{kmax}_high")})
     for key, name in (("eval/greedy_acc", "greedy_acc"), ("eval/distinct_answers", "distinct_answers"),
                       ("eval/nll_per_token", "nll_per_token"), ("eval/response_tokens", "response_tokens"),
                       ("pairs/pairs", "pairs")):
@@ -268,17 +351,38 @@ def _missing(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"{what}\nnot logged", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
+def _bounds(st: pd.DataFrame, rounds, key: str, values) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of `key` in round_stats for `rounds`; the values themselves (no bar) where missing."""
+    vals = np.asarray(values, dtype=float)
+    def col(name: str) -> np.ndarray:
+        return st[name].reindex(rounds).to_numpy(dtype=float) if name in st else np.full(len(vals), np.nan)
+    low, high = col(f"{key}_low"), col(f"{key}_high")
+    return np.where(np.isnan(low), vals, low), np.where(np.isnan(high), vals, high)
+
+
+def _band(ax, xs, st: pd.DataFrame, rnd: int, keys: list[str], color) -> None:
+    """A shaded 95% band over xs from round_stats' '<key>_low' / '<key>_high' of round `rnd`."""
+    if rnd not in st.index or not all(f"{k}_low" in st for k in keys):
+        return
+    low = st.loc[rnd, [f"{k}_low" for k in keys]].to_numpy(dtype=float)
+    high = st.loc[rnd, [f"{k}_high" for k in keys]].to_numpy(dtype=float)
+    ax.fill_between(xs, low, high, color=color, alpha=0.12, lw=0)
+
+
 def plot_pass_at_k(data: LoopData) -> Figure:
     """pass@k against k (log2) per round, and each round's difference to round 0."""
     table = pass_at_k_table(data.metrics)
+    st = round_stats(data.per_prompt)
     colors = _round_colors(data.rounds)
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.5))
     ks = table.columns.to_numpy()
     for rnd in table.index:
         style = dict(color=colors[rnd], marker="o", lw=2 if rnd == 0 else 1.5, ls="--" if rnd == 0 else "-")
         ax.plot(ks, table.loc[rnd], label=f"round {rnd}", **style)
+        _band(ax, ks, st, rnd, [f"eval/pass@{k}" for k in ks], colors[rnd])
         if rnd != 0 and 0 in table.index:
             dx.plot(ks, table.loc[rnd] - table.loc[0], label=f"round {rnd}", **style)
+            _band(dx, ks, st, rnd, [f"vs_round0/pass@{k}" for k in ks], colors[rnd])
     crossings = crossover_k(table) if 0 in table.index else {}
     for rnd, k in crossings.items():
         if k is not None:
@@ -288,11 +392,11 @@ def plot_pass_at_k(data: LoopData) -> Figure:
         a.set_xticks(ks, [str(k) for k in ks])
         a.set_xlabel("k (samples per problem)")
         a.grid(alpha=0.3)
-    ax.set_ylabel("pass@k")
+    ax.set_ylabel("pass@k (band: 95% interval)")
     ax.set_title("pass@k per round")
     ax.legend()
     dx.axhline(0, color="black", lw=1)
-    dx.set_ylabel("pass@k(round) − pass@k(round 0)")
+    dx.set_ylabel("pass@k(round) − pass@k(round 0) (band: paired 95% interval)")
     dx.set_title("difference to the base model (× : below it from here on)")
     if 0 not in table.index:
         _missing(dx, "round 0")
@@ -303,16 +407,21 @@ def plot_pass_at_k(data: LoopData) -> Figure:
 def plot_headline(data: LoopData) -> Figure:
     """pass@1, pass@max, maj@max and greedy accuracy over rounds."""
     table = pass_at_k_table(data.metrics)
+    st = round_stats(data.per_prompt)
     kmax = int(table.columns[-1])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(table.index, table[1], "o-", label="pass@1")
-    ax.plot(table.index, table[kmax], "s-", label=f"pass@{kmax} (pass@max)")
+    lines = [("pass@1", table[1], "o-", "pass@1"), (f"pass@{kmax}", table[kmax], "s-", f"pass@{kmax} (pass@max)")]
     majs = sorted(int(m.group(1)) for c in data.metrics.columns if (m := _MAJ_KEY.match(c)))
     if majs:
-        ax.plot(data.metrics.index, data.metrics[f"eval/maj_at_{majs[-1]}"], "^--", label=f"maj@{majs[-1]}")
+        lines.append((f"maj@{majs[-1]}", data.metrics[f"eval/maj_at_{majs[-1]}"], "^--", f"maj@{majs[-1]}"))
     if "eval/greedy_acc" in data.metrics:
-        ax.plot(data.metrics.index, data.metrics["eval/greedy_acc"], "d:", label="greedy")
-    ax.set_ylabel("accuracy over evaluation problems")
+        lines.append(("greedy_acc", data.metrics["eval/greedy_acc"], "d:", "greedy"))
+    for i, (name, values, fmt, label) in enumerate(lines):
+        x = values.index.to_numpy() + 0.04 * (i - (len(lines) - 1) / 2)  # side by side, bars not on top of each other
+        low, high = _bounds(st, values.index, f"eval/{name}", values)
+        ax.errorbar(x, values.to_numpy(), yerr=[values.to_numpy() - low, high - values.to_numpy()], fmt=fmt,
+                    capsize=3, label=label)
+    ax.set_ylabel("accuracy over evaluation problems (bars: 95% interval)")
     ax.set_title("pass@1 against pass@max: sharpening or new capability?")
     _round_axis(ax, data.rounds)
     ax.legend()
@@ -362,18 +471,25 @@ def plot_coverage(data: LoopData) -> Figure:
     """Problems solved at least once per round, and those lost and gained against round 0."""
     cov = coverage(data.per_prompt)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax.plot(cov.index, cov["solved"] / cov["num_prompts"], "o-", color="black")
-    ax.set_ylabel("fraction of problems solved at least once")
+    st = round_stats(data.per_prompt)
+    frac = cov["solved"] / cov["num_prompts"]
+    low, high = _bounds(st, cov.index, "solved", frac)
+    ax.errorbar(cov.index, frac.to_numpy(), yerr=[frac.to_numpy() - low, high - frac.to_numpy()], fmt="o-",
+                color="black", capsize=3)
+    ax.set_ylabel("fraction of problems solved at least once (bars: 95% interval)")
     ax.set_title(f"coverage (n samples per problem, {cov['num_prompts'].iloc[0]} problems)")
     later = cov.drop(index=0, errors="ignore")
     bx.bar(later.index, later["gained"], color="tab:green", label="gained: never solved by round 0")
     bx.bar(later.index, -later["lost"], color="tab:red", label="lost: solved by round 0, not by this round")
     for rnd, row in later.iterrows():
-        bx.annotate(f"+{row['gained']} / −{row['lost']}", (rnd, 0), textcoords="offset points",
-                    xytext=(0, -14 if row["gained"] >= row["lost"] else 6), ha="center", fontsize=8)
+        text = f"+{row['gained']} / −{row['lost']}"
+        if "vs_round0/solved_p" in st and rnd in st.index and not pd.isna(st.loc[rnd, "vs_round0/solved_p"]):
+            text += f"\np={st.loc[rnd, 'vs_round0/solved_p']:.2g}"  # paired test of the solved share
+        bx.annotate(text, (rnd, 0), textcoords="offset points",
+                    xytext=(0, -22 if row["gained"] >= row["lost"] else 6), ha="center", fontsize=8)
     bx.axhline(0, color="black", lw=1)
     bx.set_ylabel("problems")
-    bx.set_title("against the base model")
+    bx.set_title("against the base model (p: paired test of the solved share)")
     bx.legend(fontsize=8)
     _round_axis(ax, data.rounds)
     _round_axis(bx, data.rounds)
@@ -394,10 +510,13 @@ def plot_breakdown(data: LoopData, by: str | None = None) -> Figure:
         sub = table.loc[g]
         color = cmap(0.85 * i / max(len(groups) - 1, 1))
         label = f"{g} ({int(sub['prompts'].iloc[0])})"
+        x = sub.index.to_numpy() + 0.05 * (i - (len(groups) - 1) / 2)
         for ax, col in zip(axes, ("pass_at_1", "pass_at_max", "solved")):
-            ax.plot(sub.index, sub[col], "o-", color=color, label=label)
+            lo, hi = sub[f"{col}_low"].to_numpy(), sub[f"{col}_high"].to_numpy()
+            ax.errorbar(x, sub[col].to_numpy(), yerr=[sub[col].to_numpy() - lo, hi - sub[col].to_numpy()], fmt="o-",
+                        color=color, capsize=2, label=label)
     for ax, title in zip(axes, ("pass@1", f"pass@{kmax}", "solved at least once")):
-        ax.set_title(f"{title} by {by or 'all problems'}")
+        ax.set_title(f"{title} by {by or 'all problems'} (bars: 95%)")
         ax.set_ylim(-0.05, 1.05)
         _round_axis(ax, data.rounds)
     axes[0].legend(title=f"{by or ''} (problems)", fontsize=8)
@@ -424,3 +543,15 @@ def cross_check(data: LoopData) -> None:
     if bad:
         raise ValueError(f"rounds {bad}: eval_per_prompt.jsonl gives pass@1 {recomputed[bad].tolist()}, "
                          f"the logged eval/pass_at_1 is {logged.reindex(bad).tolist()}")
+    # The intervals the loop logged (loops from before the statistics have none) must be the ones the
+    # per-prompt rows give.
+    st = round_stats(data.per_prompt)
+    for key in ("eval/pass@1_low", "eval/pass@1_high", "vs_round0/pass@1", "vs_round0/pass@1_p"):
+        logged_key = key.replace("@", "_at_")
+        if logged_key not in data.metrics or key not in st:
+            continue
+        both = pd.concat([st[key], data.metrics[logged_key]], axis=1, join="inner").dropna()
+        off = both.index[~np.isclose(both.iloc[:, 0], both.iloc[:, 1], rtol=1e-6, atol=1e-9)].tolist()
+        if off:
+            raise ValueError(f"rounds {off}: the per-prompt rows give {key} {both.loc[off].iloc[:, 0].tolist()}, "
+                             f"the logged {logged_key} is {both.loc[off].iloc[:, 1].tolist()}")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from loop import metrics, report
+from loop import metrics, report, stats
 from loop.records import Graded, Segment, Trajectory
 from loop.rundir import write_json, write_jsonl
 from loop.tasks.base import Task
@@ -81,6 +81,9 @@ def _round(tasks: list[Task], rnd: int, rd: Path) -> tuple[dict[str, float], dic
     write_jsonl(rd / "eval_samples.jsonl", (g.to_dict() for g in graded))
     write_jsonl(rd / "eval_greedy.jsonl", (g.to_dict() for g in greedy))
     write_jsonl(rd / "eval_per_prompt.jsonl", rows)
+    # As the flow does before logging: intervals and paired changes from the rounds' per-prompt rows.
+    m.update(stats.round_statistics_from_dirs(rd, rd.parent / "round-00" if rnd else None,
+                                              rd.parent / f"round-{rnd - 1:02d}" if rnd else None))
     write_json(rd / "metrics.json", m)
     return m, {p.name: p for p in sorted(rd.glob("*.json*"))}
 
@@ -133,6 +136,32 @@ def test_load_loop_reads_the_latest_loop_by_default_and_by_either_id(store):
     # Round 2 beats the base model at pass@1 but solves fewer problems at pass@8.
     assert table.loc[2, 1] > table.loc[0, 1] and table.loc[2, 8] < table.loc[0, 8]
     assert report.crossover_k(table)[2] is not None
+
+
+def test_report_draws_intervals_and_paired_changes(store):
+    from matplotlib.collections import PolyCollection
+    from matplotlib.container import ErrorbarContainer
+
+    data = report.load_loop(store["uri"], "exp", "loop-a")
+    st = report.round_stats(data.per_prompt)
+    # The logged intervals (at step = round on the parent) are the ones the per-problem artifact gives.
+    for rnd in data.rounds:
+        for key in ("eval/pass@1_low", "eval/pass@8_high", "eval/greedy_acc_se"):
+            assert data.metrics.loc[rnd, key.replace("@", "_at_")] == pytest.approx(st.loc[rnd, key])
+    for rnd in (1, 2):
+        for key in ("vs_round0/pass@1", "vs_round0/pass@1_low", "vs_round0/pass@8_p", "vs_prev/maj@8_high"):
+            assert data.metrics.loc[rnd, key.replace("@", "_at_")] == pytest.approx(st.loc[rnd, key])
+    assert pd.isna(data.metrics.loc[0].get("vs_round0/pass_at_1", float("nan")))
+    assert st.loc[2, "eval/pass@1_low"] < st.loc[2, "eval/pass@1"] < st.loc[2, "eval/pass@1_high"]
+    changes = report.change_table(data)
+    assert set(changes.index.get_level_values("metric")) == {"pass@1", "pass@8", "maj@8", "greedy_acc"}
+    assert changes.loc[(2, "pass@1"), "vs round 0"].startswith("+")
+    # Every accuracy figure carries its intervals: bands on pass@k, error bars elsewhere.
+    fig = report.plot_pass_at_k(data)
+    assert all(any(isinstance(c, PolyCollection) for c in ax.collections) for ax in fig.axes)
+    for plot, axes in ((report.plot_headline, 1), (report.plot_coverage, 1), (report.plot_breakdown, 3)):
+        fig = plot(data)
+        assert sum(any(isinstance(c, ErrorbarContainer) for c in ax.containers) for ax in fig.axes) == axes, plot
 
 
 def test_coverage_counts_lost_and_gained_problems():

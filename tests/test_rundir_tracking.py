@@ -108,3 +108,110 @@ def test_tracker_refuses_a_new_run_directory_under_a_logged_run_id(tmp_path: Pat
     data = resumed.client.get_run(old.parent_id).data
     assert data.params["train.per_device_batch_size"] == "1"  # MLflow params never change ...
     assert data.tags["resumed_with.train.per_device_batch_size"] == "2"  # ... so the new value is a tag
+
+
+# --- a round's statistics, logged ----------------------------------------------------------------
+
+
+def _per_prompt(correct: list[int], greedy: list[int], n: int = 4) -> list[dict]:
+    """eval_per_prompt.jsonl rows as loop/metrics.py writes them (the fields the statistics read)."""
+    from loop.metrics import k_values, pass_at_k
+
+    return [{"task_id": f"arith/{i}", "family": "arithmetic", "difficulty": "L1", "verifier": "math", "n": n,
+             "correct": c, **{f"pass@{k}": pass_at_k(n, c, k) for k in k_values(n)},
+             **{f"maj@{k}": pass_at_k(n, c, 1) for k in k_values(n)}, "greedy_correct": float(g)}
+            for i, (c, g) in enumerate(zip(correct, greedy))]
+
+
+# Correct samples (of 4) and greedy results of 40 held-out problems in rounds 0, 1, 2: round 2 solves more.
+ROUNDS = {
+    0: ([0, 1, 0, 0, 2, 0, 0, 1, 0, 0] * 4, [0, 1, 0, 0, 1, 0, 0, 0, 0, 0] * 4),
+    1: ([0, 1, 1, 0, 2, 0, 0, 1, 0, 1] * 4, [0, 1, 0, 0, 1, 0, 0, 1, 0, 0] * 4),
+    2: ([1, 2, 1, 0, 3, 1, 0, 2, 1, 1] * 4, [0, 1, 1, 0, 1, 0, 0, 1, 0, 1] * 4),
+}
+
+
+_LOG_ROUNDS = """
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+from flows.self_improve import Loop, _table, run_round
+from loop.rundir import RunDir
+from loop.tracking import Tracker, TrackingConfig
+
+tmp = Path(sys.argv[1])
+tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db", experiment="exp", registered_model=None),
+                  "loop", json.loads(sys.argv[2]))
+cfg = SimpleNamespace(train=SimpleNamespace(continue_adapter=True))  # what run_round reads of a finished round
+lp = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(path=None), train_tasks=[],
+          eval_tasks=[], tracker=tracker, policy=None)
+rows = [{"round": r, **run_round(lp, r, None, None)[0]} for r in range(3)]
+tracker.finish()
+(tmp / "table.md").write_text(_table(rows))
+"""
+
+
+def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
+    """The flow's log stage (flows/self_improve.run_round with the evaluations done): every accuracy's SE and
+    95% interval, and its paired change against round 0 and the previous round, land in metrics.json, on the
+    nested round run and on the parent at step=round, and in the Prefect round table; the per-problem artifact
+    recomputes them."""
+    import json
+    import os
+
+    import mlflow
+
+    from loop.rundir import write_json, write_jsonl
+    from loop.stats import paired_difference, pass_at_k_interval
+
+    run = RunDir(tmp_path / "runs", "loop")
+    for r, (correct, greedy) in ROUNDS.items():
+        rd = run.round(r)
+        write_jsonl(rd / "eval_per_prompt.jsonl", _per_prompt(correct, greedy))
+        write_json(rd / "metrics.json", {"eval/pass@1": sum(correct) / 4 / len(correct),
+                                         "eval/greedy_acc": sum(greedy) / len(greedy)})
+        for stage in ("generate", "verify", "pairs", "train", "evaluate"):
+            run.mark_done(r, stage)
+    # Prefect (tasks, artifacts) runs in a process of its own with its own temporary server and home.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    done = subprocess.run([sys.executable, "-c", _LOG_ROUNDS, str(tmp_path), json.dumps(TAGS)], env=env,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp",
+                                     registered_model=None), "loop", TAGS)
+
+    c0, c1, c2 = (ROUNDS[r][0] for r in range(3))
+    m2 = json.loads((run.round(2) / "metrics.json").read_text())
+    mean, low, high = pass_at_k_interval(c2, 4, 1)
+    assert (m2["eval/pass@1_low"], m2["eval/pass@1_high"]) == pytest.approx((low, high))
+    delta, low, high, p = paired_difference(c0, c2, 4, 1)
+    assert (m2["vs_round0/pass@1"], m2["vs_round0/pass@1_low"], m2["vs_round0/pass@1_high"],
+            m2["vs_round0/pass@1_p"]) == pytest.approx((delta, low, high, p))
+    assert low > 0 and p < 0.05  # round 2's gain is more than noise
+    assert m2["vs_prev/pass@4"] == pytest.approx(paired_difference(c1, c2, 4, 4)[0])
+    for name in ("pass@1", "pass@2", "pass@4", "maj@1", "maj@4", "greedy_acc"):
+        assert {f"eval/{name}_se", f"vs_round0/{name}", f"vs_prev/{name}_p"} <= set(m2), name
+    assert not any(k.startswith("vs_") for k in json.loads((run.round(0) / "metrics.json").read_text()))
+
+    c = tracker.client
+    history = {m.step: m.value for m in c.get_metric_history(tracker.parent_id, "vs_round0/pass_at_1")}
+    assert history == pytest.approx({1: paired_difference(c0, c1, 4, 1)[0], 2: delta})
+    lows = {m.step: m.value for m in c.get_metric_history(tracker.parent_id, "eval/pass_at_1_low")}
+    assert sorted(lows) == [0, 1, 2] and lows[2] == pytest.approx(pass_at_k_interval(c2, 4, 1)[1])
+    assert {m.step for m in c.get_metric_history(tracker.parent_id, "vs_prev/greedy_acc_p")} == {1, 2}
+    [nested] = c.search_runs([tracker.experiment_id], "tags.`round` = '2'")
+    assert nested.data.metrics["vs_round0/pass_at_1_p"] == pytest.approx(p)
+    assert nested.data.metrics["eval/maj_at_4_high"] == pytest.approx(m2["eval/maj@4_high"])
+    # The per-problem artifact (problem id, n, correct count) is enough to recompute the change.
+    base_rows, rows2 = ([json.loads(line) for line in Path(mlflow.artifacts.download_artifacts(
+        run_id=rid, artifact_path="eval_per_prompt.jsonl", dst_path=str(tmp_path / rid),
+        tracking_uri=tracker.uri)).read_text().splitlines()]
+        for rid in (c.search_runs([tracker.experiment_id], "tags.`round` = '0'")[0].info.run_id, nested.info.run_id))
+    assert [r["task_id"] for r in base_rows] == [r["task_id"] for r in rows2]
+    assert paired_difference([r["correct"] for r in base_rows], [r["correct"] for r in rows2],
+                             [r["n"] for r in rows2], 1) == pytest.approx((delta, low, high, p))
+    # The Prefect markdown artifact's table carries the intervals and the changes.
+    md = (tmp_path / "table.md").read_text()
+    assert f"{m2['eval/pass@1']:.3f} ± {m2['eval/pass@1_se']:.3f}" in md
+    assert f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]" in md and "vs round 0" in md
