@@ -77,6 +77,11 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
     assert parents[0].info.status == "FINISHED"
     history = client.get_metric_history(parents[0].info.run_id, "eval/pass_at_1")
     assert sorted({m.step for m in history}) == [0, 1, 2]
+    # Intervals every round, paired changes from round 1 on; the CLI printed the detectable change first.
+    for key, steps in (("eval/pass_at_1_low", [0, 1, 2]), ("vs_round0/pass_at_1", [1, 2]),
+                       ("vs_prev/pass_at_2_p", [1, 2])):
+        assert sorted({m.step for m in client.get_metric_history(parents[0].info.run_id, key)}) == steps, key
+    assert "Smallest change of pass@1 detectable" in out and "paired change over the same problems" in out
     assert "model.sha256" in parents[0].data.tags
     versions = client.search_model_versions("name = 'ratchet-adapter'")
     assert len(versions) == len(trained)
