@@ -1,5 +1,10 @@
 """Grade trajectories with the verifier their task names: math answers or sandboxed code tests.
 
+Only what the model wrote is graded. A math answer must be stated by the model (as in M-DPO): a number
+that appears only in a tool observation (the sandbox's ```output block) earns nothing, so the
+observation segments are removed before extraction (see model_written_text). A ```output block the
+model types itself is model text and is read as such.
+
 A verifier crash is an error, not a reward of 0: an "error" verdict stops the round (the caller sees
 which task and why), while a "timeout" is a known outcome kept out of the pairs and counted.
 """
@@ -40,15 +45,34 @@ def extract_program(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
+def model_written_text(trajectory: Trajectory) -> str:
+    """The model-written segments of `trajectory`, in order, with each run of observation segments
+    replaced by a line break: no extraction rule can see an observation, and text written before and
+    after one never fuses into a single token ("#### 4" + observation + "2" is not "#### 42")."""
+    parts: list[str] = []
+    after_observation = False
+    for segment in trajectory.segments:
+        if segment.kind == "observation":
+            after_observation = bool(parts)
+            continue
+        if segment.kind != "model":
+            raise ValueError(f"task {trajectory.task_id} sample {trajectory.sample}: unknown segment kind "
+                             f"{segment.kind!r} (expected 'model' or 'observation')")
+        if after_observation:
+            parts.append("\n")
+            after_observation = False
+        parts.append(segment.text)
+    return "".join(parts)
+
+
 def grade_trajectories(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: VerifyConfig) -> list[Graded]:
     math_idx = [i for i, t in enumerate(trajectories) if tasks[t.task_id].verifier == "math"]
     code_idx = [i for i, t in enumerate(trajectories) if tasks[t.task_id].verifier == "code"]
     out: list[Graded | None] = [None] * len(trajectories)
 
     if math_idx:
-        # The full text, observations included: a tool-integrated answer may sit only in the last
-        # ```output block.
-        items = [(trajectories[i].text, tasks[trajectories[i].task_id].answer) for i in math_idx]
+        # Model-written text only: the answer must be the model's statement, not the sandbox's print.
+        items = [(model_written_text(trajectories[i]), tasks[trajectories[i].task_id].answer) for i in math_idx]
         verdicts = math_verifier.grade_many(items, workers=cfg.workers, timeout_s=cfg.math_timeout_s,
                                             fallback_last_number=cfg.fallback_last_number)
         for i, v in zip(math_idx, verdicts):

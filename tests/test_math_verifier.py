@@ -26,10 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from loop.records import GradeStatus
+from loop.records import Graded, GradeStatus, Segment, Trajectory
+from loop.tasks.base import Task
+from loop.verify import VerifyConfig, grade_trajectories, model_written_text
 from verifiers.math import (ComparisonError, ComparisonTimeout, Verdict, extract_answer, grade, grade_many,
                             is_equivalent)
+from verifiers.math import grading as math_grading
+from verifiers.math.equivalence import judge
 from verifiers.math.extract import find_answer
+from verifiers.math.magnitude import magnitudes_apart
 from verifiers.math.normalize import strip_delimiters
 from verifiers.math.pool import WorkerCrashed, WorkerPool, default_pool
 
@@ -280,6 +285,7 @@ def test_verdict_shape_and_reason():
     with pytest.raises(dataclasses.FrozenInstanceError):
         v.status = "incorrect"
     assert set(typing.get_args(GradeStatus)) == {"correct", "incorrect", "no_answer", "timeout", "error"}
+    assert typing.get_args(math_grading.GradeStatus) == typing.get_args(GradeStatus)  # verifiers/ has its own copy
 
 
 def test_bad_input_and_bad_gold():
@@ -293,6 +299,134 @@ def test_bad_input_and_bad_gold():
     assert v.status == "error" and "gold answer" in v.reason
     with pytest.raises(ComparisonError):
         is_equivalent("x+1", r"\frac{")
+
+
+# --- held-out misses, fixed as classes ------------------------------------------------------------
+
+@pytest.mark.parametrize("completion", [
+    "Answer \\[ 9 \\]",
+    "Answer:\n\\[\n9\n\\]",
+    "Final Answer\n\\[\n9\n\\]",
+    "So the answer\n\\[\n  9\n\\]\nsince 3^2 = 9 and 10 > 9, not 10",  # prose with numbers after the display
+    "Answer \\(\n9\n\\)\nwhich checks out for all 12 cases",
+    "Answer $$\n9\n$$ and 4 others were wrong",
+    "Answer - \\[ 9 \\]",
+    "Answer \\quad $$9$$",
+])
+def test_display_math_after_the_word_answer(completion):
+    found = find_answer(completion)
+    assert (found.answer, found.rule) == ("9", "answer_phrase")
+    assert grade(completion, "9").correct
+    assert not grade(completion, "10").correct
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    (r"\varnothing", r"\emptyset", True), (r"\emptyset", r"\varnothing", True), (r"\{\}", r"\varnothing", True),
+    (r"\{ \}", r"\emptyset", True), (r"\left\{ \right\}", r"\varnothing", True), ("∅", r"\varnothing", True),
+    (r"\{\varnothing\}", r"\{\emptyset\}", True),
+    # near misses: a set holding 0, or holding the empty set, is not empty; 0 is not a set
+    (r"\varnothing", r"\{0\}", False), (r"\{0\}", r"\varnothing", False), (r"\varnothing", "0", False),
+    (r"\{\varnothing\}", r"\varnothing", False), (r"\{\{\}\}", r"\emptyset", False), (r"\varnothing", r"\{x\}", False),
+])
+def test_empty_set_spellings(pred, gold, expected):
+    assert judged(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("|3+4i|", "5", True), ("5", "|3+4i|", True), (r"\left|3-4i\right|", "5", True), (r"\lvert 3+4i \rvert", "5", True),
+    ("|4i|", "4", True), ("|3+4i|^2", "25", True), (r"|2+2i|", r"2\sqrt{2}", True), (r"\frac{1}{2}i", "0.5i", True),
+    # near misses
+    ("|3+4i|", "7", False), ("|3+4i|", "-5", False), ("|3+4i|", "5i", False), ("|3+4i|", "3+4i", False),
+    ("|3+5i|", "5", False), ("3i", "3", False), ("3+4i", "5", False),
+])
+def test_complex_modulus(pred, gold, expected):
+    assert judged(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred,gold", [
+    (r"2^{2^{100}}", "5"), (r"10^{10^{10^{10}}}", "7"), ("100000!", "5"), (r"(10^{100})!", "120"),
+    (r"-2^{2^{100}}", "5"), (r"2^{-2^{100}}", "5"), (r"2^{-2^{100}}", "0"), (r"\frac{1}{10^{10^{10}}}", "0"),
+    ("5", r"2^{2^{100}}"), (r"x = 2^{2^{100}}", "5"), (r"\sqrt{2^{2^{100}}}", "3"), (r"2^{2^{100}} + 5", "5"),
+    (r"0.5^{10^{400}}", "1"), ("1000!", "1"),
+])
+def test_huge_numbers_are_rejected_at_once_by_magnitude(pred, gold):
+    start = time.monotonic()
+    j = judge(pred, gold, timeout_s=5.0)
+    assert (j.outcome, j.how.startswith("compared by magnitude")) == ("different", True), j
+    assert time.monotonic() - start < 0.5
+    assert grade(rf"\boxed{{{pred}}}", gold, timeout_s=5.0).status == "incorrect"
+
+
+@pytest.mark.parametrize("pred,gold", [
+    # equal in value: never rejected by magnitude (the worker decides, and says equal)
+    (r"2^{2^{2}}", "16"), (r"2^{2^{2^{2}}}", "65536"), (r"2^{10}", "1024"), ("5!", "120"), (r"(2^{2})!", "24"),
+    (r"\frac{2^{100}}{2^{98}}", "4"), (r"\sqrt[3]{8}", "2"), (r"10^{-3}", "0.001"),
+])
+def test_equal_values_pass_the_magnitude_check(pred, gold):
+    assert magnitudes_apart(pred, gold) is None
+    assert judged(pred, gold) is True
+
+
+@pytest.mark.parametrize("pred,gold", [
+    # equal or possibly close in value, or outside the grammar: left to the worker, not rejected
+    (r"4^{2^{99}}", r"2^{2^{100}}"),  # the same number
+    (r"2^{2^{100}} - 2^{2^{100}} + 5", "5"),  # cancels: no term dominates
+    (r"\frac{2^{2^{100}}}{2^{2^{100}}}", "1"),
+    (r"2^{2^{100}}", r"2^{2^{100}} + 1"),  # one apart out of 10^(3.8e29): no decade between them
+    ("2^22", "5"), (r"2^{3}!", "5"), ("3!!", "5"), (r"2\pi", "5"), (r"10^{10^{10}} + x", "5"),
+    ("20", "2"),  # a factor of 10 is not "more than a decade"
+    (r"1^{10^{10^{10}}}", "1"), (r"(-2)^{10^{10^{10}}}", "1"),
+])
+def test_magnitude_check_never_rejects_what_it_cannot_prove(pred, gold):
+    assert magnitudes_apart(pred, gold) is None
+
+
+# --- grading the model's own words (tool-integrated trajectories) ---------------------------------
+
+def _trajectory(*segments: tuple[str, str]) -> Trajectory:
+    return Trajectory("t/1", 0, [1], [Segment(kind, text, [7] * max(1, len(text) // 4)) for kind, text in segments])
+
+
+def _grade_trajectories(*trajectories: Trajectory, answer: str = "42") -> list[Graded]:
+    task = Task("t/1", "What is 6*7?", "math", "t", answer=answer)
+    return grade_trajectories({task.id: task}, list(trajectories), VerifyConfig(workers=1))
+
+
+CODE = "Let me compute it.\n```python\nprint(6*7)\n```\n"
+OUTPUT = "```output\n42\n```\n"
+
+
+def test_an_answer_only_the_sandbox_printed_earns_nothing():
+    silent = _trajectory(("model", CODE), ("observation", OUTPUT))
+    vague = _trajectory(("model", CODE), ("observation", OUTPUT), ("model", "So that is the result above."))
+    printed_statement = _trajectory(("model", "```python\nprint('The answer is 42. #### 42')\n```\n"),
+                                    ("observation", "```output\nThe answer is 42. #### 42\n```\n"),
+                                    ("model", "Done."))
+    graded = _grade_trajectories(silent, vague, printed_statement)
+    assert [g.status for g in graded] == ["no_answer", "no_answer", "no_answer"], [g.reason for g in graded]
+
+
+def test_the_model_stating_the_observed_answer_is_graded():
+    stated = _trajectory(("model", CODE), ("observation", OUTPUT), ("model", "The product is 42.\n#### 42"))
+    wrong = _trajectory(("model", CODE), ("observation", OUTPUT), ("model", "#### 41"))
+    # A ```output block the model types itself is its own text, graded as such.
+    typed = _trajectory(("model", "6*7 is\n```output\n42\n```\n"))
+    graded = _grade_trajectories(stated, wrong, typed)
+    assert [g.status for g in graded] == ["correct", "incorrect", "correct"], [g.reason for g in graded]
+
+
+def test_text_around_an_observation_does_not_fuse():
+    # "#### 4" before the tool call and "2" after it are two statements, not "#### 42".
+    split = _trajectory(("model", "#### 4```python\nprint(2)\n```\n"), ("observation", "```output\n2\n```\n"),
+                        ("model", "2"))
+    assert model_written_text(split) == "#### 4```python\nprint(2)\n```\n\n2"
+    assert _grade_trajectories(split)[0].status == "incorrect"
+
+
+def test_model_written_text_keeps_consecutive_model_turns_intact():
+    t = _trajectory(("model", "The answer"), ("model", " is 42."), ("observation", OUTPUT))
+    assert model_written_text(t) == "The answer is 42."
+    assert _grade_trajectories(t)[0].status == "correct"
 
 
 # --- bounded, concurrent comparisons ---------------------------------------------------------------
@@ -337,14 +471,15 @@ def test_grade_inside_a_daemonic_process_pool():
 
 
 def test_power_tower_times_out_within_bound():
+    # "+ x": outside the magnitude check's grammar, so the tower reaches a worker, which runs out of time.
     assert grade(r"\boxed{\sqrt{4}}", "2").correct  # a warm worker: the bound below is the comparison's
     start = time.monotonic()
-    v = grade(r"\boxed{10^{10^{10^{10}}}}", "5", timeout_s=1.0)
+    v = grade(r"\boxed{10^{10^{10^{10}}} + x}", "5", timeout_s=1.0)
     elapsed = time.monotonic() - start
     assert v.status == "timeout" and not v.correct, v.reason
     assert elapsed < 4.0, elapsed
     with pytest.raises(ComparisonTimeout):
-        is_equivalent("10^{10^{10^{10}}}", "7", timeout_s=1.0)
+        is_equivalent("10^{10^{10^{10}}} + x", "7", timeout_s=1.0)
     assert grade(r"\boxed{\frac{6}{4}}", "1.5").correct  # the pool has replaced the killed worker
 
 

@@ -1,8 +1,9 @@
 """Whether two answers are the same mathematical object.
 
-Cheap, bounded decisions are made in-process (identical normalised strings, plain numbers); anything
-that needs SymPy goes to a worker process with a deadline (pool.py). Outcomes of worker comparisons
-are cached, since the n samples of a task often repeat an answer.
+Cheap, bounded decisions are made in-process (identical normalised strings, plain numbers, numbers
+provably far apart in size); anything that needs SymPy goes to a worker process with a deadline
+(pool.py). Outcomes of worker comparisons are cached, since the n samples of a task often repeat an
+answer.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
+from verifiers.math.magnitude import magnitudes_apart
 from verifiers.math.normalize import normalize_answer
 from verifiers.math.plain_numbers import compare_plain
 from verifiers.math.pool import WorkerCrashed, WorkerTimeout, default_pool
@@ -112,6 +114,10 @@ def decide_in_process(pred: str, gold: str) -> Judgement | tuple[str, str]:
     plain = compare_plain(p, g)
     if plain is not None:
         return Judgement("equal" if plain else "different", f"compared as plain numbers: {p} vs {g}")
+    # A power tower or huge factorial against a small number: provably different by size alone,
+    # decided here instead of timing out in a worker (magnitude.py only ever rejects).
+    if (apart := magnitudes_apart(p, g)) is not None:
+        return Judgement("different", f"compared by magnitude: {apart}")
     return p, g
 
 

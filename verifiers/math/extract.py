@@ -9,12 +9,14 @@ Rules (each reads the last occurrence):
   gsm8k_hashes   "#### 42" (GSM8K's format)
   boxed          \\boxed{...} / \\fbox{...} with nested braces, boxes next to each other joined
                  (\\boxed{1}\\boxed{2} -> "1,2"), and the brace-less \\boxed 5
-  answer_phrase  "The final answer is X", "Answer: X", "... answer ... is X"
+  answer_phrase  "The final answer is X", "Answer: X", "... answer ... is X", and display math
+                 right after the word ("Answer \\[ 9 \\]", also when the display spans lines)
     Of these three explicit statements the one written last wins: a model that boxes
     intermediate results and then writes "The final answer is 10455" means 10455.
   bold           "**73**": a short bold number, when there is no explicit statement
-  tool_output    the last ```output block of a tool-integrated transcript (the rules above on
-                 its text, else its last line)
+  tool_output    the last ```output block (the rules above on its text, else its last line). The
+                 loop passes only model-written text (loop/verify.py drops tool observations), so
+                 there it is a block the model typed itself: the sandbox's own output is never read
   last_math, last_number
                  lenient fallbacks for small models that never write an answer marker: the last
                  inline math ($x \\ge 5$) when nothing but prose follows it, else the last number
@@ -50,6 +52,8 @@ _LEADING_MATH = re.compile(r"\$\$(.*?)\$\$|\$((?:\\\$|[^$\n])*)\$|\\\((.*?)\\\)|
 _QUOTES = re.compile(r"^(?:\\?[\"'])+|(?:\\?[\"'])+$")  # 'is "$12$ and $13$".' quotes the answer
 _MATH_JOINER = re.compile(r"\s*(?:,\s*and|,\s*or|,|and|or)\s*")
 _SEPARATOR = re.compile(r"(?i)\b(?:is|are|be|equals)\b|:")
+# What may stand between the word "answer" and display math that states it (no sentence end).
+_LEAD = re.compile(r"^(?:\s|\*|:|[-\u2013\u2014](?=\s)|\\q?quad(?![A-Za-z])|\\[,;: ])*")
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\bI hope\b")
 _BOLD = re.compile(r"\*\*([^*\n]{1,80})\*\*")
 _BOLD_NUMBER = re.compile(r"^[-+]?\s*(?:\\\$|\$)?\s*(?:\d|\.\d|\\d?frac|\\sqrt)")
@@ -129,19 +133,28 @@ def _single_number(s: str) -> str | None:
 
 
 def _after_answer_word(text: str, pos: int) -> str | None:
-    """The answer stated after one mention of "answer", or None if this mention states none."""
-    lines = text[pos:pos + 600].split("\n")
-    sentence = lines[0]
-    if not sentence.strip(" \t*:") and len(lines) > 1:  # "**Final Answer:**\n42"
-        sentence = ":" + next((line for line in lines[1:] if line.strip()), "")
-    masked = _mask_math(sentence)
+    """The answer stated after one mention of "answer", or None if this mention states none.
+
+    Lines are found with the math masked, so display math that spans lines ("Answer:\n\\[\n9\n\\]")
+    is one piece of the sentence, not a line break that ends it."""
+    window = text[pos:pos + 600]
+    window_masked = _mask_math(window)  # same length as window: positions carry over
+    line_ends = [i for i, c in enumerate(window_masked) if c == "\n"] + [len(window)]
+    sentence, masked = window[:line_ends[0]], window_masked[:line_ends[0]]
+    if not masked.strip(" \t*:") and len(line_ends) > 1:  # "**Final Answer:**\n42"
+        for start, end in zip(line_ends, line_ends[1:]):
+            if window_masked[start + 1:end].strip():
+                sentence, masked = ":" + window[start + 1:end], ":" + window_masked[start + 1:end]
+                break
+        else:
+            sentence, masked = ":", ":"
     if end := _SENTENCE_END.search(masked):
         sentence, masked = sentence[:end.start()], masked[:end.start()]
     separators = list(_SEPARATOR.finditer(masked))
     if separators:
         rest = sentence[separators[-1].end():]
-    elif _LEADING_MATH.match(sentence.strip(" \t*")):
-        rest = sentence  # "Answer \( 9 \)"
+    elif _LEADING_MATH.match(lead_free := _LEAD.sub("", sentence)):
+        rest = lead_free  # "Answer \( 9 \)", "Answer - \[ 9 \]", "Answer \quad $$9$$"
     else:
         return None
     rest = _QUOTES.sub("", rest.strip(" \t*")).lstrip("=").strip()

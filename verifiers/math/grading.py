@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
-from loop.records import GradeStatus
 from verifiers.math.equivalence import Judgement, decide_in_process, judge, judge_in_worker
 from verifiers.math.extract import find_answer
 from verifiers.math.pool import DEFAULT_SIZE, default_pool
+
+
+# The statuses of loop.records.GradeStatus, spelled out here: verifiers/ imports nothing from loop/.
+GradeStatus = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,10 @@ _SCI_E = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
 _SCI_TIMES = re.compile(r"(?<=\d)\s*(?:\\times|\\cdot|\*|\s[x×]\s)\s*10\s*\^\s*(?:\{\s*([+-]?\d+)\s*\}|([+-]?\d+))")
 # Upright constants: math-verify's unit stripping would take a trailing "\mathrm{e}" for a unit.
 _UPRIGHT_CONSTANT = re.compile(r"\\(?:mathrm|text|operatorname)\s*\{\s*([ei])\s*\}")
+# Spellings of the empty set: \varnothing is \emptyset (the parser reads it as a symbol named
+# "varnothing"), and so are "\{\}" / "\left\{ \right\}" with any spacing inside.
+_EMPTY_SET = re.compile(r"\\varnothing(?![A-Za-z])"
+                        r"|(?:\\(?:left|bigl?|Bigl?)\s*)?\\\{\s*(?:\\(?:right|bigr?|Bigr?)\s*)?\\\}")
 _FRAC_VARIANTS = re.compile(r"\\[dtc]frac(?![A-Za-z])")
 _FRAC_DIGITS = re.compile(r"\\frac(\d)(\d)")
 _GROUPED_NUMBER = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d,])")
@@ -181,6 +185,7 @@ def normalize_answer(answer: str) -> str:
     s = _PERCENT_WORD.sub(r"\\%", s)
     s = _BARE_PERCENT.sub(r"\\%", s)
     s = _UPRIGHT_CONSTANT.sub(r"\1", s)
+    s = _EMPTY_SET.sub(r"\\emptyset", s)
     s = _FRAC_VARIANTS.sub(r"\\frac", s)
     s = _FRAC_DIGITS.sub(r"\\frac{\1}{\2}", s)
     s = _PY_POWER.sub(lambda m: f"^{{{m.group(1)}}}" if m.group(1) else "^", s)

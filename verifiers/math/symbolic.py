@@ -12,6 +12,7 @@ This module may hang or exhaust memory on hostile input (10^10^10^10): only impo
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -126,6 +127,15 @@ assert callable(getattr(mv_grader, "sympy_numeric_eq", None)), \
 mv_grader.sympy_numeric_eq = sound_numeric_eq
 
 
+# math-verify's complex_number_pattern looks for a standalone "i" (\\bi\\b), which misses an i with a
+# coefficient ("3+4i", "\\frac{1}{2}i"): |3+4i| would stay Abs(3 + 4*i) with i a real symbol, not 5.
+_COEFFICIENT_I = re.compile(r"[\d})]\s*i(?![A-Za-z])")
+
+
+def _looks_complex(text: str) -> bool:
+    return should_treat_as_complex(text) or bool(_COEFFICIENT_I.search(text))
+
+
 def _imaginary_unit(expr):
     """latex2sympy reads "3+4i" with a plain symbol i; make it the imaginary unit so (1+i)^2 = 2i."""
     if isinstance(expr, sympy.Basic):
@@ -157,7 +167,7 @@ def compare(pred: str, gold: str) -> Comparison:
     except Exception as e:  # noqa: BLE001 - an unreadable answer is a wrong answer, said so
         detail = str(e).splitlines()[0] if str(e) else ""
         return Comparison(False, f"the answer is not math the parser reads ({type(e).__name__}: {detail})")
-    if should_treat_as_complex(gold) or should_treat_as_complex(pred):
+    if _looks_complex(gold) or _looks_complex(pred):
         gold_expr, pred_expr = _imaginary_unit(gold_expr), _imaginary_unit(pred_expr)
     _gold_decimals, _pred_decimals = _as_table(written_decimals(gold)), _as_table(written_decimals(pred))
     # timeout_seconds=None: math-verify's own timeout is SIGALRM (main thread only); the worker
