@@ -10,16 +10,19 @@ Definitions:
   which c are correct, in the stable product form 1 - prod_{i=n-c+1}^{n} (1 - k/i). Reported for
   k = 1, 2, 4, ... <= n and k = n, where n is the smallest sample count over the prompts.
 - maj@k (math tasks only): the expected accuracy of a majority vote over a uniformly random k-subset
-  of the n samples, computed exactly (no sampling). Votes are the normalised extracted answers;
+  of the n samples, computed exactly (no sampling). Votes are the extracted answers, clustered by the
+  math verifier's own equivalence (answer_votes; "0.5" and "1/2" are one answer, right or wrong);
   samples without an answer abstain. All correct samples form one answer (the verifier judged them
-  equal to the gold answer, even when written differently: "0.5" and "1/2"). The vote is right when
-  the correct answer has the most votes; a tie between t answers gives 1/t (a fair coin among them);
-  a subset where every sample abstains is wrong. Code tasks have no maj@k: majority over program
-  texts is not a meaningful vote.
+  equal to the gold answer). The vote is right when the correct answer has the most votes; a tie
+  between t answers gives 1/t (a fair coin among them); a subset where every sample abstains is
+  wrong. Code tasks have no maj@k: majority over program texts is not a meaningful vote.
 - greedy_acc: the fraction of prompts whose greedy sample is correct.
 - Diversity, per prompt over its n samples, on the model-written text (tool observations excluded),
   tokenised by whitespace:
-  distinct_answers: number of distinct normalised extracted answers;
+  distinct_answers: number of distinct extracted answers; for math, answers the verifier judges
+  equivalent are one (answer_votes), for code, distinct normalised program texts;
+  answer_pairs_undecided (math): answer comparisons of the clustering that timed out or could not be
+  decided, each counted as "different" (so distinct_answers is then an upper bound);
   distinct_1..4: distinct n-grams / all n-grams, pooled over the samples (n-grams do not cross samples);
   pairwise_jaccard: mean Jaccard similarity of the word-trigram sets over all pairs of samples.
   Chosen over self-BLEU: symmetric, in [0, 1], O(length) per pair, and without BLEU's brevity and
@@ -30,17 +33,23 @@ Definitions:
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from itertools import combinations
 
 import numpy as np
 
 from loop.records import Graded
 from loop.tasks.base import Task
+from verifiers.math import clusters as math_clusters
+
+log = logging.getLogger(__name__)
 
 # --- pass@k ---------------------------------------------------------------------------------------
 
@@ -118,8 +127,9 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 
 
 def normalize_answer(answer: str) -> str:
-    """A canonical string for counting and voting: case, spacing, '$', thousands commas, trailing '.'
-    and numeric spelling ("42.0" -> "42") do not make two answers different."""
+    """A canonical string for comparing answers as text (code answers, reports): case, spacing, '$',
+    thousands commas, trailing '.' and numeric spelling ("42.0" -> "42") do not make two answers
+    different. Math votes use the verifier's equivalence instead (answer_votes)."""
     s = _WS.sub(" ", answer.strip().lower()).replace("$", "").strip().rstrip(".").strip()
     s = _THOUSANDS.sub("", s)
     try:
@@ -131,22 +141,78 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-def vote_counts(samples: Sequence[Graded]) -> tuple[int, list[int], int]:
-    """(gold, wrong answer counts, abstentions) of one prompt's samples, for maj_at_k."""
-    keys = [normalize_answer(g.extracted) if g.extracted is not None and g.status != "no_answer" else None
-            for g in samples]
-    gold_keys = {key for g, key in zip(samples, keys) if g.correct and key is not None}
-    gold = sum(1 for g, key in zip(samples, keys) if g.correct or (key is not None and key in gold_keys))
-    wrong: dict[str, int] = defaultdict(int)
-    abstain = 0
-    for g, key in zip(samples, keys):
-        if g.correct or (key is not None and key in gold_keys):
-            continue
-        if key is None:
+# Bounds of the answer clustering behind maj@k and distinct_answers (verifiers/math/clusters.py): per
+# worker comparison, and for all worker comparisons of one prompt. Most answers are plain numbers,
+# decided in-process; what runs past these bounds is counted in answer_pairs_undecided.
+ANSWER_COMPARISON_TIMEOUT_S = 2.0
+ANSWER_CLUSTERING_BUDGET_S = 20.0
+
+
+@dataclass(frozen=True)
+class AnswerVotes:
+    """One math prompt's samples as votes: the gold answer's votes, each wrong answer's votes (answers
+    clustered by the verifier's equivalence), abstentions, and the comparisons left undecided."""
+    gold: int
+    wrong: tuple[int, ...]
+    abstain: int
+    undecided: int
+
+    @property
+    def distinct(self) -> int:
+        return int(self.gold > 0) + len(self.wrong)
+
+
+def answer_votes(samples: Sequence[Graded]) -> AnswerVotes:
+    """Cluster one math prompt's extracted answers by the math verifier's equivalence.
+
+    Correct samples are one answer (the gold), however written; a sample whose answer the verifier
+    normalises to the same text as a correct one's votes for it too (a comparison that timed out once).
+    Every other answer, incorrect or timed out, is clustered with verifiers.math.cluster_answers:
+    "1/2" and "0.5" are one wrong answer, so are "x = 2" and "2". Each comparison has
+    ANSWER_COMPARISON_TIMEOUT_S and all of a prompt's share ANSWER_CLUSTERING_BUDGET_S; one that
+    times out (or errs) counts as different and is counted in `undecided`. Samples without an answer
+    abstain.
+    """
+    return _answer_votes(tuple((g.status, g.extracted) for g in samples))
+
+
+# prompt_row asks twice (votes, distinct answers), and the verifier caches no timed-out comparison.
+@lru_cache(maxsize=256)
+def _answer_votes(samples: tuple[tuple[str, str | None], ...]) -> AnswerVotes:
+    gold_keys = {math_clusters.answer_key(x) for status, x in samples if status == "correct" and x is not None}
+    gold = abstain = 0
+    others: list[str] = []
+    for status, extracted in samples:
+        if status == "correct":
+            gold += 1
+        elif extracted is None or status == "no_answer":
             abstain += 1
+        elif math_clusters.answer_key(extracted) in gold_keys:
+            gold += 1
         else:
-            wrong[key] += 1
-    return gold, list(wrong.values()), abstain
+            others.append(extracted)
+    clusters = math_clusters.cluster_answers(others, timeout_s=ANSWER_COMPARISON_TIMEOUT_S,
+                                             budget_s=ANSWER_CLUSTERING_BUDGET_S)
+    if clusters.undecided:
+        log.warning("answer clustering: %d comparison(s) undecided, counted as different answers; first: %s",
+                    clusters.undecided, clusters.notes[0])
+    return AnswerVotes(gold, tuple(Counter(clusters.labels).values()), abstain, clusters.undecided)
+
+
+def vote_counts(samples: Sequence[Graded]) -> tuple[int, list[int], int]:
+    """(gold, wrong answer counts, abstentions) of one math prompt's samples, for maj_at_k (see
+    answer_votes for how answers are clustered)."""
+    votes = answer_votes(samples)
+    return votes.gold, list(votes.wrong), votes.abstain
+
+
+def distinct_answers(task: Task, samples: Sequence[Graded]) -> float:
+    """Distinct extracted answers of one prompt: by the math verifier's equivalence for math tasks,
+    by normalised text for code (programs)."""
+    if task.verifier == "math":
+        return float(answer_votes(samples).distinct)
+    return float(len({normalize_answer(g.extracted) for g in samples
+                      if g.extracted is not None and g.status != "no_answer"}))
 
 
 # --- diversity ------------------------------------------------------------------------------------
@@ -191,8 +257,8 @@ def prompt_row(task: Task, samples: Sequence[Graded], ks: Sequence[int], greedy:
     if task.verifier == "math":
         row.update({f"maj@{k}": v for k, v in maj_at_k(*vote_counts(samples), ks).items()})
     row["greedy_correct"] = None if greedy is None else float(greedy.correct)
-    row["distinct_answers"] = float(len({normalize_answer(g.extracted) for g in samples
-                                         if g.extracted is not None and g.status != "no_answer"}))
+    row["distinct_answers"] = distinct_answers(task, samples)
+    row["answer_pairs_undecided"] = float(answer_votes(samples).undecided) if task.verifier == "math" else None
     for m in range(1, 5):
         row[f"distinct_{m}"] = distinct_n(texts, m)
     row["pairwise_jaccard"] = pairwise_jaccard(texts)

@@ -145,7 +145,7 @@ def test_evaluate_rows_and_summary():
     assert a["maj@1"] == pytest.approx(0.5)
     assert a["maj@4"] == 1.0  # gold 2 votes vs "3" 1 vote
     assert b["maj@4"] == 0.0
-    assert a["distinct_answers"] == 3.0  # "0.5", "1/2", "3"; the no-answer sample has none
+    assert a["distinct_answers"] == 2.0  # "0.5" = "1/2" (both correct: one answer), "3"; no-answer has none
     assert b["distinct_answers"] == 3.0  # 6 = 6.0, 5, 8
     assert a["nll_per_token"] == pytest.approx((1.0 + 2.0 + 0.5 + 0.5) / 4)  # 3/3, 6/3, 1/2, 1/2
     assert a["response_tokens"] == pytest.approx((3 + 3 + 2 + 2) / 4)  # observation tokens excluded
