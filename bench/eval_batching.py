@@ -36,13 +36,13 @@ def main() -> None:
     sampled, greedy = cfg.eval.sampling, cfg.eval.sampling.greedy()
     policy = Policy(resolve_model(cfg.model).path, cfg.engine)
     try:
-        policy.generate(tasks[:2], greedy.model_copy(update={"max_tokens": 8}))  # warm-up
+        policy.generate(tasks[:2], greedy.model_copy(update={"max_tokens": 8}), round=0)  # warm-up
 
         def two_calls():
-            return [policy.generate(tasks, sampled), policy.generate(tasks, greedy)]
+            return [policy.generate(tasks, sampled, round=0), policy.generate(tasks, greedy, round=0)]
 
         def one_call():
-            return policy.generate_many([(tasks, sampled), (tasks, greedy)])
+            return policy.generate_many([(tasks, sampled), (tasks, greedy)], round=0)
 
         best = {}
         print(f"{len(tasks)} tasks x (n={sampled.n} sampled + 1 greedy), max_tokens {sampled.max_tokens}, {cfg.model}")

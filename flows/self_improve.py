@@ -22,11 +22,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from loop.config import RunConfig, load_config
+from loop.config import RunConfig, check_model, load_config
 from loop.evaluate import evaluate_policy
 from loop.generate import Policy
 from loop.models import ResolvedModel, resolve_model
-from loop.pairs import build_pairs, load_pairs, save_pairs
+from loop.pairs import build_pairs, load_pairs, save_pairs, select_samples
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
 from loop.stats import detectable_change_note, format_change, format_estimate, round_statistics_from_dirs
@@ -48,15 +48,15 @@ def _load_graded(path: Path) -> list[Graded]:
 
 
 @task(name="generate", cache_policy=NONE)
-def generate(policy: Policy, tasks: list[Task], cfg: RunConfig, adapter: Path | None, adapter_id: int | None,
-             out: Path) -> dict[str, float]:
+def generate(policy: Policy, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
+             adapter_id: int | None, out: Path) -> dict[str, float]:
     t0 = time.perf_counter()
-    trajs = policy.generate(tasks, cfg.sampling, adapter=adapter, adapter_id=adapter_id)
+    trajs = policy.generate(tasks, cfg.sampling, round=r, adapter=adapter, adapter_id=adapter_id)
     dt = time.perf_counter() - t0
     write_jsonl(out, (t.to_dict() for t in trajs))
     tokens = sum(t.num_model_tokens for t in trajs)
     return {"time/generate_s": dt, "generate/samples": len(trajs), "generate/tokens": tokens,
-            "generate/tokens_per_s": tokens / dt if dt else 0.0}
+            **({"generate/tokens_per_s": tokens / dt} if dt > 0 else {})}
 
 
 @task(name="verify", cache_policy=NONE)
@@ -83,21 +83,25 @@ def pairs(cfg: RunConfig, graded_path: Path, out: Path) -> dict[str, float]:
 def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path, init_adapter: Path | None,
           out: Path) -> dict[str, float]:
     logger = get_run_logger()
-    examples = load_pairs(pairs_path)
-    if not examples and cfg.train.algorithm == "dpo":
-        logger.warning("round has no preference pairs (every prompt all-correct or all-wrong): "
-                       "skipping training; the previous adapter stays current")
+    # KTO trains on the samples pairing would use (loop.pairs.select_samples: cut-off samples, duplicates and
+    # verifier timeouts follow the same `pairs` rules), unpaired.
+    if cfg.train.algorithm == "dpo":
+        data, why = load_pairs(pairs_path), "no preference pairs (every prompt all-correct or all-wrong)"
+    else:
+        data, _ = select_samples(_load_graded(graded_path), cfg.pairs)
+        why = "no usable graded sample (all cut off, timed out or conflicting)"
+    if not data:
+        logger.warning(f"round has {why}: skipping training; the previous adapter stays current")
         return {"train/skipped": 1.0}
-    data = examples if cfg.train.algorithm == "dpo" else _load_graded(graded_path)
     t0 = time.perf_counter()
     result = train_round(model_path, data, cfg.train, init_adapter=init_adapter, out_dir=out)
     return {"time/train_s": time.perf_counter() - t0, "train/skipped": 0.0, **result.metrics}
 
 
 @task(name="evaluate", cache_policy=NONE)
-def evaluate(policy: Policy, tasks: list[Task], cfg: RunConfig, adapter: Path | None, adapter_id: int | None,
+def evaluate(policy: Policy, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None, adapter_id: int | None,
              rd: Path) -> dict[str, float]:
-    return evaluate_policy(policy, tasks, cfg.eval, cfg.verify, rd, adapter=adapter, adapter_id=adapter_id)
+    return evaluate_policy(policy, tasks, cfg.eval, cfg.verify, rd, round=r, adapter=adapter, adapter_id=adapter_id)
 
 
 @task(name="log-round", cache_policy=NONE, retries=2, retry_delay_seconds=5)
@@ -191,6 +195,7 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     config_dict = cfg.model_dump(mode="json")
     new_run = run.check_config(config_dict)
     model = resolve_model(cfg.model)
+    check_model(cfg, model.path)
     train_tasks = load_tasks(cfg.train_tasks)
     eval_tasks = load_tasks(cfg.eval.tasks)
     check_disjoint(train_tasks, eval_tasks)
@@ -230,17 +235,19 @@ def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
             timings[name] = time.perf_counter() - t0
 
     if r > 0:
-        stage("generate", generate, policy, lp.train_tasks, cfg, adapter, adapter_id, rd / "samples.jsonl")
+        stage("generate", generate, policy, lp.train_tasks, cfg, r, adapter, adapter_id, rd / "samples.jsonl")
         stage("verify", verify, lp.train_by_id, cfg, rd / "samples.jsonl", rd / "graded.jsonl")
         stage("pairs", pairs, cfg, rd / "graded.jsonl", rd / "pairs.jsonl")
-        stage("train", train, lp.model.path, cfg, rd / "pairs.jsonl", rd / "graded.jsonl",
-              adapter if cfg.train.continue_adapter else None, rd / "adapter")
+        # The current adapter: train_round starts from it (continue_adapter) and/or uses it as the reference.
+        stage("train", train, lp.model.path, cfg, rd / "pairs.jsonl", rd / "graded.jsonl", adapter, rd / "adapter")
         if (rd / "adapter").is_dir():
             adapter, adapter_id = rd / "adapter", r
             t0 = time.perf_counter()
-            policy.check_adapter_applied(adapter, adapter_id=adapter_id)
+            check = policy.check_adapter_applied(adapter, adapter_id=adapter_id)
+            m.update({"adapter_check/shift": check.shift, "adapter_check/error": check.error,
+                      "adapter_check/tolerance": check.tolerance})
             timings["check_adapter"] = time.perf_counter() - t0
-    stage("evaluate", evaluate, policy, lp.eval_tasks, cfg, adapter, adapter_id, rd)
+    stage("evaluate", evaluate, policy, lp.eval_tasks, cfg, r, adapter, adapter_id, rd)
     if not run.done(r, "log"):
         t0 = time.perf_counter()
         m["time/stages_s"] = sum(v for k, v in m.items() if k.startswith("time/") and k != "time/stages_s")

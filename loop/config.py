@@ -1,7 +1,10 @@
 """The loop's configuration: one YAML file, validated into typed models before any expensive work.
 
 Each stage owns its config model (in the stage's module); this file only composes them. Unknown or
-invalid keys are errors that name the key, where it is, and what is allowed.
+invalid keys are errors that name the key, where it is, and what is allowed. Settings of different stages that
+cannot work together are refused here too, when vLLM or peft would only refuse them after a whole round of
+sampling and grading (`RunConfig._engine_serves_training`); `check_model` adds the checks that need the model's
+weights, before the engine starts. Nothing here imports torch, vLLM or TRL.
 """
 from __future__ import annotations
 
@@ -10,12 +13,17 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loop.generate import EngineConfig, SamplingConfig
+from loop.generate import VLLM_LORA_RANKS, EngineConfig, SamplingConfig
 from loop.pairs import PairsConfig
 from loop.tasks import TaskSetConfig
 from loop.tracking import TrackingConfig
 from loop.train import TrainConfig
 from loop.verify import VerifyConfig
+from loop.weights import model_weight_shapes
+
+# Modules the loop never adapts: vLLM serves LoRA on the embeddings and the LM head only for some architectures
+# (Llama, not Qwen2, in vLLM 0.32) and refuses the adapter at load time otherwise.
+_EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out"})
 
 
 class EvalConfig(BaseModel):
@@ -56,6 +64,53 @@ class RunConfig(BaseModel):
             raise ValueError(f"eval.tasks.split must be 'eval' (got {self.eval.tasks.split!r})")
         return self
 
+    @model_validator(mode="after")
+    def _engine_serves_training(self) -> "RunConfig":
+        # What vLLM checks when it loads a round's adapter (vllm/lora/peft_helper.py, lora_model.py), which happens
+        # only after the round's sampling, grading and training.
+        rank, r = self.engine.max_lora_rank, self.train.lora_r
+        fits = [x for x in VLLM_LORA_RANKS if x >= r]
+        if rank not in VLLM_LORA_RANKS:
+            up = [x for x in fits if x >= rank] or VLLM_LORA_RANKS[-1:]
+            raise ValueError(f"engine.max_lora_rank: {rank} is not a rank vLLM accepts ({', '.join(map(str, VLLM_LORA_RANKS))}); "
+                             f"vLLM would refuse to start. Set engine.max_lora_rank: {up[0]}")
+        if rank < r:
+            fix = (f"set engine.max_lora_rank: {fits[0]} or lower train.lora_r to {rank}" if fits else
+                   f"lower train.lora_r to at most {VLLM_LORA_RANKS[-1]}")
+            raise ValueError(f"engine.max_lora_rank ({rank}) is below train.lora_r ({r}): vLLM refuses to load an adapter "
+                             f"of rank {r} (\"LoRA rank {r} is greater than max_lora_rank {rank}\"), which it would "
+                             f"only find after round 1 had sampled, graded and trained; {fix}")
+        targets = self.train.target_modules
+        if targets != "all-linear":
+            if not targets:
+                raise ValueError("train.target_modules is empty: no module would get LoRA weights; name some "
+                                 "(e.g. [q_proj, v_proj]) or use all-linear")
+            embedding = sorted(set(targets) & _EMBEDDING_MODULES)
+            if embedding:
+                raise ValueError(f"train.target_modules names {embedding}: vLLM serves LoRA on embeddings and the LM "
+                                 "head only for some architectures and refuses the adapter after round 1's training "
+                                 "otherwise; adapt linear layers only (all-linear leaves the LM head out)")
+        return self
+
+
+def check_model(cfg: RunConfig, model_path: str | Path) -> None:
+    """Checks that need the model's weights (read from the safetensors headers; no weights are loaded), for the
+    start of a loop, before the engine starts: every `train.target_modules` name is a linear layer of the model
+    (peft refuses unknown names, and vLLM serves LoRA on linear layers only). A hub id, whose weights are not on
+    disk yet, is not checked."""
+    shapes = model_weight_shapes(Path(model_path))
+    targets = cfg.train.target_modules
+    if shapes is None or targets == "all-linear":
+        return
+    linear = {name.rsplit(".", 2)[-2] for name, shape in shapes.items()
+              if name.endswith(".weight") and len(shape) == 2 and name.count(".") >= 1}
+    linear -= _EMBEDDING_MODULES
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise ConfigError(f"train.target_modules names {unknown}, which the model {model_path} has no linear layer "
+                          f"called (its linear layers: {', '.join(sorted(linear))}); peft would refuse them at the "
+                          "first training, after round 1's sampling and grading. Use some of those names or all-linear")
+
 
 class ConfigError(ValueError):
     pass
@@ -75,6 +130,8 @@ def _describe(err: ValidationError, path: Path) -> str:
                     break
             allowed = ", ".join(model.model_fields) if model else "see the docs"
             lines.append(f"  unknown key '{where}' (allowed here: {allowed})")
+        elif not e["loc"]:  # a check across sections: the message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -11,9 +11,10 @@ from loop.tasks.base import Task
 from loop.verify import VerifyConfig, grade_trajectories
 
 
-def evaluate_policy(policy: Policy, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path,
-                    adapter: Path | None = None, adapter_id: int | None = None) -> dict[str, float]:
-    """Sample, grade and score `tasks`; write eval_*.jsonl and eval_summary.json to `out_dir`.
+def evaluate_policy(policy: Policy, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path, *,
+                    round: int = 0, adapter: Path | None = None, adapter_id: int | None = None) -> dict[str, float]:
+    """Sample, grade and score `tasks`; write eval_*.jsonl and eval_summary.json to `out_dir`. `round` enters the
+    sampling seeds (loop.generate.sample_seed); a standalone evaluation (`ratchet eval`) is round 0.
 
     Returns the aggregate metrics with keys prefixed `eval/` (pass@k, maj@k, greedy_acc, diversity).
     """
@@ -21,7 +22,7 @@ def evaluate_policy(policy: Policy, tasks: list[Task], eval_cfg, verify_cfg: Ver
     by_id = {t.id: t for t in tasks}
     # The greedy decode goes through the engine with the samples, not after them (Policy.generate_many).
     jobs = [(tasks, eval_cfg.sampling)] + ([(tasks, eval_cfg.sampling.greedy())] if eval_cfg.greedy else [])
-    sampled, *greedy_run = policy.generate_many(jobs, adapter=adapter, adapter_id=adapter_id)
+    sampled, *greedy_run = policy.generate_many(jobs, round=round, adapter=adapter, adapter_id=adapter_id)
     graded = grade_trajectories(by_id, sampled, verify_cfg)
     write_jsonl(out_dir / "eval_samples.jsonl", (g.to_dict() for g in graded))
     greedy = None

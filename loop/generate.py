@@ -9,19 +9,30 @@ Tool use: when a turn ends with a complete ```python block, the code runs in tha
 `Session` (definitions persist across its cells) and the output is appended as a ```output block; the
 model then continues. All live trajectories of a round go through the engine together, turn by turn, and
 each turn's tool calls run concurrently.
+
+Seeds: every sampled request has its own seed, `sample_seed(sampling seed, round, task id, sample, turn)`, on
+every device, so the draws differ between rounds, samples and turns and do not depend on how vLLM batches the
+requests: re-running a round (a resumed run id) samples the same tokens, as far as the engine's numerics repeat
+(the same machine and vLLM build; tests/test_generate.py checks it on CPU). On CPU, chunked prefill is off: a
+seeded request whose prefill is split over steps makes vLLM rewind its generator, which CPU generators cannot do
+("CPU Generator does not use offset" kills the engine). Without chunking a prompt is prefilled in one step
+(measured on 2 cores: the same throughput, 192-200 vs 182-188 tok/s with chunking and unseeded requests).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
 
 from loop.records import Segment, Trajectory
 from loop.tasks.base import Task
+from loop.weights import model_weight_shapes, tensor_shapes
 
 TOOL_SYSTEM_PROMPT = (
     "You can run Python: write a ```python code block and stop; its printed output will be shown to you in a "
@@ -36,8 +47,9 @@ class EngineConfig(BaseModel):
     """Prompt + all turns + observations; a trajectory that would exceed it ends with finish_reason 'context'."""
     dtype: str = "bfloat16"
     seed: int = 0
+    """vLLM's engine seed (its default generator); sampled requests carry their own seeds (see SamplingConfig.seed)."""
     max_lora_rank: int = Field(16, ge=1)
-    """Must be >= the training config's lora_r."""
+    """Must be >= the training config's lora_r, and one of the ranks vLLM accepts (VLLM_LORA_RANKS)."""
     max_loras: int = Field(1, ge=1)
     kv_cache_memory_bytes: int = Field(2 << 30, ge=1 << 24)
     """KV cache size on CPU (vLLM-CPU needs it explicitly)."""
@@ -57,10 +69,7 @@ class SamplingConfig(BaseModel):
     max_tokens: int = Field(512, ge=1)
     """Per model turn."""
     seed: int = 0
-    """Per-sample seeds derive from it on GPU; on CPU the engine's seed governs sampling (see Policy). vLLM's
-    default multiprocess engine does not make repeated calls bit-identical (scheduling varies between calls);
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 does, at about a third of the throughput on 2 CPU cores (measured here:
-    41 vs 138 tok/s)."""
+    """Every sampled request's seed derives from it, the round, the task, the sample and the turn (`sample_seed`)."""
     tools: bool = False
     """Multi-turn tool-integrated reasoning: run the model's ```python blocks and show it the output."""
     max_turns: int = Field(4, ge=1)
@@ -74,6 +83,20 @@ class SamplingConfig(BaseModel):
         return self.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0})
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks, the same in vLLM 0.26 and 0.32)."""
+# The chunked-prefill token budget vLLM-CPU uses by default; without chunking it must hold a whole prompt.
+_CPU_BATCHED_TOKENS = 4096
+
+
+def sample_seed(seed: int, round: int, task_id: str, sample: int, turn: int) -> int:
+    """The seed of one sampled request: sample `sample` of task `task_id`, model turn `turn` (0 = the first) of
+    round `round`, under the sampling seed `seed`. A hash (blake2b), so it is the same in every process and on
+    every machine, and distinct for every combination; 63 bits, which vLLM's generators take as is."""
+    key = json.dumps([seed, round, task_id, sample, turn]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
 class AdapterNotApplied(RuntimeError):
     pass
 
@@ -81,16 +104,23 @@ class AdapterNotApplied(RuntimeError):
 class _Live:
     """A trajectory being generated, with its sandbox session (opened at its first tool call)."""
 
-    def __init__(self, traj: Trajectory, cfg: SamplingConfig, seed: int):
+    def __init__(self, traj: Trajectory, cfg: SamplingConfig, round: int):
         self.traj = traj
         self.cfg = cfg
-        self.seed = seed
+        self.round = round
         self.session = None
         self.turn_text = ""  # model text since the last observation
 
     @property
     def ids(self) -> list[int]:
         return self.traj.prompt_token_ids + self.traj.completion_token_ids
+
+    def seed(self) -> int | None:
+        """This request's seed: the next model turn is the trajectory's n-th model segment (greedy: none)."""
+        if self.cfg.temperature == 0:
+            return None
+        turn = sum(s.kind == "model" for s in self.traj.segments)
+        return sample_seed(self.cfg.seed, self.round, self.traj.task_id, self.traj.sample, turn)
 
 
 class Policy:
@@ -105,11 +135,10 @@ class Policy:
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode)
         else:
-            kwargs.update(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes)
-        # Per-request seeds need a generator vLLM can rewind when chunked prefill discards a sampled token;
-        # CPU generators cannot ("CPU Generator does not use offset" kills the engine), so on CPU samples draw
-        # from the engine's seeded stream (EngineConfig.seed) instead.
-        self._request_seeds = torch.cuda.is_available()
+            # Seeded requests need a generator vLLM can rewind when chunked prefill discards a sampled token; CPU
+            # generators cannot, so on CPU prompts are prefilled whole (see the module docstring).
+            kwargs.update(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(cfg.max_model_len, _CPU_BATCHED_TOKENS))
         self.model_path = str(model_path)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -139,14 +168,14 @@ class Policy:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, tasks: list[Task], cfg: SamplingConfig, adapter: Path | None = None,
+    def generate(self, tasks: list[Task], cfg: SamplingConfig, *, round: int, adapter: Path | None = None,
                  adapter_id: int | None = None) -> list[Trajectory]:
-        """n trajectories per task, in task order then sample order."""
-        [trajs] = self.generate_many([(tasks, cfg)], adapter=adapter, adapter_id=adapter_id)
+        """n trajectories per task, in task order then sample order; `round` enters every request's seed."""
+        [trajs] = self.generate_many([(tasks, cfg)], round=round, adapter=adapter, adapter_id=adapter_id)
         return trajs
 
-    def generate_many(self, jobs: list[tuple[list[Task], SamplingConfig]], adapter: Path | None = None,
-                      adapter_id: int | None = None) -> list[list[Trajectory]]:
+    def generate_many(self, jobs: list[tuple[list[Task], SamplingConfig]], *, round: int,
+                      adapter: Path | None = None, adapter_id: int | None = None) -> list[list[Trajectory]]:
         """Several `generate` calls in one pass through the engine (e.g. sampled and greedy evaluation).
 
         One batch keeps the engine full: separate calls each end in a tail where a few long answers decode
@@ -155,21 +184,21 @@ class Policy:
         sets = []
         for tasks, cfg in jobs:
             lives = []
-            for ti, task in enumerate(tasks):
+            for task in tasks:
                 ids = self.prompt_ids(task, cfg)
-                lives += [_Live(Trajectory(task.id, s, ids), cfg, cfg.seed * 1_000_003 + ti * 1009 + s)
-                          for s in range(cfg.n)]
+                lives += [_Live(Trajectory(task.id, s, ids, cumulative_logprob=0.0), cfg, round) for s in range(cfg.n)]
             sets.append(lives)
         self._run([lv for lives in sets for lv in lives], lora)
         return [[lv.traj for lv in lives] for lives in sets]
 
-    def continue_trajectories(self, trajectories: list[Trajectory], cfg: SamplingConfig, adapter: Path | None = None,
-                              adapter_id: int | None = None) -> list[Trajectory]:
+    def continue_trajectories(self, trajectories: list[Trajectory], cfg: SamplingConfig, *, round: int,
+                              adapter: Path | None = None, adapter_id: int | None = None) -> list[Trajectory]:
         """Go on from partial trajectories (e.g. a prefix ending in a ```python block, which runs first);
-        returned in the order given."""
+        returned in the order given. Each keeps its cumulative log-prob: None (a prefix not sampled here)
+        stays None."""
         live = []
-        for i, t in enumerate(trajectories):
-            lv = _Live(Trajectory.from_dict(t.to_dict()), cfg, seed=cfg.seed * 1_000_003 + i)
+        for t in trajectories:
+            lv = _Live(Trajectory.from_dict(t.to_dict()), cfg, round)
             after_obs = [s for s in lv.traj.segments[self._last_obs(lv.traj) + 1:] if s.kind == "model"]
             lv.turn_text = "".join(s.text for s in after_obs)
             live.append(lv)
@@ -185,7 +214,6 @@ class Policy:
         from vllm import SamplingParams, TokensPrompt
 
         everyone = list(live)
-        turn = 0
         try:
             # Trajectories handed in ending with a Python block run it before generating.
             calls = [(lv, code) for lv in live if lv.cfg.tools and (code := self._pending_code(lv)) is not None]
@@ -195,7 +223,6 @@ class Policy:
                     self._execute(calls)
                     live += [lv for lv, _ in calls]
                     calls = []
-                turn += 1
                 requests, params, active = [], [], []
                 for lv in live:
                     cfg = lv.cfg
@@ -205,8 +232,7 @@ class Policy:
                         continue
                     requests.append(TokensPrompt(prompt_token_ids=lv.ids))
                     params.append(SamplingParams(
-                        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget, logprobs=0,
-                        seed=lv.seed + turn if self._request_seeds and cfg.temperature > 0 else None,
+                        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget, logprobs=0, seed=lv.seed(),
                         # Stop at the end of a fenced block so a ```python cell can run before the model goes on.
                         stop=["```\n", "```output"] if cfg.tools else None,
                         include_stop_str_in_output=True))
@@ -219,8 +245,14 @@ class Policy:
                     c = out.outputs[0]
                     ids = list(c.token_ids)
                     text = self.tokenizer.decode(ids)
+                    lp = c.cumulative_logprob
+                    if lp is None or not math.isfinite(lp):
+                        raise RuntimeError(f"vLLM returned the log-prob {lp} for task {lv.traj.task_id} sample "
+                                           f"{lv.traj.sample} ({len(ids)} tokens); a sampled turn needs a finite "
+                                           "log-prob (requested with logprobs=0)")
                     lv.traj.segments.append(Segment("model", text, ids))
-                    lv.traj.cumulative_logprob += c.cumulative_logprob or 0.0
+                    if lv.traj.cumulative_logprob is not None:
+                        lv.traj.cumulative_logprob += lp
                     lv.turn_text += text
                     if c.finish_reason == "length":
                         # Cut by max_tokens, or by the context window when that was the tighter budget.
@@ -274,64 +306,192 @@ class Policy:
         return f"```output\n{body.rstrip()}\n```\n"
 
     # --- the adapter check -----------------------------------------------------------------------------
-    def check_adapter_applied(self, adapter: Path, adapter_id: int) -> float:
-        """Fail loudly if vLLM would serve the base model for this adapter; return the log-prob shift.
-
-        vLLM silently ignores adapter weights whose module names do not match the model (vllm#34186), so
-        first every adapted module must exist in the base model, then the adapter must move the prompt
-        log-probs of a fixed text (unless its B matrices are all zero, as peft initialises them).
-        """
+    def prompt_logprobs(self, token_ids: list[int], adapter: Path | None = None,
+                        adapter_id: int | None = None) -> list[float]:
+        """vLLM's log-prob of every token of `token_ids` after the ones before it (len(token_ids) - 1 values)."""
         from vllm import SamplingParams, TokensPrompt
 
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        [out] = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params,
+                                  lora_request=self._lora(adapter, adapter_id), use_tqdm=False)
+        return [pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
+    def check_adapter_applied(self, adapter: Path, adapter_id: int) -> "AdapterCheck":
+        """Stop with AdapterNotApplied unless vLLM serves `adapter` (as LoRA id `adapter_id`) as its trainer had it.
+
+        vLLM silently ignores adapter weights whose module names do not match the model (vllm#34186), so first
+        every adapted module must exist in the base model. Then the equality check: vLLM's log-probs of a probe
+        text, with and without the adapter, against the trainer's peft model on the same text (the adapter's
+        ratchet_probe.json, written by train_round from the in-memory model it saved). The adapter's shift
+        (adapter minus base, per token) must match within `adapter_tolerance`; a stale copy (vLLM still serving
+        an older adapter under this id), a partial one (weights missing) or a mis-scaled one (r or lora_alpha
+        changed in adapter_config.json after training) does not. An adapter without a record (not written by
+        the loop) is compared with peft's reading of the same folder, computed here on CPU: that catches vLLM
+        serving it wrongly, not a folder edited after training.
+        """
         adapter = Path(adapter)
         base_keys = _weight_names(Path(self.model_path))
-        lora_modules, nonzero = _adapter_modules(adapter)
+        lora_modules = _adapter_modules(adapter)
         if base_keys is not None:
             missing = sorted(m for m in lora_modules if f"{m}.weight" not in base_keys)
             if missing:
                 raise AdapterNotApplied(
                     f"adapter {adapter} targets modules the model {self.model_path} does not have "
                     f"(e.g. {missing[:3]}); vLLM would silently serve the base model. Was it trained on another model?")
-        ids = self.tokenizer("The quick brown fox jumps over the lazy dog. 12 + 30 = 42.",
-                             add_special_tokens=False)["input_ids"]
-        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
-        base, tuned = (self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=lr,
-                                         use_tqdm=False)[0].prompt_logprobs
-                       for lr in (None, self._lora(adapter, adapter_id)))
-        shift = max(abs(next(iter(a.values())).logprob - next(iter(b.values())).logprob)
-                    for a, b in zip(base[1:], tuned[1:]))
-        if shift == 0.0 and nonzero:
-            raise AdapterNotApplied(f"adapter {adapter} (LoRA id {adapter_id}) does not change vLLM's log-probs "
-                                    "although its weights are non-zero: vLLM is serving the base model")
-        return shift
+        record, reference = read_probe(adapter), "trainer"
+        if record is None:
+            ids = self.tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+            record, reference = _peft_probe(self.model_path, adapter, ids), "peft"
+        ids = record["token_ids"]
+        check = compare_probe(adapter, reference, self.prompt_logprobs(ids), self.prompt_logprobs(ids, adapter, adapter_id),
+                              record["base_logprobs"], record["adapter_logprobs"])
+        if check.noise > BASE_MISMATCH_LIMIT:
+            raise AdapterNotApplied(
+                f"adapter {adapter}: vLLM's base model {self.model_path} gives the probe text log-probs "
+                f"{check.noise:.3f} nats/token away from the model the adapter was trained on (limit "
+                f"{BASE_MISMATCH_LIMIT}); the adapter belongs to another base model")
+        if check.error > check.tolerance:
+            raise AdapterNotApplied(
+                f"adapter {adapter} (LoRA id {adapter_id}): vLLM's log-prob shift of the probe text differs from the "
+                f"{'trainer' if reference == 'trainer' else 'peft model'}'s by {check.error:.4f} nats/token, over the "
+                f"tolerance {check.tolerance:.4f} (vLLM shift {check.shift:.4f}, expected {check.expected_shift:.4f}, "
+                f"over {check.tokens} tokens). The served adapter is not the trained one: stale (vLLM still serves an "
+                "older adapter under this LoRA id), partial (weights missing from adapter_model.safetensors) or "
+                "mis-scaled (r or lora_alpha in adapter_config.json changed after training)")
+        return check
+
+
+PROBE_FILE = "ratchet_probe.json"
+"""The trainer's log-probs of a probe text, beside the adapter it wrote (see write_probe)."""
+PROBE_MAX_TOKENS = 128
+_PROBE_TEXT = ("Question: Tom has 12 apples and buys 30 more. How many apples does he have now?\n"
+               "Answer: He has 12 + 30 = 42 apples. The answer is 42.")
+BASE_MISMATCH_LIMIT = 0.25
+"""Mean |vLLM base - trainer base| log-prob per probe token above which the base models are not the same
+(bf16 vLLM against the fp32 trainer measured 0.022 on SmolLM2-135M; fp32 against fp32, 3e-6)."""
+
+
+def adapter_tolerance(expected_shift: float, noise: float) -> float:
+    """How far (mean nats/token) vLLM's shift may be from the trainer's: 10% of the trainer's shift, plus three
+    times the numerical difference of the two implementations on the base model (`noise`, measured on the same
+    probe), plus 0.005. The shift's error adds the noise of two forwards (with and without the adapter), about
+    1.4 times `noise`. Measured on SmolLM2-135M with random-B adapters: bf16 vLLM errs by 0.025-0.033 against an
+    fp32 trainer (noise 0.022), fp32 vLLM by < 1e-4; doubling lora_alpha errs by about the whole shift. So in bf16
+    a mis-scaled adapter is caught when its shift is well above ~3x the noise (0.07 nats/token there); adapters
+    that move the probe less (one tiny round: ~0.04) pass either way. With engine.dtype float32 the noise is
+    ~1e-5 and the check is tight."""
+    return 0.1 * expected_shift + 3 * noise + 0.005
+
+
+@dataclass
+class AdapterCheck:
+    adapter: Path
+    reference: str
+    """trainer: the adapter's ratchet_probe.json; peft: computed in this process from the adapter folder."""
+    tokens: int
+    shift: float
+    """Mean |log-prob with the adapter - without| per probe token, under vLLM."""
+    expected_shift: float
+    """The same under the reference."""
+    error: float
+    """Mean |vLLM shift - reference shift| per token."""
+    noise: float
+    """Mean |vLLM base - reference base| per token: how far the two implementations differ numerically."""
+    tolerance: float
+
+
+def _mean_abs(xs) -> float:
+    xs = list(xs)
+    return sum(abs(x) for x in xs) / len(xs)
+
+
+def compare_probe(adapter: Path, reference: str, vllm_base: list[float], vllm_adapter: list[float],
+                  ref_base: list[float], ref_adapter: list[float]) -> AdapterCheck:
+    n = len(ref_base)
+    if not (n and len(vllm_base) == len(vllm_adapter) == len(ref_adapter) == n):
+        raise AdapterNotApplied(f"adapter {adapter}: probe log-probs of different lengths (vLLM {len(vllm_base)}/"
+                                f"{len(vllm_adapter)}, reference {n}/{len(ref_adapter)})")
+    values = [*vllm_base, *vllm_adapter, *ref_base, *ref_adapter]
+    if not all(math.isfinite(v) for v in values):
+        raise AdapterNotApplied(f"adapter {adapter}: a probe log-prob is not finite; the adapter or the engine "
+                                "produces NaN/inf")
+    dv = [a - b for a, b in zip(vllm_adapter, vllm_base)]
+    dr = [a - b for a, b in zip(ref_adapter, ref_base)]
+    expected, noise = _mean_abs(dr), _mean_abs(a - b for a, b in zip(vllm_base, ref_base))
+    return AdapterCheck(adapter, reference, n, _mean_abs(dv), expected, _mean_abs(a - b for a, b in zip(dv, dr)),
+                        noise, adapter_tolerance(expected, noise))
+
+
+def probe_logprobs(model, token_ids: list[int]) -> tuple[list[float], list[float]]:
+    """Log-probs of `token_ids` (each after the ones before) under a peft model: with its active adapter, and
+    with adapters disabled (the base model)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    x = torch.tensor([list(token_ids)], device=model.device)
+
+    def logprobs() -> list[float]:
+        lp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+        return lp.gather(-1, x[0, 1:, None])[:, 0].tolist()
+
+    try:
+        with torch.no_grad():
+            tuned = logprobs()
+            with model.disable_adapter():
+                base = logprobs()
+    finally:
+        model.train(was_training)
+    return base, tuned
+
+
+def write_probe(model, token_ids: list[int], adapter_dir: Path) -> Path:
+    """Record `model`'s probe log-probs beside its saved adapter, for `Policy.check_adapter_applied`. Keep the
+    probe short (PROBE_MAX_TOKENS): vLLM scores it twice per check."""
+    token_ids = list(token_ids)
+    if not 2 <= len(token_ids) <= PROBE_MAX_TOKENS:
+        raise ValueError(f"a probe has 2 to {PROBE_MAX_TOKENS} tokens (got {len(token_ids)})")
+    base, tuned = probe_logprobs(model, token_ids)
+    path = Path(adapter_dir) / PROBE_FILE
+    path.write_text(json.dumps({"token_ids": token_ids, "base_logprobs": base, "adapter_logprobs": tuned,
+                                "dtype": str(next(model.parameters()).dtype), "device": str(model.device)}))
+    return path
+
+
+def read_probe(adapter: Path) -> dict | None:
+    path = Path(adapter) / PROBE_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    ids = record.get("token_ids")
+    if not (isinstance(ids, list) and len(ids) >= 2 and all(isinstance(t, int) for t in ids)
+            and all(len(record.get(k) or []) == len(ids) - 1 for k in ("base_logprobs", "adapter_logprobs"))):
+        raise AdapterNotApplied(f"{path} is not a probe record (token_ids and one base and adapter log-prob per "
+                                "token after the first expected); re-train the adapter or delete the file")
+    return record
+
+
+def _peft_probe(model_path: str, adapter: Path, token_ids: list[int]) -> dict:
+    """The probe record of an adapter folder as peft reads it, on CPU in fp32 (for adapters without a record)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
+                                      str(adapter))
+    base, tuned = probe_logprobs(model, token_ids)
+    return {"token_ids": list(token_ids), "base_logprobs": base, "adapter_logprobs": tuned}
 
 
 def _weight_names(model_dir: Path) -> set[str] | None:
     """Parameter names of a local model folder (None for a hub id: nothing to check against)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text())["weight_map"])
-    files = list(model_dir.glob("*.safetensors"))
-    if not files:
-        return None
-    names: set[str] = set()
-    for f in files:
-        with safe_open(str(f), "pt") as sf:
-            names.update(sf.keys())
-    return names
+    shapes = model_weight_shapes(model_dir)
+    return None if shapes is None else set(shapes)
 
 
-def _adapter_modules(adapter: Path) -> tuple[set[str], bool]:
-    """Module names a peft adapter adapts (peft's base_model.model. prefix removed), and whether any B != 0."""
+def _adapter_modules(adapter: Path) -> set[str]:
+    """Module names a peft adapter adapts (peft's base_model.model. prefix removed)."""
     f = adapter / "adapter_model.safetensors"
     if not f.is_file():
         raise AdapterNotApplied(f"{adapter} has no adapter_model.safetensors (not a peft LoRA adapter folder)")
-    modules, nonzero = set(), False
-    with safe_open(str(f), "pt") as sf:
-        for k in sf.keys():
-            name = k.removeprefix("base_model.model.")
-            if ".lora_A" in name:
-                modules.add(name.split(".lora_A")[0])
-            elif ".lora_B" in name and not nonzero:
-                nonzero = bool(sf.get_tensor(k).abs().sum() > 0)
-    return modules, nonzero
+    return {k.removeprefix("base_model.model.").split(".lora_A")[0] for k in tensor_shapes(f) if ".lora_A" in k}

@@ -89,11 +89,11 @@ class PairStats:
     dropped_duplicates: int = 0
     dropped_conflicting: int = 0  # identical completions graded differently (e.g. a flaky timeout)
     pairs: int = 0
-    chosen_model_tokens_mean: float = 0.0
-    rejected_model_tokens_mean: float = 0.0
+    chosen_model_tokens_mean: float | None = None  # None (left out of to_dict) when there is no pair to average
+    rejected_model_tokens_mean: float | None = None
 
     def to_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
+        return {k: float(v) for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -133,7 +133,11 @@ def _usable_samples(samples: list[Graded], cfg: PairsConfig, stats: PairStats) -
 
 
 def _mean_logprob(g: Graded) -> float:
-    return g.trajectory.cumulative_logprob / max(g.trajectory.num_model_tokens, 1)
+    t = g.trajectory
+    if t.cumulative_logprob is None or not t.num_model_tokens:
+        raise ValueError(f"pairs.by: logprob needs every sample's log-prob, but task {t.task_id} sample {t.sample} has "
+                         f"{'none' if t.cumulative_logprob is None else 'no model token'}; use by: length")
+    return t.cumulative_logprob / t.num_model_tokens
 
 
 def _choose(u: _Usable, cfg: PairsConfig, rng: random.Random) -> list[tuple[Graded, Graded]]:
@@ -196,9 +200,9 @@ def build_pairs(graded: list[Graded], cfg: PairsConfig) -> tuple[list[Preference
 
 
 def select_samples(graded: list[Graded], cfg: PairsConfig) -> tuple[list[Graded], PairStats]:
-    """The samples pairing would use (same drops as `build_pairs`), unpaired: the input of a KTO round, where
-    each usable sample is an example of its own, desirable when correct. A verifier timeout kept by
-    `timeout_as_incorrect` comes back graded "incorrect"."""
+    """The samples pairing would use (same drops as `build_pairs`, the same `_usable_by_task`), unpaired: the
+    input of a KTO round, where each usable sample is an example of its own, desirable when correct. A verifier
+    timeout kept by `timeout_as_incorrect` comes back graded "incorrect"."""
     usable, stats = _usable_by_task(graded, cfg)
     return [g for u in usable.values() for g in u.correct + u.wrong], stats
 

@@ -30,7 +30,9 @@ class Trajectory:
     prompt_token_ids: list[int]  # the chat-templated prompt, ending with the generation prompt
     segments: list[Segment] = field(default_factory=list)
     finish_reason: FinishReason = "stop"
-    cumulative_logprob: float = 0.0  # sum over model-written tokens only
+    cumulative_logprob: float | None = None
+    """Sum of the sampler's log-probs over the model-written tokens; None when not all of them were sampled by the
+    engine (e.g. a hand-written prefix), so it is left out rather than summed over part of the tokens."""
     num_tool_calls: int = 0
 
     @property
@@ -61,7 +63,7 @@ class Trajectory:
     @classmethod
     def from_dict(cls, d: dict) -> "Trajectory":
         d = dict(d)
-        d["segments"] = [Segment(**s) for s in d.get("segments", [])]
+        d["segments"] = [Segment(**s) for s in d["segments"]]
         return cls(**d)
 
 

@@ -6,7 +6,11 @@ TRL's DPOTrainer/KTOTrainer do the optimisation on a frozen base with a peft LoR
   (`_prepare_dataset`), and the masked rows reach TRL's loss through its `data_collator` argument;
 - the reference policy: the base model (adapter disabled, TRL's default for a fresh adapter) or the previous
   round's adapter, loaded frozen as the "ref" adapter that TRL's DPO/KTO look for;
-- continuing from the previous round's adapter weights;
+- the start point: the previous round's adapter weights (continue_adapter) or a fresh adapter. The two choices are
+  independent: reference previous with a fresh start pulls the new adapter, starting from the base model, towards
+  the previous round's policy (the same DPO/KTO optimum, pi_ref * exp(reward / beta), from farther away);
+- a probe record (ratchet_probe.json): the trained model's log-probs of a training text, against which
+  `Policy.check_adapter_applied` checks what vLLM serves;
 - a divergence guard: a non-finite loss, gradient norm or adapter weight stops the round, and the adapter is only
   written (atomically renamed into place) when training finished, so the previous adapter stays current.
 """
@@ -28,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
+from loop.generate import PROBE_MAX_TOKENS, write_probe
 from loop.pairs import PreferencePair
 from loop.records import Graded, Trajectory
 from loop.train_data import MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, trajectories_of
@@ -66,7 +71,8 @@ class TrainConfig(BaseModel):
     """pi_ref: the base model (adapter disabled, pi_0) or the previous round's adapter, frozen (the base in the
     first round, which has no previous adapter)."""
     continue_adapter: bool = True
-    """Start from the previous round's adapter weights instead of a fresh (zero-effect) adapter."""
+    """Start from the previous round's adapter weights instead of a fresh (zero-effect) adapter. Independent of
+    `reference`."""
     kto_desirable_weight: float = Field(1.0, gt=0)
     kto_undesirable_weight: float = Field(1.0, gt=0)
     """KTO loss weights; the KTO paper advises weight x count to be similar for both kinds (ratio 1 to 4/3)."""
@@ -225,10 +231,10 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
                 init_adapter: Path | None = None, out_dir: Path) -> TrainResult:
     """Train the round's adapter and save it to `out_dir` (peft format, loadable by vLLM's LoRARequest).
 
-    `init_adapter` is the previous round's adapter (None in the first round): the start point when
-    `cfg.continue_adapter`, the reference when `cfg.reference == "previous"`. `data` is the round's preference
-    pairs (DPO) or graded samples (KTO; samples without a verdict are left out). On failure nothing is written
-    to `out_dir`.
+    `init_adapter` is the previous round's adapter, the current policy (None in the first round): the start
+    point when `cfg.continue_adapter`, the reference when `cfg.reference == "previous"`, unused otherwise. `data`
+    is the round's preference pairs (DPO) or graded samples (KTO: `loop.pairs.select_samples` output; samples
+    without a verdict are left out). On failure nothing is written to `out_dir`.
     """
     base_model_path, out_dir = Path(base_model_path), Path(out_dir)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
@@ -281,24 +287,33 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
         trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer, peft_config=lora, callbacks=[_StopOnNonFinite(cfg.lr)])
         policy = trainer.model
-        if init_adapter is not None and cfg.continue_adapter:
-            _load_previous_weights(policy, init_adapter)
-        if init_adapter is not None and cfg.reference == "previous":
+        start = init_adapter if init_adapter is not None and cfg.continue_adapter else None
+        reference = init_adapter if init_adapter is not None and cfg.reference == "previous" else None
+        if start is not None:
+            _load_previous_weights(policy, start)
+        if reference is not None:
             # TRL computes the reference with the adapter named "ref" when there is one, else with adapters off.
-            policy.load_adapter(str(init_adapter), adapter_name="ref", is_trainable=False)
+            policy.load_adapter(str(reference), adapter_name="ref", is_trainable=False)
 
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
 
         policy.save_pretrained(partial, selected_adapters=["default"])
+        policy.set_adapter("default")  # the saved adapter, not the "ref" copy
+        first = trajectories_of(data)[0]  # a text the adapter was trained on: where it moves the log-probs most
+        write_probe(policy, (first.prompt_token_ids + first.completion_token_ids)[-PROBE_MAX_TOKENS:], partial)
         history = [dict(h) for h in trainer.state.log_history]
-        tokens = float(max((h.get("num_tokens", 0.0) for h in history), default=0.0))
-        metrics = {**_summarise(history, cfg), **extra, "train/time_s": seconds, "train/tokens": tokens,
-                   "train/tokens_per_s": tokens / seconds, "train/examples_per_s": len(rows) * cfg.epochs / seconds}
+        metrics = {**_summarise(history, cfg), **extra, "train/time_s": seconds,
+                   "train/examples_per_s": len(rows) * cfg.epochs / seconds}
+        logged_tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
+        if logged_tokens:  # TRL's running count of tokens seen; left out if it logged none
+            metrics.update({"train/tokens": float(max(logged_tokens)), "train/tokens_per_s": max(logged_tokens) / seconds})
         (partial / "ratchet_train.json").write_text(json.dumps(
             {"config": cfg.model_dump(mode="json"), "base_model": str(base_model_path),
-             "init_adapter": str(init_adapter) if init_adapter else None, "metrics": metrics}, indent=1))
+             "init_adapter": str(init_adapter) if init_adapter else None,
+             "start_adapter": str(start) if start else None, "reference_adapter": str(reference) if reference else None,
+             "metrics": metrics}, indent=1))
         _replace_dir(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -155,3 +155,18 @@ def test_config_rejects_unknown_and_invalid_keys():
         PairsConfig(strategy="best")
     with pytest.raises(ValidationError):
         PairsConfig(max_pairs_per_prompt=0)
+
+
+def test_missing_log_probs_are_an_error_and_empty_means_are_left_out():
+    # by: logprob ranks samples by their mean log-prob: a sample without one (None) is an error, never 0.
+    data = [graded("a", 0), graded("a", 1, "incorrect"), graded("a", 2, "incorrect")]
+    data[2].trajectory.cumulative_logprob = None
+    with pytest.raises(ValueError, match="task a sample 2 has none"):
+        build_pairs(data, PairsConfig(strategy="best_worst", by="logprob"))
+    empty = [graded("a", 1, "incorrect", tokens=[]), graded("a", 0)]
+    with pytest.raises(ValueError, match="no model token"):
+        build_pairs(empty, PairsConfig(strategy="best_worst", by="logprob"))
+    # No pair, no mean length: the keys are left out rather than reported as 0.
+    _, stats = build_pairs([graded("b", 0)], PairsConfig())
+    s = stats.to_dict()
+    assert s["pairs"] == 0 and "chosen_model_tokens_mean" not in s and "rejected_model_tokens_mean" not in s

@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel, load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loop.generate import probe_logprobs
 from loop.models import resolve_model
 from loop.pairs import PreferencePair
 from loop.records import Graded, Segment, Trajectory
@@ -66,10 +67,11 @@ def lora_weights(adapter: Path) -> dict[str, torch.Tensor]:
     return load_peft_weights(str(adapter))
 
 
-def test_dpo_round_trains_a_loadable_adapter(first_round, model_path):
+def test_dpo_round_trains_a_loadable_adapter(first_round, model_path, pairs):
+    first_round_pairs = pairs
     res = first_round
     assert sorted(p.name for p in res.adapter_dir.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "ratchet_train.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "ratchet_probe.json", "ratchet_train.json"]
     assert not any(p.name.startswith(".") for p in res.adapter_dir.parent.iterdir())  # no partial/old dirs left
     m = res.metrics
     assert all(math.isfinite(v) for v in m.values()), m
@@ -94,8 +96,19 @@ def test_dpo_round_trains_a_loadable_adapter(first_round, model_path):
     x = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         before = base(x).logits
-        after = PeftModel.from_pretrained(base, res.adapter_dir)(x).logits
+        loaded = PeftModel.from_pretrained(base, res.adapter_dir)
+        after = loaded(x).logits
     assert not torch.allclose(before, after)
+
+    # The probe record (what vLLM's adapter check compares with): a text it trained on, as the trained model
+    # scored it, with and without the adapter; the saved folder reproduces it.
+    probe = json.loads((res.adapter_dir / "ratchet_probe.json").read_text())
+    p = first_round_pairs[0].chosen
+    assert probe["token_ids"] == (p.prompt_token_ids + p.completion_token_ids)[-128:]
+    base_lp, tuned_lp = probe_logprobs(loaded, probe["token_ids"])
+    assert probe["adapter_logprobs"] == pytest.approx(tuned_lp, abs=1e-4)
+    assert probe["base_logprobs"] == pytest.approx(base_lp, abs=1e-4)
+    assert probe["adapter_logprobs"] != pytest.approx(probe["base_logprobs"], abs=1e-3)
 
 
 def masked_logp(model, t: Trajectory, mask: list[int]) -> float:
@@ -203,6 +216,24 @@ def test_continue_from_previous_adapter(first_round, model_path, pairs, tmp_path
     assert not all(torch.equal(after[k], before[k]) for k in after)
     prev_now = lora_weights(prev)
     assert all(torch.equal(v, prev_now[k]) for k, v in before.items())  # the previous adapter is untouched
+
+
+def test_fresh_adapter_against_the_previous_reference(first_round, model_path, pairs, tmp_path):
+    # reference: previous with continue_adapter: false: the new adapter starts fresh (the policy is the base model
+    # at step 1) while the reference is the previous round's policy, frozen.
+    prev = first_round.adapter_dir
+    res = train_round(model_path, pairs[:2], TrainConfig(**FAST, reference="previous", continue_adapter=False),
+                      init_adapter=prev, out_dir=tmp_path / "fresh")
+    step1 = res.history[0]
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    base_logps = sum(masked_logp(base, p.chosen, p.chosen.completion_mask) for p in pairs[:2]) / 2
+    prev_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), prev)
+    prev_logps = sum(masked_logp(prev_model, p.chosen, p.chosen.completion_mask) for p in pairs[:2]) / 2
+    assert abs(prev_logps - base_logps) > 1e-2
+    assert step1["logps/chosen"] == pytest.approx(base_logps, abs=1e-3)  # a fresh start
+    assert step1["logps/chosen"] - step1["rewards/chosen"] / 0.1 == pytest.approx(prev_logps, abs=1e-3)
+    record = json.loads((res.adapter_dir / "ratchet_train.json").read_text())
+    assert record["start_adapter"] is None and record["reference_adapter"] == str(prev)
 
 
 def test_divergence_raises_and_writes_no_adapter(first_round, model_path, pairs, tmp_path):
