@@ -16,7 +16,9 @@ requests: re-running a round (a resumed run id) samples the same tokens, as far 
 (the same machine and vLLM build; tests/test_generate.py checks it on CPU). On CPU, chunked prefill is off: a
 seeded request whose prefill is split over steps makes vLLM rewind its generator, which CPU generators cannot do
 ("CPU Generator does not use offset" kills the engine). Without chunking a prompt is prefilled in one step
-(measured on 2 cores: the same throughput, 192-200 vs 182-188 tok/s with chunking and unseeded requests).
+(measured on 2 cores: the same throughput, 192-200 vs 182-188 tok/s with chunking and unseeded requests). vLLM
+logs that disabling chunked prefill is not officially supported for the model; for these decoder-only models
+the tests (batches past one step's token budget, tool turns, adapters) pass with it off.
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ class SamplingConfig(BaseModel):
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-"""The values vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks, the same in vLLM 0.26 and 0.32)."""
+"""The values vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks in vLLM 0.32; not checked against the
+GPU line, vLLM 0.26)."""
 # The chunked-prefill token budget vLLM-CPU uses by default; without chunking it must hold a whole prompt.
 _CPU_BATCHED_TOKENS = 4096
 
