@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.tracking import MlflowClient
+# mlflow is imported where it is used, not here: loading a config (loop/config.py imports TrackingConfig) must not
+# pay for importing it (~1.5 s).
 from pydantic import BaseModel, ConfigDict
 
 from loop.rundir import flatten
@@ -87,6 +87,9 @@ class Tracker:
         to start over would otherwise append its rounds to the old loop's runs, under the old params)."""
         self.cfg = cfg
         self.uri = resolve_uri(cfg)
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(cfg.experiment)
@@ -121,6 +124,8 @@ class Tracker:
         return run.info.run_id
 
     def log_config(self, config: dict[str, Any], provenance: dict[str, str]) -> None:
+        import mlflow
+
         params = _params(config)
         existing = self.client.get_run(self.parent_id).data.params
         # Params are immutable in MLflow: on resume only log the ones not yet there, and a setting the run may
@@ -140,6 +145,8 @@ class Tracker:
 
         `artifacts` maps names to files (logged at the run's artifact root) or folders (logged under the name).
         """
+        import mlflow
+
         rid = self._find_or_create(round_, {RUN_ID_TAG: self.run_id, **self.tags}, name=f"{self.run_id}/round-{round_}")
         finite = {metric_key(k): float(v) for k, v in metrics.items() if v is not None}
         ts = int(time.time() * 1000)
@@ -161,6 +168,8 @@ class Tracker:
         return rid
 
     def _register(self, rid: str, round_: int) -> None:
+        import mlflow
+
         name = self.cfg.registered_model
         try:
             self.client.get_registered_model(name)

@@ -2,7 +2,7 @@
 
 TRL's DPOTrainer/KTOTrainer do the optimisation on a frozen base with a peft LoRA adapter. What this module adds:
 - token-space rows with tool observations masked out of the policy and reference log-probs (loop/train_data.py);
-  TRL 1.16's DPO/KTO trainers only take text datasets, so a two-line subclass skips their tokenisation step
+  TRL 1.16's DPO/KTO trainers only take text datasets, so a two-line subclass (loop/train_trl.py) skips their tokenisation step
   (`_prepare_dataset`), and the masked rows reach TRL's loss through its `data_collator` argument;
 - the reference policy: the base model (adapter disabled, TRL's default for a fresh adapter) or the previous
   round's adapter, loaded frozen as the "ref" adapter that TRL's DPO/KTO look for;
@@ -17,7 +17,6 @@ TRL's DPOTrainer/KTOTrainer do the optimisation on a frozen base with a peft LoR
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -25,17 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-from datasets import Dataset
-from peft import LoraConfig, load_peft_weights, set_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from loop.generate import PROBE_MAX_TOKENS, write_probe
 from loop.pairs import PreferencePair
 from loop.records import Graded, Trajectory
-from loop.train_data import MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, trajectories_of
 
 
 class TrainConfig(BaseModel):
@@ -103,42 +96,11 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-class _StopOnNonFinite(TrainerCallback):
-    """Raise at the first non-finite loss, gradient norm or adapter weight (checked every step)."""
-
-    def __init__(self, lr: float):
-        self.lr = lr
-
-    def _fail(self, step: int, what: str) -> None:
-        raise TrainingDiverged(f"training diverged at step {step}: {what}. No adapter was written; the previous "
-                               f"adapter stays current. Lower train.lr (now {self.lr:g}) or check the pairs.")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value):
-                self._fail(state.global_step, f"{key} = {value}")
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        # A huge but finite step leaves weights that overflow only in the next forward, possibly next round's.
-        for name, p in model.named_parameters():
-            if p.requires_grad and not torch.isfinite(p).all():
-                self._fail(state.global_step, f"adapter weight {name} is not finite")
-
-
-class _TokenDPOTrainer(DPOTrainer):
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset  # rows are token ids already (dpo_rows); TRL would re-tokenise text here
-
-
-class _TokenKTOTrainer(KTOTrainer):
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset  # rows are token ids with their KL completions already (kto_rows)
-
-
 def _use_bf16(cfg: TrainConfig) -> bool:
     if cfg.bf16 is not None:
         return cfg.bf16
+    import torch
+
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
@@ -151,6 +113,8 @@ def _check_adapter_dir(path: Path, what: str) -> None:
 
 def _check_inputs(base_model_path: Path, data: list, cfg: TrainConfig, init_adapter: Path | None) -> None:
     """Everything that can be wrong with the inputs, checked before loading any weights."""
+    from loop.train_data import trajectories_of
+
     if not (base_model_path / "config.json").is_file():
         raise FileNotFoundError(f"base model {base_model_path} has no config.json (a Hugging Face model folder is "
                                 "expected; loop.models.resolve_model gives one)")
@@ -174,17 +138,6 @@ def _check_inputs(base_model_path: Path, data: list, cfg: TrainConfig, init_adap
             raise ValueError(f"cannot continue the adapter {init_adapter}: it has r={prev.get('r')}, "
                              f"lora_alpha={prev.get('lora_alpha')} but train asks r={cfg.lora_r}, "
                              f"lora_alpha={cfg.lora_alpha}; match them or set train.continue_adapter: false")
-
-
-def _load_previous_weights(model, init_adapter: Path) -> None:
-    """Copy the previous round's LoRA weights into the fresh "default" adapter TRL created."""
-    result = set_peft_model_state_dict(model, load_peft_weights(str(init_adapter)), adapter_name="default")
-    missing = [k for k in result.missing_keys if ".default." in k and "lora_" in k]
-    if result.unexpected_keys or missing:
-        raise ValueError(f"the previous adapter {init_adapter} does not fit this LoRA config "
-                         f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected weights, e.g. "
-                         f"{(missing + list(result.unexpected_keys))[0]}); match train.target_modules to it "
-                         "or set train.continue_adapter: false")
 
 
 def _token_counts(trajs: list[Trajectory], max_length: int | None) -> dict[str, float]:
@@ -236,6 +189,17 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
     is the round's preference pairs (DPO) or graded samples (KTO: `loop.pairs.select_samples` output; samples
     without a verdict are left out). On failure nothing is written to `out_dir`.
     """
+    # Imported here, not with the module: loading a config (loop/config.py imports TrainConfig) must not pay
+    # for torch, transformers, peft, TRL and datasets (~10 s).
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, KTOConfig
+
+    from loop.train_data import MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, trajectories_of
+    from loop.train_trl import StopOnNonFinite, TokenDPOTrainer, TokenKTOTrainer, load_previous_weights
+
     base_model_path, out_dir = Path(base_model_path), Path(out_dir)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
     _check_inputs(base_model_path, data, cfg, init_adapter)
@@ -278,19 +242,19 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
                 losses, weights = [cfg.loss, "sft"], [1.0, cfg.nll_coef]  # TRL's "sft" = NLL of chosen tokens
             args = DPOConfig(loss_type=losses, loss_weights=weights, **common)
             collator = MaskedPreferenceCollator(tokenizer.pad_token_id, cfg.max_length)
-            trainer_cls, rows = _TokenDPOTrainer, dpo_rows(data)
+            trainer_cls, rows = TokenDPOTrainer, dpo_rows(data)
         else:
             args = KTOConfig(desirable_weight=cfg.kto_desirable_weight, undesirable_weight=cfg.kto_undesirable_weight,
                              train_sampling_strategy="sequential", **common)
             collator = MaskedUnpairedCollator(tokenizer.pad_token_id, cfg.max_length)
-            trainer_cls, rows = _TokenKTOTrainer, kto_rows(data, cfg.per_device_batch_size, cfg.seed)
+            trainer_cls, rows = TokenKTOTrainer, kto_rows(data, cfg.per_device_batch_size, cfg.seed)
         trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, peft_config=lora, callbacks=[_StopOnNonFinite(cfg.lr)])
+                              processing_class=tokenizer, peft_config=lora, callbacks=[StopOnNonFinite(cfg.lr)])
         policy = trainer.model
         start = init_adapter if init_adapter is not None and cfg.continue_adapter else None
         reference = init_adapter if init_adapter is not None and cfg.reference == "previous" else None
         if start is not None:
-            _load_previous_weights(policy, start)
+            load_previous_weights(policy, start)
         if reference is not None:
             # TRL computes the reference with the adapter named "ref" when there is one, else with adapters off.
             policy.load_adapter(str(reference), adapter_name="ref", is_trainable=False)

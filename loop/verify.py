@@ -17,8 +17,6 @@ from pydantic import BaseModel, ConfigDict
 
 from loop.records import Graded, Trajectory
 from loop.tasks.base import Task
-from verifiers import math as math_verifier
-from verifiers import python_exec
 
 _CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
 
@@ -66,6 +64,10 @@ def model_written_text(trajectory: Trajectory) -> str:
 
 
 def grade_trajectories(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: VerifyConfig) -> list[Graded]:
+    # Imported here: the math verifier pulls in SymPy (~0.6 s), which loading a config (VerifyConfig) does not need.
+    from verifiers import math as math_verifier
+    from verifiers import python_exec
+
     math_idx = [i for i, t in enumerate(trajectories) if tasks[t.task_id].verifier == "math"]
     code_idx = [i for i, t in enumerate(trajectories) if tasks[t.task_id].verifier == "code"]
     out: list[Graded | None] = [None] * len(trajectories)
