@@ -212,14 +212,12 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
 def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None, help="Default: the loop's default store.")) -> None:
     """Start the MLflow UI on the loop's tracking store and print its URL."""
     import subprocess
-    import sys
 
-    from loop.tracking import TrackingConfig, resolve_uri
+    from loop.tracking import TrackingConfig, resolve_uri, ui_command
 
     uri = resolve_uri(TrackingConfig(uri=tracking_uri))
     console.print(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                    "--port", str(port)], check=False)
+    subprocess.run(ui_command(uri, port), check=False)
 
 
 @models_app.command("list")

@@ -1,19 +1,27 @@
 """MLflow tracking: one parent run per loop, one nested run per round.
 
-The parent run carries the full config as params, the model provenance as tags, and every round's
-metrics with `step=round`, so the UI plots curves over rounds. Each round also gets its own nested run
-(tags `round`, `config_name`, `model`, `task`, `git_commit`) so the compare view lines rounds up side
-by side. Runs are found again by our own run id (tag `ratchet.run_id`), which makes resuming a loop
-log into the same MLflow runs instead of creating duplicates.
+The parent run carries the full config as params, the model provenance as tags, a one-line description
+(`mlflow.note.content`) and every round's metrics with `step=round`, so the UI plots curves over rounds. Each
+round also gets its own nested run, opened when the round starts and closed when it is logged (so its duration is
+the round's), with the round's key settings as params and its metrics at `step=round` too, so the compare view
+and the chart view line rounds up. Runs are found again by our own run id (tag `ratchet.run_id`), which makes
+resuming a loop log into the same MLflow runs instead of creating duplicates.
+
+A SQLite store keeps its artifacts in `mlartifacts/` beside the database, addressed as `mlflow-artifacts:/...`
+(relative to that folder, as `mlflow server --artifacts-destination` serves them), so a copied store, database
+and folder together, is self-contained: see `artifact_repo` and `artifacts_destination`.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 # mlflow is imported where it is used, not here: loading a config (loop/config.py imports TrackingConfig) must not
 # pay for importing it (~1.5 s).
@@ -23,6 +31,8 @@ from loop.rundir import flatten
 
 RUN_ID_TAG = "ratchet.run_id"
 ROUND_TAG = "round"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+PASS_AT_1_TAG = "pass_at_1"  # on each registered adapter version: its round's held-out pass@1
 
 
 class TrackingConfig(BaseModel):
@@ -32,8 +42,9 @@ class TrackingConfig(BaseModel):
     """MLflow tracking URI. None: $MLFLOW_TRACKING_URI if set, else a SQLite file mlflow.db in the
     working directory (no server needed)."""
     experiment: str = "ratchet"
-    registered_model: str | None = "ratchet-adapter"
-    """Each round's adapter is registered as a version of this model (None: don't register)."""
+    registered_model: str | None = "ratchet-{config_name}"
+    """Each round's adapter is registered as a version of this model ({config_name}: the loop config's name, so
+    each config's adapters, of one base model, are versions of one model; None: don't register)."""
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -44,12 +55,41 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return uri
 
 
+def artifacts_destination(uri: str) -> Path | None:
+    """A SQLite store's artifact folder: mlartifacts/ beside the database (None for other stores)."""
+    return Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+
+
 def _artifact_location(uri: str, experiment: str) -> str | None:
-    """Keep a SQLite store's artifacts beside the database file (MLflow's default is ./mlruns of
-    whatever the working directory is); servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment).as_uri()
-    return None
+    """A SQLite store's experiments keep their artifacts beside the database, under a path relative to it
+    (MLflow's default is an absolute ./mlruns of whatever the working directory is); servers choose their own."""
+    return f"mlflow-artifacts:/{experiment}" if uri.startswith("sqlite:///") else None
+
+
+def artifact_repo(uri: str, artifact_uri: str):
+    """The artifact repository of a run (`artifact_uri`) in the store at `uri`.
+
+    Without a server nothing resolves `mlflow-artifacts:` paths, so under a SQLite store they are resolved here,
+    against the store's own folder wherever it now is. An absolute file:// root of a store logged before that (or
+    copied from elsewhere) that no longer exists is looked up in the store's folder too."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if (dest := artifacts_destination(uri)) is not None:
+        parsed = urlparse(artifact_uri)
+        if parsed.scheme == "mlflow-artifacts":
+            artifact_uri = (dest / parsed.path.lstrip("/")).as_uri()
+        elif parsed.scheme == "file" and not Path(parsed.path).exists() and "/mlartifacts/" in parsed.path:
+            artifact_uri = (dest / parsed.path.rsplit("/mlartifacts/", 1)[1]).as_uri()
+    return get_artifact_repository(artifact_uri, tracking_uri=uri)
+
+
+def ui_command(uri: str, port: int) -> list[str]:
+    """The MLflow UI server (`ratchet ui`) on the store at `uri`; a SQLite store's artifacts are served from its own
+    folder, wherever the store now is (mlflow's default is ./mlartifacts of the working directory)."""
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    if (dest := artifacts_destination(uri)) is not None:
+        cmd += ["--artifacts-destination", str(dest)]
+    return cmd
 
 
 def git_commit() -> str:
@@ -97,6 +137,7 @@ class Tracker:
             cfg.experiment, artifact_location=_artifact_location(self.uri, cfg.experiment))
         self.run_id = run_id
         self.tags = tags
+        self._open_round: str | None = None  # a nested round run start_round opened and log_round has not closed
         if new_loop and (old := self._find(None)) is not None:
             raise TrackingConflict(
                 f"the MLflow store {self.uri} (experiment {cfg.experiment!r}) already has a loop with run id "
@@ -123,63 +164,113 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, tags={**tags, **kind}, run_name=name)
         return run.info.run_id
 
-    def log_config(self, config: dict[str, Any], provenance: dict[str, str]) -> None:
-        import mlflow
+    def _round_run(self, round_: int) -> str:
+        return self._find_or_create(round_, {RUN_ID_TAG: self.run_id, **self.tags}, name=f"{self.run_id}/round-{round_}")
 
-        params = _params(config)
-        existing = self.client.get_run(self.parent_id).data.params
-        # Params are immutable in MLflow: on resume only log the ones not yet there, and a setting the run may
-        # resume with changed (RESUMABLE_KEYS) as a tag resumed_with.<key>.
-        new = [mlflow.entities.Param(k, v) for k, v in params.items() if k not in existing]
+    def _repo(self, rid: str):
+        return artifact_repo(self.uri, self.client.get_run(rid).info.artifact_uri)
+
+    def _log_params(self, rid: str, params: dict[str, str]) -> None:
+        """Log the params `rid` does not have yet. Params are immutable in MLflow: on resume a setting the run may
+        resume with changed (RESUMABLE_KEYS) is logged as a tag resumed_with.<key> instead."""
+        from mlflow.entities import Param, RunTag
+
+        existing = self.client.get_run(rid).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), 100):
-            self.client.log_batch(self.parent_id, params=new[i:i + 100])
-        tags = [mlflow.entities.RunTag(f"model.{k}", str(v)[:5000]) for k, v in provenance.items()]
-        tags += [mlflow.entities.RunTag(f"resumed_with.{k}", v) for k, v in params.items()
-                 if k in existing and existing[k] != v]
+            self.client.log_batch(rid, params=new[i:i + 100])
+        changed = [RunTag(f"resumed_with.{k}", v) for k, v in params.items() if k in existing and existing[k] != v]
+        if changed:
+            self.client.log_batch(rid, tags=changed)
+
+    def log_config(self, config: dict[str, Any], provenance: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self._log_params(self.parent_id, _params(config))
+        tags = [RunTag(f"model.{k}", str(v)[:5000]) for k, v in provenance.items()]
+        # The runs table and the run page show this description (set again on resume: rounds may have changed).
+        tags.append(RunTag(NOTE_TAG, f"{self.tags.get('model', config.get('model'))} on {self.tags.get('task', '?')}, "
+                                     f"{config.get('rounds', '?')} rounds (config {self.tags.get('config_name', '?')}, "
+                                     f"run {self.run_id})"))
         self.client.log_batch(self.parent_id, tags=tags)
-        self.client.log_text(self.parent_id, json.dumps(config, indent=2, default=str), "config.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            self._repo(self.parent_id).log_artifact(str(Path(tmp) / "config.json"))
+
+    def start_round(self, round_: int, params: dict[str, Any]) -> str:
+        """Open round `round_`'s nested run (resume: the same one again) with its key settings as params; log_round
+        closes it, so the run's duration is the round's. Returns its run id."""
+        rid = self._round_run(round_)
+        self._log_params(rid, {k: str(v)[:6000] for k, v in params.items()})
+        self._open_round = rid
+        return rid
 
     def log_round(self, round_: int, metrics: dict[str, float], artifacts: dict[str, Path],
                   adapter: Path | None) -> str:
-        """Log a round's metrics (nested run + parent at step=round) and artifacts; return its run id.
+        """Log a round's metrics (nested run and parent, both at step=round) and artifacts, close its nested run
+        (opened by start_round, or now) and return its run id.
 
         `artifacts` maps names to files (logged at the run's artifact root) or folders (logged under the name).
         """
-        import mlflow
+        from mlflow.entities import Metric
 
-        rid = self._find_or_create(round_, {RUN_ID_TAG: self.run_id, **self.tags}, name=f"{self.run_id}/round-{round_}")
-        finite = {metric_key(k): float(v) for k, v in metrics.items() if v is not None}
+        rid = self._round_run(round_)
         ts = int(time.time() * 1000)
-        ms_round = [mlflow.entities.Metric(k, v, ts, 0) for k, v in finite.items()]
-        ms_parent = [mlflow.entities.Metric(k, v, ts, round_) for k, v in finite.items()]
-        for i in range(0, len(finite), 200):
-            self.client.log_batch(rid, metrics=ms_round[i:i + 200])
-            self.client.log_batch(self.parent_id, metrics=ms_parent[i:i + 200])
+        ms = [Metric(metric_key(k), float(v), ts, round_) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(ms), 200):
+            self.client.log_batch(rid, metrics=ms[i:i + 200])
+            self.client.log_batch(self.parent_id, metrics=ms[i:i + 200])
+        repo = self._repo(rid)
         for name, path in artifacts.items():
             if path.is_dir():
-                self.client.log_artifacts(rid, str(path), name)
+                repo.log_artifacts(str(path), name)
             else:
-                self.client.log_artifact(rid, str(path))
+                repo.log_artifact(str(path))
         if adapter is not None:
-            self.client.log_artifacts(rid, str(adapter), "adapter")
+            repo.log_artifacts(str(adapter), "adapter")
             if self.cfg.registered_model:
-                self._register(rid, round_)
+                self._register(rid, round_, metrics.get("eval/pass@1"))
         self.client.set_terminated(rid, "FINISHED")
+        self._open_round = None
         return rid
 
-    def _register(self, rid: str, round_: int) -> None:
-        import mlflow
-
+    @property
+    def registered_model(self) -> str | None:
+        """The registry name of this loop's adapters (tracking.registered_model with {config_name} filled in)."""
         name = self.cfg.registered_model
+        return name.format(config_name=self.tags.get("config_name", self.run_id)) if name else None
+
+    def _register(self, rid: str, round_: int, pass_at_1: float | None) -> None:
+        """Register the round's adapter once (a resumed round keeps its version), tagged with the base model, the
+        config and the round's pass@1; point the aliases `last` (the newest version: MLflow reserves `latest`, and
+        models:/<name>/latest means the same) and `best` (the highest pass@1; on a tie the earlier version) at them."""
+        from mlflow.exceptions import MlflowException
+
+        name, base, config_name = self.registered_model, self.tags.get("model", ""), self.tags.get("config_name", "")
         try:
             self.client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException:
-            self.client.create_registered_model(name, description="LoRA adapters, one version per loop round.")
-        source = f"{self.client.get_run(rid).info.artifact_uri}/adapter"
-        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{rid}'")
-        if not versions:
-            self.client.create_model_version(name, source, run_id=rid,
-                                             tags={RUN_ID_TAG: self.run_id, ROUND_TAG: str(round_)})
+        except MlflowException:
+            self.client.create_registered_model(
+                name, tags={"base_model": base, "config_name": config_name},
+                description=f"LoRA adapters of {base} (loop config {config_name}), one version per loop round. "
+                            f"Aliases: last (the newest), best (by held-out pass@1, version tag {PASS_AT_1_TAG}).")
+        tags = {RUN_ID_TAG: self.run_id, ROUND_TAG: str(round_), "base_model": base, "config_name": config_name}
+        if pass_at_1 is not None:
+            tags[PASS_AT_1_TAG] = repr(float(pass_at_1))
+        if not self.client.search_model_versions(f"name = '{name}' and run_id = '{rid}'"):
+            self.client.create_model_version(name, f"{self.client.get_run(rid).info.artifact_uri}/adapter",
+                                             run_id=rid, tags=tags)
+        versions = self.client.search_model_versions(f"name = '{name}'")
+        latest = max(versions, key=lambda v: int(v.version))
+        self.client.set_registered_model_alias(name, "last", latest.version)
+        scored = [v for v in versions if PASS_AT_1_TAG in v.tags]
+        if scored:
+            best = max(scored, key=lambda v: (float(v.tags[PASS_AT_1_TAG]), -int(v.version)))
+            self.client.set_registered_model_alias(name, "best", best.version)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """Close the loop run, and a round's nested run left open by a failure, with `status`."""
+        if self._open_round is not None:
+            self.client.set_terminated(self._open_round, status)
+            self._open_round = None
         self.client.set_terminated(self.parent_id, status)
