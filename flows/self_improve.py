@@ -211,6 +211,17 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, policy)
 
 
+def round_params(cfg: RunConfig, r: int, adapter: Path | None) -> dict[str, Any]:
+    """The settings round `r` runs with, as params of its nested MLflow run (the compare view lines rounds up by
+    them): the policy it starts from, and its sampling and training (round 0 only evaluates)."""
+    p: dict[str, Any] = {"model": cfg.model, "adapter": str(adapter) if adapter else "base",
+                         **{f"eval.{k}": getattr(cfg.eval.sampling, k) for k in ("n", "temperature", "max_tokens")}}
+    if r > 0:
+        p.update({f"sampling.{k}": getattr(cfg.sampling, k) for k in ("n", "temperature", "max_tokens")})
+        p.update({f"train.{k}": getattr(cfg.train, k) for k in ("algorithm", "lr", "beta", "epochs", "lora_r")})
+    return p
+
+
 def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
               timings: dict[str, float] | None = None) -> tuple[dict[str, Any], Path | None, int | None]:
     """Round `r` (round 0: evaluate only) from the current policy `adapter` (None: the base model) served as
@@ -224,6 +235,8 @@ def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
     rd = run.round(r)
     m: dict[str, Any] = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").exists() else {}
     timings = {} if timings is None else timings
+    if not run.done(r, "log"):  # the round's nested MLflow run spans the round (log_round closes it)
+        lp.tracker.start_round(r, round_params(cfg, r, adapter))
 
     def stage(name: str, fn, *args) -> None:
         # Metrics are saved after every stage, so a resumed round keeps the finished stages' figures.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -110,8 +110,7 @@ def _usable_samples(samples: list[Graded], cfg: PairsConfig, stats: PairStats) -
         if g.trajectory.finish_reason in TRUNCATED and not cfg.keep_truncated:
             stats.dropped_truncated += 1
         elif g.status == "timeout" and cfg.timeout_as_incorrect:
-            kept.append(Graded(g.trajectory, "incorrect", g.extracted,
-                               f"verifier timeout counted as incorrect: {g.reason}"))
+            kept.append(replace(g, status="incorrect", reason=f"verifier timeout counted as incorrect: {g.reason}"))
         elif not g.gradeable:
             stats.dropped_ungradeable += 1
         else:

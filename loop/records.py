@@ -69,12 +69,15 @@ class Trajectory:
 
 @dataclass
 class Graded:
-    """A trajectory with the verifier's verdict."""
+    """A trajectory with the verifier's verdict, and the problem it answers (so a sample written out can be read
+    against its problem: loop.verify fills them in)."""
 
     trajectory: Trajectory
     status: GradeStatus
     extracted: str | None
     reason: str
+    prompt: str | None = None  # the task's user message
+    gold: str | None = None  # the gold final answer (math) or the tests (code)
 
     @property
     def correct(self) -> bool:
@@ -87,8 +90,9 @@ class Graded:
 
     def to_dict(self) -> dict:
         return {"trajectory": self.trajectory.to_dict(), "status": self.status,
-                "extracted": self.extracted, "reason": self.reason}
+                "extracted": self.extracted, "reason": self.reason, "prompt": self.prompt, "gold": self.gold}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Graded":
-        return cls(Trajectory.from_dict(d["trajectory"]), d["status"], d["extracted"], d["reason"])
+        return cls(Trajectory.from_dict(d["trajectory"]), d["status"], d["extracted"], d["reason"],
+                   d.get("prompt"), d.get("gold"))

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from loop import stats
 from loop.metrics import normalize_answer
-from loop.tracking import RUN_ID_TAG, ROUND_TAG, TrackingConfig, resolve_uri
+from loop.tracking import RUN_ID_TAG, ROUND_TAG, TrackingConfig, download_artifact, resolve_uri
 
 _PASS_KEY = re.compile(r"^eval/pass_at_(\d+)$")
 _MAJ_KEY = re.compile(r"^eval/maj_at_(\d+)$")
@@ -82,11 +82,6 @@ def _metric_histories(client: MlflowClient, run: mlflow.entities.Run) -> pd.Data
     return df
 
 
-def _download(uri: str, run_id: str, path: str, dst: Path) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
-                                                    tracking_uri=uri))
-
-
 def _read_samples(path: Path, round_: int) -> list[dict]:
     """The fields of eval_samples.jsonl the report uses; token ids are dropped as lines are read, so
     a large evaluation does not sit in memory."""
@@ -105,14 +100,16 @@ def _read_samples(path: Path, round_: int) -> list[dict]:
     return rows
 
 
-def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_id: str | None = None) -> LoopData:
+def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_id: str | None = None,
+              base: Path | None = None) -> LoopData:
     """Everything the report needs about one loop, read from MLflow.
 
-    `tracking_uri` None: $MLFLOW_TRACKING_URI or ./mlflow.db, as the loop itself resolves it.
+    `tracking_uri` None: $MLFLOW_TRACKING_URI or mlflow.db, as the loop itself resolves it; a relative SQLite path is
+    relative to `base` (None: the working directory; the notebook passes the repository root).
     `run_id`: the loop's ratchet run id or its parent's MLflow run id; None: the most recent loop run.
     Rounds whose nested run has not finished (a loop still logging) are left out with a warning.
     """
-    uri = resolve_uri(TrackingConfig(uri=tracking_uri))
+    uri = resolve_uri(TrackingConfig(uri=tracking_uri), base)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         # MLflow would silently create an empty store there.
         raise FileNotFoundError(f"no MLflow store at {uri}; set the tracking URI to the loop's store")
@@ -124,6 +121,7 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
     pid = parent.info.run_id
     nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}' and tags.`kind` = 'round'")
     round_runs: dict[int, str] = {}
+    runs = {r.info.run_id: r for r in nested}
     for r in nested:
         rnd = int(r.data.tags[ROUND_TAG])
         if rnd in round_runs:
@@ -140,9 +138,9 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
         for rnd, rid in sorted(round_runs.items()):
             dst = Path(tmp) / str(rnd)
             dst.mkdir()
-            with open(_download(uri, rid, "eval_per_prompt.jsonl", dst)) as f:
+            with open(download_artifact(uri, runs[rid].info.artifact_uri, "eval_per_prompt.jsonl", dst)) as f:
                 per_prompt += [{"round": rnd, **json.loads(line)} for line in f if line.strip()]
-            samples += _read_samples(_download(uri, rid, "eval_samples.jsonl", dst), rnd)
+            samples += _read_samples(download_artifact(uri, runs[rid].info.artifact_uri, "eval_samples.jsonl", dst), rnd)
     metrics = _metric_histories(client, parent)
     return LoopData(tracking_uri=uri, experiment=experiment, parent_run_id=pid,
                     ratchet_run_id=parent.data.tags.get(RUN_ID_TAG, ""), round_run_ids=round_runs,
@@ -164,8 +162,9 @@ def pass_at_k_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def crossover_k(table: pd.DataFrame, base: int = 0) -> dict[int, int | None]:
-    """For each later round, the smallest k from which the base round's pass@k stays above it (at that k
-    and every larger one): the collapse signature. None when the round is not below base at the largest k."""
+    """For each later round that crosses from above the base round to below it, the smallest k from which it stays
+    below (at that k and every larger one) after being above it at some smaller k: the collapse signature. None
+    for a round that never crosses so: above or below the base at every k, or not below it at the largest k."""
     if base not in table.index:
         raise ValueError(f"round {base} is not among the rounds in the table ({table.index.tolist()})")
     out: dict[int, int | None] = {}
@@ -173,12 +172,11 @@ def crossover_k(table: pd.DataFrame, base: int = 0) -> dict[int, int | None]:
         if rnd == base:
             continue
         below = (table.loc[rnd] < table.loc[base]).to_numpy()
-        k = None
-        for i in range(len(below) - 1, -1, -1):  # walk down from the largest k while still below
-            if not below[i]:
-                break
-            k = int(table.columns[i])
-        out[int(rnd)] = k
+        above = (table.loc[rnd] > table.loc[base]).to_numpy()
+        i = len(below)
+        while i > 0 and below[i - 1]:  # walk down from the largest k while still below
+            i -= 1
+        out[int(rnd)] = int(table.columns[i]) if i < len(below) and above[:i].any() else None
     return out
 
 
@@ -360,6 +358,18 @@ def _bounds(st: pd.DataFrame, rounds, key: str, values) -> tuple[np.ndarray, np.
     return np.where(np.isnan(low), vals, low), np.where(np.isnan(high), vals, high)
 
 
+def _accuracy_axis(ax) -> None:
+    """Accuracies on their whole range, so that a change is drawn at its true size."""
+    ax.set_ylim(-0.02, 1.02)
+
+
+def _difference_axis(ax, values) -> None:
+    """Differences symmetric about 0, at least ±0.1: a change of 0.006 stays small instead of filling the panel."""
+    vals = np.abs(np.asarray(values, dtype=float))
+    half = max(0.1, 1.1 * float(np.nanmax(vals)) if np.isfinite(vals).any() else 0.1)
+    ax.set_ylim(-half, half)
+
+
 def _band(ax, xs, st: pd.DataFrame, rnd: int, keys: list[str], color) -> None:
     """A shaded 95% band over xs from round_stats' '<key>_low' / '<key>_high' of round `rnd`."""
     if rnd not in st.index or not all(f"{k}_low" in st for k in keys):
@@ -376,6 +386,7 @@ def plot_pass_at_k(data: LoopData) -> Figure:
     colors = _round_colors(data.rounds)
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.5))
     ks = table.columns.to_numpy()
+    drawn = [0.0]  # every difference and band end drawn, to size the difference axis
     for rnd in table.index:
         style = dict(color=colors[rnd], marker="o", lw=2 if rnd == 0 else 1.5, ls="--" if rnd == 0 else "-")
         ax.plot(ks, table.loc[rnd], label=f"round {rnd}", **style)
@@ -383,6 +394,9 @@ def plot_pass_at_k(data: LoopData) -> Figure:
         if rnd != 0 and 0 in table.index:
             dx.plot(ks, table.loc[rnd] - table.loc[0], label=f"round {rnd}", **style)
             _band(dx, ks, st, rnd, [f"vs_round0/pass@{k}" for k in ks], colors[rnd])
+            drawn += list(table.loc[rnd] - table.loc[0])
+            drawn += [st.loc[rnd].get(f"vs_round0/pass@{k}_{e}", np.nan) for k in ks for e in ("low", "high")
+                      if rnd in st.index]
     crossings = crossover_k(table) if 0 in table.index else {}
     for rnd, k in crossings.items():
         if k is not None:
@@ -395,9 +409,11 @@ def plot_pass_at_k(data: LoopData) -> Figure:
     ax.set_ylabel("pass@k (band: 95% interval)")
     ax.set_title("pass@k per round")
     ax.legend()
+    _accuracy_axis(ax)
+    _difference_axis(dx, drawn)
     dx.axhline(0, color="black", lw=1)
     dx.set_ylabel("pass@k(round) − pass@k(round 0) (band: paired 95% interval)")
-    dx.set_title("difference to the base model (× : below it from here on)")
+    dx.set_title("difference to the base model (×: crosses from above it to below it)")
     if 0 not in table.index:
         _missing(dx, "round 0")
     fig.tight_layout()
@@ -423,15 +439,32 @@ def plot_headline(data: LoopData) -> Figure:
                     capsize=3, label=label)
     ax.set_ylabel("accuracy over evaluation problems (bars: 95% interval)")
     ax.set_title("pass@1 against pass@max: sharpening or new capability?")
+    _accuracy_axis(ax)
     _round_axis(ax, data.rounds)
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def _boxplot_by_round(ax, frame: pd.DataFrame, column: str, rounds: list[int]) -> None:
-    values = [frame.loc[frame["round"] == r, column].dropna().to_numpy() for r in rounds]
-    ax.boxplot(values, positions=rounds, widths=0.5, showmeans=True, meanprops=dict(marker="D", markersize=5))
+MIN_BOX = 8  # a box plot needs at least this many values, and distinct values, per round
+
+
+def _distribution_by_round(ax, frame: pd.DataFrame, column: str, rounds: list[int]) -> str:
+    """Per round, `column` over the problems, with its mean (◆): a box plot when every round has at least MIN_BOX values
+    and they take at least MIN_BOX distinct values; else every value as a point, jittered sideways (a box over a few
+    discrete levels, e.g. distinct answers out of 4 samples, collapses to a line). Returns what it drew."""
+    values = [frame.loc[frame["round"] == r, column].dropna().to_numpy(dtype=float) for r in rounds]
+    levels = len(np.unique(np.concatenate(values))) if values else 0
+    if levels >= MIN_BOX and min(len(v) for v in values) >= MIN_BOX:
+        ax.boxplot(values, positions=rounds, widths=0.5)
+        kind = "box"
+    else:
+        rng = np.random.default_rng(0)  # the same jitter every time the figure is drawn
+        for r, v in zip(rounds, values):
+            ax.scatter(r + rng.uniform(-0.2, 0.2, len(v)), v, s=12, alpha=0.35, color="tab:blue", lw=0)
+        kind = "points"
+    ax.plot(rounds, [v.mean() if len(v) else np.nan for v in values], "D", color="tab:red", ms=6, zorder=3)
+    return kind
 
 
 def plot_diversity(data: LoopData) -> Figure:
@@ -439,17 +472,20 @@ def plot_diversity(data: LoopData) -> Figure:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     rounds = data.rounds
     (a_dist, a_share), (a_nll, a_len) = axes
-    _boxplot_by_round(a_dist, data.per_prompt, "distinct_answers", rounds)
+    kind = _distribution_by_round(a_dist, data.per_prompt, "distinct_answers", rounds)
     a_dist.set_ylabel("distinct final answers per problem")
-    a_dist.set_title("answer diversity (box: problems, ◆: mean)")
-    _boxplot_by_round(a_share, top_answer_share(data.samples), "top_answer_share", rounds)
+    a_dist.set_title(f"answer diversity ({kind}: problems, ◆: mean)")
+    a_dist.set_ylim(0, int(data.per_prompt["n"].max()) + 0.5)  # from none to one per sample
+    kind = _distribution_by_round(a_share, top_answer_share(data.samples), "top_answer_share", rounds)
     a_share.set_ylabel("share of samples giving the most common answer")
     a_share.set_ylim(-0.05, 1.05)
-    a_share.set_title("answer concentration (1 = all samples agree)")
+    a_share.set_title(f"answer concentration ({kind}: problems; 1 = all samples agree)")
     for ax, key, label in ((a_nll, "eval/nll_per_token", "NLL per model token (entropy proxy)"),
                            (a_len, "eval/response_tokens", "model tokens per response")):
         if key in data.metrics:
             ax.plot(data.metrics.index, data.metrics[key], "o-")
+            top = float(data.metrics[key].max())
+            ax.set_ylim(0, 1.2 * top if top > 0 else 1.0)  # from 0, so a change shows at its relative size
         else:
             _missing(ax, key)
         ax.set_ylabel(label)
@@ -477,6 +513,7 @@ def plot_coverage(data: LoopData) -> Figure:
     ax.errorbar(cov.index, frac.to_numpy(), yerr=[frac.to_numpy() - low, high - frac.to_numpy()], fmt="o-",
                 color="black", capsize=3)
     ax.set_ylabel("fraction of problems solved at least once (bars: 95% interval)")
+    _accuracy_axis(ax)
     ax.set_title(f"coverage (n samples per problem, {cov['num_prompts'].iloc[0]} problems)")
     later = cov.drop(index=0, errors="ignore")
     bx.bar(later.index, later["gained"], color="tab:green", label="gained: never solved by round 0")

@@ -47,11 +47,12 @@ class TrackingConfig(BaseModel):
     each config's adapters, of one base model, are versions of one model; None: don't register)."""
 
 
-def resolve_uri(cfg: TrackingConfig) -> str:
-    """The tracking URI to use, made absolute so that subprocesses and `ratchet ui` agree."""
+def resolve_uri(cfg: TrackingConfig, base: Path | None = None) -> str:
+    """The tracking URI to use, made absolute so that subprocesses and `ratchet ui` agree: a relative SQLite path
+    is relative to `base` (None: the working directory)."""
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        uri = "sqlite:///" + str((Path(base or ".") / uri[len("sqlite:///"):]).resolve())
     return uri
 
 
@@ -81,6 +82,21 @@ def artifact_repo(uri: str, artifact_uri: str):
         elif parsed.scheme == "file" and not Path(parsed.path).exists() and "/mlartifacts/" in parsed.path:
             artifact_uri = (dest / parsed.path.rsplit("/mlartifacts/", 1)[1]).as_uri()
     return get_artifact_repository(artifact_uri, tracking_uri=uri)
+
+
+def download_artifact(uri: str, artifact_uri: str, path: str, dst: Path) -> Path:
+    """Copy the artifact `path` of the run whose artifact root is `artifact_uri` into the folder `dst` (created), without
+    MLflow's progress bars (one per file would fill a notebook); returns the local copy."""
+    dst.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        return Path(artifact_repo(uri, artifact_uri).download_artifacts(path, str(dst)))
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
 def ui_command(uri: str, port: int) -> list[str]:

@@ -94,6 +94,9 @@ def grade_trajectories(tasks: dict[str, Task], trajectories: list[Trajectory], c
                 out[i] = g
 
     graded = [g for g in out if g is not None]
+    for g in graded:
+        task = tasks[g.trajectory.task_id]
+        g.prompt, g.gold = task.prompt, task.answer if task.verifier == "math" else task.tests
     errors = [g for g in graded if g.status == "error"]
     if errors:
         e = errors[0]

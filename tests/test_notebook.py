@@ -183,10 +183,11 @@ def test_coverage_of_the_logged_loop(store):
 
 
 def test_crossover_k():
-    table = pd.DataFrame({1: [0.3, 0.5, 0.2], 2: [0.5, 0.55, 0.3], 4: [0.7, 0.6, 0.5], 8: [0.8, 0.6, 0.9]},
-                         index=[0, 1, 2])
-    # Round 1 is above round 0 at k=1, 2 and below from k=4 on; round 2 ends above round 0.
-    assert report.crossover_k(table) == {1: 4, 2: None}
+    table = pd.DataFrame({1: [0.3, 0.5, 0.2, 0.1, 0.4], 2: [0.5, 0.55, 0.3, 0.2, 0.5], 4: [0.7, 0.6, 0.5, 0.3, 0.6],
+                          8: [0.8, 0.6, 0.9, 0.4, 0.7]}, index=[0, 1, 2, 3, 4])
+    # Round 1 is above round 0 at k=1, 2 and below from k=4 on; round 2 ends above round 0; round 3 is below it at
+    # every k (it never was above: no crossover); round 4 is above at k=1, level at k=2, then below.
+    assert report.crossover_k(table) == {1: 4, 2: None, 3: None, 4: 4}
 
 
 def test_notebook_runs_unattended_and_writes_every_figure(store, tmp_path, monkeypatch):

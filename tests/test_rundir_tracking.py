@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loop.rundir import RunDir, RunLocked
-from loop.tracking import Tracker, TrackingConfig, TrackingConflict
+from loop.tracking import Tracker, TrackingConfig, TrackingConflict, artifact_repo, download_artifact
 
 TAGS = {"config_name": "t", "model": "m", "task": "arithmetic", "git_commit": "x"}
 
@@ -84,9 +84,9 @@ def test_tracker_nests_rounds_resumes_and_registers_adapters(tmp_path: Path):
         assert run.data.tags["round"] == str(r)
     assert c.get_run(t.parent_id).data.params["train.targets"] == '["q", "v"]'
     assert c.get_run(t.parent_id).data.tags["model.sha256"] == "abc"
-    assert {a.path for a in c.list_artifacts(r0)} == {"samples.jsonl"}
-    assert {a.path for a in c.list_artifacts(r1)} == {"adapter"}
-    versions = c.search_model_versions("name = 'ratchet-adapter'")
+    assert {a.path for a in artifact_repo(t.uri, c.get_run(r0).info.artifact_uri).list_artifacts()} == {"samples.jsonl"}
+    assert {a.path for a in artifact_repo(t.uri, c.get_run(r1).info.artifact_uri).list_artifacts()} == {"adapter"}
+    versions = c.search_model_versions("name = 'ratchet-t'")  # ratchet-<config name>
     assert [v.run_id for v in versions] == [r1]  # registered once, even though round 1 was logged twice
 
 
@@ -142,7 +142,10 @@ from loop.tracking import Tracker, TrackingConfig
 tmp = Path(sys.argv[1])
 tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db", experiment="exp", registered_model=None),
                   "loop", json.loads(sys.argv[2]))
-cfg = SimpleNamespace(train=SimpleNamespace(continue_adapter=True))  # what run_round reads of a finished round
+# What run_round reads of a round whose stages are done: the settings it logs on the round's nested run.
+sampling = SimpleNamespace(n=4, temperature=1.0, max_tokens=16)
+cfg = SimpleNamespace(model="m", sampling=sampling, eval=SimpleNamespace(sampling=sampling),
+                      train=SimpleNamespace(continue_adapter=True, algorithm="dpo", lr=1e-4, beta=0.1, epochs=1, lora_r=8))
 lp = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(path=None), train_tasks=[],
           eval_tasks=[], tracker=tracker, policy=None)
 rows = [{"round": r, **run_round(lp, r, None, None)[0]} for r in range(3)]
@@ -158,8 +161,6 @@ def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
     recomputes them."""
     import json
     import os
-
-    import mlflow
 
     from loop.rundir import write_json, write_jsonl
     from loop.stats import paired_difference, pass_at_k_interval
@@ -204,10 +205,9 @@ def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
     assert nested.data.metrics["vs_round0/pass_at_1_p"] == pytest.approx(p)
     assert nested.data.metrics["eval/maj_at_4_high"] == pytest.approx(m2["eval/maj@4_high"])
     # The per-problem artifact (problem id, n, correct count) is enough to recompute the change.
-    base_rows, rows2 = ([json.loads(line) for line in Path(mlflow.artifacts.download_artifacts(
-        run_id=rid, artifact_path="eval_per_prompt.jsonl", dst_path=str(tmp_path / rid),
-        tracking_uri=tracker.uri)).read_text().splitlines()]
-        for rid in (c.search_runs([tracker.experiment_id], "tags.`round` = '0'")[0].info.run_id, nested.info.run_id))
+    base_rows, rows2 = ([json.loads(line) for line in download_artifact(
+        tracker.uri, run.info.artifact_uri, "eval_per_prompt.jsonl", tmp_path / run.info.run_id).read_text().splitlines()]
+        for run in (c.search_runs([tracker.experiment_id], "tags.`round` = '0'")[0], nested))
     assert [r["task_id"] for r in base_rows] == [r["task_id"] for r in rows2]
     assert paired_difference([r["correct"] for r in base_rows], [r["correct"] for r in rows2],
                              [r["n"] for r in rows2], 1) == pytest.approx((delta, low, high, p))
