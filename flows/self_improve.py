@@ -21,8 +21,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.exceptions import MissingContextError
 
 from loop.config import RunConfig, check_model, load_config
+from loop.console import round_line, say, stage_line
 from loop.evaluate import evaluate_policy
 from loop.generate import Policy
 from loop.models import ResolvedModel, resolve_model
@@ -32,7 +34,7 @@ from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
 from loop.stats import detectable_change_note, format_change, format_estimate, round_statistics_from_dirs
 from loop.tasks import check_disjoint, load_tasks
 from loop.tasks.base import Task
-from loop.tracking import Tracker, git_commit
+from loop.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.train import train_round
 from loop.verify import grade_trajectories
 
@@ -190,24 +192,61 @@ class Loop:
         return {t.id: t for t in self.train_tasks}
 
 
+def progress(line: str) -> None:
+    """A progress line: on the terminal (loop/console.py) and in the flow run's log (the Prefect UI, the log file)."""
+    say(line)
+    try:
+        get_run_logger().info(line)
+    except MissingContextError:  # a round run outside a flow (tests, benchmarks)
+        logging.getLogger(__name__).info(line)
+
+
+def _discard_unstarted_runs(cfg: RunConfig, run_id: str) -> None:
+    """Delete the MLflow runs of a run id whose saved config is being replaced (RunDir.check_config: no stage ever
+    ran with it): they carry the old config's params, which MLflow cannot change, and hold no round's results."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_uri(cfg.tracking))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    for old in client.search_runs([exp.experiment_id], f"tags.`{RUN_ID_TAG}` = '{run_id}'") if exp else []:
+        client.delete_run(old.info.run_id)
+
+
 def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
-    """Check the config against the run directory, load the tasks, open the MLflow runs and start vLLM."""
+    """Check the config against the run directory, load the tasks, start vLLM, then open the MLflow runs.
+
+    vLLM starts before anything is recorded: a model or engine that fails to start leaves no MLflow run (RUNNING
+    for ever) and no saved config (the run id stays free); whatever fails after the MLflow run exists marks it
+    FAILED and stops vLLM."""
     config_dict = cfg.model_dump(mode="json")
+    had_config = (run.path / "config.yaml").exists()
     new_run = run.check_config(config_dict)
     model = resolve_model(cfg.model)
     check_model(cfg, model.path)
     train_tasks = load_tasks(cfg.train_tasks)
     eval_tasks = load_tasks(cfg.eval.tasks)
     check_disjoint(train_tasks, eval_tasks)
-    tracker = Tracker(cfg.tracking, run.run_id, tags={
-        "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, "git_commit": git_commit()},
-        new_loop=new_run)
-    run.save_config(config_dict)
-    tracker.log_config(config_dict, model.provenance)
-    logger.info(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment})")
     if len(eval_tasks) >= 2:  # before vLLM starts: size the evaluation first
-        logger.info(detectable_change_note(len(eval_tasks), cfg.eval.sampling.n))
+        progress(detectable_change_note(len(eval_tasks), cfg.eval.sampling.n))
+    t0 = time.perf_counter()
+    progress(f"starting vLLM on {cfg.model} ...")
     policy = Policy(model.path, cfg.engine)
+    tracker = None
+    try:
+        if new_run and had_config:
+            _discard_unstarted_runs(cfg, run.run_id)
+        tracker = Tracker(cfg.tracking, run.run_id, tags={
+            "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, "git_commit": git_commit()},
+            new_loop=new_run)
+        run.save_config(config_dict)
+        tracker.log_config(config_dict, model.provenance)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        policy.close()
+        raise
+    progress(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment}); "
+             f"vLLM started in {time.perf_counter() - t0:.0f} s")
     return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, policy)
 
 
@@ -242,10 +281,15 @@ def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
         # Metrics are saved after every stage, so a resumed round keeps the finished stages' figures.
         if not run.done(r, name):
             t0 = time.perf_counter()
-            m.update(fn(*args))
+            try:
+                m.update(fn(*args))
+            except BaseException:
+                progress(f"round {r}/{cfg.rounds} · {name} failed after {time.perf_counter() - t0:.0f} s")
+                raise
             write_json(rd / "metrics.json", m)
             run.mark_done(r, name)
             timings[name] = time.perf_counter() - t0
+            progress(stage_line(r, cfg.rounds, name, m, timings[name]))
 
     if r > 0:
         stage("generate", generate, policy, lp.train_tasks, cfg, r, adapter, adapter_id, rd / "samples.jsonl")
@@ -272,7 +316,9 @@ def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
                                  description=f"{run.run_id} round {r}")
         run.mark_done(r, "log")
         timings["log"] = time.perf_counter() - t0
+        progress(stage_line(r, cfg.rounds, "log", m, timings["log"]))
     run.mark_done(r, "round")
+    progress(round_line(r, cfg.rounds, m))
     return m, adapter, adapter_id
 
 

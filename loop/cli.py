@@ -1,9 +1,19 @@
-"""The `ratchet` command line. Heavy imports (vLLM, torch, Prefect) happen inside the commands."""
+"""The `ratchet` command line. Heavy imports (vLLM, torch, Prefect) happen inside the commands.
+
+`run`, `serve` and `eval` first run the start-up checks (loop/preflight.py): a config or setup problem is one line
+and exit code 2, before anything is started or written. `run` and `eval` then supervise the loop in a child
+process whose output goes to a log file (loop/supervise.py, loop/console.py); a failure there is a one-line
+summary and the log file's name (exit code 1), the traceback on the terminal only with --debug.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import time
+import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+# pretty_exceptions off: typer would print a second, 100-line rendering of a traceback Prefect already logged.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Iterative on-policy self-improvement: generate -> verify -> DPO -> evaluate, in rounds.")
 models_app = typer.Typer(no_args_is_help=True, help="Built-in models shipped as wheels on PyPI.")
 app.add_typer(models_app, name="models")
@@ -30,12 +41,75 @@ def _exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def _supervise() -> None:
-    """Re-run this command in a child that the current process supervises (loop/supervise.py)."""
-    from loop.supervise import is_supervised, run_supervised
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Print a failure's full traceback here too (or set "
+                                                         "RATCHET_DEBUG=1); it always goes to the log file."),
+         verbose: bool = typer.Option(False, "--verbose", help="Show vLLM's, TRL's and Prefect's output here "
+                                                             "instead of in the log file (or RATCHET_VERBOSE=1).")) -> None:
+    """Iterative on-policy self-improvement: generate -> verify -> DPO -> evaluate, in rounds."""
+    from loop.console import DEBUG_ENV, VERBOSE_ENV
 
-    if not is_supervised():
-        raise typer.Exit(run_supervised([sys.executable, "-m", "loop.cli", *sys.argv[1:]]))
+    # Environment variables, so that the supervised loop process (and anything else started) sees them too.
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+
+
+def _supervised() -> bool:
+    from loop.supervise import is_supervised
+
+    return is_supervised()
+
+
+def _supervise(log: Path) -> None:
+    """Re-run this command in a child that the current process supervises (loop/supervise.py), its output in
+    `log` unless --verbose."""
+    from loop.console import VERBOSE_ENV, flag
+    from loop.supervise import run_supervised
+
+    if not flag(VERBOSE_ENV):
+        console.print(f"log: {log} (vLLM, TRL and Prefect output; --verbose shows it here)")
+    raise typer.Exit(run_supervised([sys.executable, "-m", "loop.cli", *sys.argv[1:]], log=log))
+
+
+def _use_console() -> None:
+    """In the supervised loop process: tables and errors go to the terminal, not to the log file."""
+    from loop.console import console as terminal
+
+    console.file = terminal()
+
+
+@contextlib.contextmanager
+def _reported_failures():
+    """A failure of the loop process: the traceback to the log file (and the terminal with --debug), a one-line
+    summary on the terminal. A config or model error found only now exits with 2, like the start-up checks."""
+    from loop.console import DEBUG_ENV, flag, log_file, redirected
+    from loop.config import ConfigError
+    from loop.models import ModelError
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print("interrupted: completed stages are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if isinstance(e, (typer.Exit, typer.Abort)):  # click's, subclasses of RuntimeError
+            raise
+        log, tb = log_file(), traceback.format_exc()
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(f"\n{datetime.now():%Y-%m-%d %H:%M:%S} ratchet: the loop failed:\n{tb}\n")
+        # Without redirection the terminal has Prefect's own log of the traceback already: never print it twice.
+        if flag(DEBUG_ENV) and (redirected() or log is None):
+            console.file.write(tb)
+        config = isinstance(e, (ConfigError, ModelError))
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        console.print(f"[red]error:[/red] {first if config else f'{type(e).__name__}: {first}'}", markup=True,
+                      highlight=False, soft_wrap=True)
+        if log is not None and not flag(DEBUG_ENV):
+            console.print(f"the full traceback is in {log} (--debug prints it here)", highlight=False, soft_wrap=True)
+        raise typer.Exit(2 if config else 1) from None
 
 
 def _local_prefect_defaults() -> None:
@@ -45,7 +119,7 @@ def _local_prefect_defaults() -> None:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -54,6 +128,16 @@ def _load(config: Path, **overrides):
 
     try:
         return load_config(config, **overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _preflight(check, *args):
+    """The start-up checks (loop/preflight.py): a failure is one message and exit code 2."""
+    from loop.config import ConfigError
+
+    try:
+        return check(*args)
     except ConfigError as e:
         _fail(str(e))
 
@@ -118,13 +202,18 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (se
         rounds: Optional[int] = typer.Option(None, help="Override the config's number of rounds."),
         run_id: Optional[str] = typer.Option(None, help="Run id (default: the config's name). Re-running an id resumes it.")) -> None:
     """Run (or resume) the self-improvement loop as a Prefect flow, tracked in MLflow."""
-    _load(config, rounds=rounds)  # validate before starting anything expensive
-    _supervise()
+    if not _supervised():
+        from loop.preflight import preflight_run
+
+        cfg = _preflight(preflight_run, config, rounds, run_id)  # before anything is started or written
+        _supervise(cfg.run_dir / (run_id or cfg.name) / "loop.log")
+    _use_console()
     _exit_cleanly_on_sigterm()
     _local_prefect_defaults()
-    from flows.self_improve import self_improve
+    with _reported_failures():
+        from flows.self_improve import self_improve
 
-    rows = self_improve(str(config), rounds=rounds, run_id=run_id)
+        rows = self_improve(str(config), rounds=rounds, run_id=run_id)
     if rows:
         console.print(rounds_table(rows))
         changes = changes_table(rows)
@@ -150,7 +239,9 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
     Parameters (config path, rounds, run id) stay editable in the Prefect UI. Two runs of one loop never
     write the same run directory at once: a run that finds it locked logs why and skips.
     """
-    cfg = _load(config, rounds=rounds)
+    from loop.preflight import preflight_run
+
+    cfg = _preflight(preflight_run, config, rounds, run_id)
     _local_prefect_defaults()
     from flows.self_improve import self_improve
 
@@ -164,11 +255,21 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
           adapter: Optional[Path] = typer.Option(None, help="A LoRA adapter folder to evaluate (default: the base model)."),
           out: Path = typer.Option(Path("eval-results"), help="Where to write JSONL samples and the summary JSON.")) -> None:
     """Evaluate the config's model (or an adapter) on its held-out split: pass@k, maj@k, diversity."""
-    cfg = _load(config)
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        _fail(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    _supervise()
+    if not _supervised():
+        from loop.preflight import preflight_eval
+
+        _preflight(preflight_eval, config, out)
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            _fail(f"--adapter: {adapter} is not a LoRA adapter folder (no adapter_config.json)")
+        _supervise(out / "eval.log")
+    _use_console()
     _exit_cleanly_on_sigterm()
+    with _reported_failures():
+        _evaluate(config, adapter, out)
+
+
+def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
+    from loop.console import say
     from loop.evaluate import evaluate_policy
     from loop.generate import Policy
     from loop.models import resolve_model
@@ -176,15 +277,20 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
     from loop.stats import detectable_change_note, format_estimate, round_statistics
     from loop.tasks import load_tasks
 
+    cfg = _load(config)
     tasks = load_tasks(cfg.eval.tasks)
     if len(tasks) >= 2:  # before vLLM starts: size the evaluation first
         console.print(detectable_change_note(len(tasks), cfg.eval.sampling.n))
     model = resolve_model(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    say(f"starting vLLM on {cfg.model} ...")
     policy = Policy(model.path, cfg.engine)
     try:
         if adapter is not None:
             policy.check_adapter_applied(adapter, adapter_id=1)
+        say(f"evaluating {len(tasks)} prompts x {cfg.eval.sampling.n} samples"
+            + (" + greedy" if cfg.eval.greedy else "") + f" (vLLM started in {time.perf_counter() - t0:.0f} s) ...")
         summary = evaluate_policy(policy, tasks, cfg.eval, cfg.verify, out, adapter=adapter,
                                   adapter_id=1 if adapter else None)
     finally:

@@ -141,7 +141,17 @@ def load_config(path: str | Path, **overrides) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (the configs/ folder has examples)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as e:  # PyYAML's own message names "<unicode string>" and spans many lines
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = e.problem or e.context or "invalid YAML"
+        raise ConfigError(f"{where}: YAML syntax error: {problem}"
+                          + (f" ({e.context})" if e.context and e.problem else "")
+                          + "; check the indentation, colons and quotes there") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML syntax error: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys")
     raw.update({k: v for k, v in overrides.items() if v is not None})

@@ -7,6 +7,7 @@ hub id, passed through as is.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import shutil
 import tempfile
@@ -133,5 +134,46 @@ def resolve_model(name: str) -> ResolvedModel:
         return ResolvedModel(str(path.resolve()), {"source": "local-folder", "path": str(path.resolve())})
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return ResolvedModel(name, {"source": "hub", "id": name})
-    raise ModelError(f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), an existing "
-                     "local folder, nor a hub id of the form org/name")
+    raise _not_found(name, "is neither a built-in name, an existing local folder, nor a hub id of the form org/name")
+
+
+def _not_found(name: str, why: str) -> ModelError:
+    close = difflib.get_close_matches(name.lower(), BUILTIN_MODELS, n=1, cutoff=0.6)
+    return ModelError(f"model {name!r} {why}." + (f" Did you mean {close[0]!r}?" if close else "")
+                      + f" Built-in models: {', '.join(BUILTIN_MODELS)}; `model:` also takes a local Hugging Face "
+                      "folder, or a hub id (org/name) that is cached or reachable")
+
+
+def locate_model(name: str, timeout_s: float = 3.0) -> Path | None:
+    """Check, without downloading or converting anything, that `name` resolves: a built-in name, a local folder
+    with a config.json, or a hub id in the Hugging Face cache or reachable on the hub (one request of at most
+    `timeout_s`). Returns the folder its weights are in when they are on disk already (a prepared built-in, a local
+    folder, a cached hub snapshot), else None; a name that cannot resolve is a ModelError that says why."""
+    if name in BUILTIN_MODELS:
+        folder = cache_dir() / "models" / name
+        return folder if (folder / "config.json").is_file() else None
+    path = Path(name).expanduser()
+    if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return Path(resolve_model(name).path)  # the local-folder checks, and the error for anything else
+    # huggingface_hub is imported only for hub ids: the other names need none of it.
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return Path(cached).parent
+    where = "is not built-in, not a local folder and not in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise _not_found(name, f"{where}, and HF_HUB_OFFLINE is set, so the hub was not asked")
+    try:
+        model_info(name, timeout=timeout_s)
+    except GatedRepoError:
+        raise ModelError(f"model {name!r} is gated on the hub ({constants.ENDPOINT}): accept its terms on the "
+                         "model's page and log in (`hf auth login`), or use a local copy") from None
+    except RepositoryNotFoundError:
+        raise _not_found(name, f"{where}, and the hub ({constants.ENDPOINT}) has no such model (or it is "
+                               "private: log in with `hf auth login`)") from None
+    except Exception as e:  # no network, DNS, a proxy, a timeout: the hub is not reachable from here
+        raise _not_found(name, f"{where}, and the hub ({constants.ENDPOINT}) is not reachable "
+                               f"({type(e).__name__})") from None
+    return None

@@ -76,10 +76,12 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 class RunDir:
-    def __init__(self, root: Path, run_id: str):
+    def __init__(self, root: Path, run_id: str, create: bool = True):
+        """`create=False`: only look (the start-up checks run before anything is written)."""
         self.run_id = run_id
         self.path = Path(root).resolve() / run_id
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
@@ -103,7 +105,9 @@ class RunDir:
 
     def check_config(self, config: dict[str, Any]) -> bool:
         """Refuse a config that differs from the one this run started with, except in `RESUMABLE_KEYS` (and a
-        DPO batch split differently, see `_same_dpo_batch`). True for a new run (no saved config).
+        DPO batch split differently, see `_same_dpo_batch`). True for a new run: no saved config, or a saved one
+        that no stage ran with (a start that failed before any work, e.g. on a wrong model, does not burn the
+        run id: the new config replaces it).
 
         Nothing is written: `save_config` does that once the rest of the start-up checks have passed."""
         saved_path = self.path / "config.yaml"
@@ -113,6 +117,8 @@ class RunDir:
         changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)} - RESUMABLE_KEYS
         if _same_dpo_batch(old, new):
             changed -= {"train.per_device_batch_size", "train.grad_accumulation"}
+        if changed and not self.started():
+            return True
         if changed:
             raise ValueError(
                 f"run {self.run_id!r} was started with a different config (changed: {', '.join(sorted(changed))}). "
@@ -123,6 +129,10 @@ class RunDir:
 
     def save_config(self, config: dict[str, Any]) -> None:
         _atomic_write(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def started(self) -> bool:
+        """Whether any stage of any round is done (a saved config alone is not a start)."""
+        return any(self.path.glob("round-*/*.done"))
 
     def round(self, r: int) -> Path:
         d = self.path / f"round-{r:02d}"

@@ -5,6 +5,9 @@ out-of-memory-killed loop left vLLM's EngineCore and Worker running here, holdin
 command's own process only supervises: it is a Linux child subreaper (orphans of the loop become its
 children), and once the loop process has exited, whatever is left is stopped. When the loop was killed by
 SIGKILL, the usual reason (the OOM killer) and how to resume are printed.
+
+Given a log file, the loop process's stdout and stderr go to it, and the terminal is passed on as one more
+descriptor for the progress lines (loop/console.py); `--verbose` keeps everything on the terminal.
 """
 from __future__ import annotations
 
@@ -14,7 +17,11 @@ import signal
 import subprocess
 import sys
 
+from pathlib import Path
+
 import psutil
+
+from loop.console import CONSOLE_FD_ENV, LOG_ENV, VERBOSE_ENV, flag
 
 SUPERVISED_ENV = "RATCHET_SUPERVISED"
 _PR_SET_CHILD_SUBREAPER = 36
@@ -30,19 +37,31 @@ def is_supervised() -> bool:
     return os.environ.get(SUPERVISED_ENV) == "1"
 
 
-def run_supervised(argv: list[str]) -> int:
-    """Run `argv` (which must see `is_supervised()`), forward SIGTERM to it, stop what it leaves; its exit code."""
+def run_supervised(argv: list[str], log: Path | None = None) -> int:
+    """Run `argv` (which must see `is_supervised()`), forward SIGTERM to it, stop what it leaves; its exit code.
+    With `log`, the child's output goes to that file (appended) unless RATCHET_VERBOSE is set."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    env, out, keep = {**os.environ, SUPERVISED_ENV: "1"}, None, ()
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env[LOG_ENV] = str(log)
+        if not flag(VERBOSE_ENV):
+            sys.stdout.flush()
+            keep = (os.dup(sys.stdout.fileno()),)  # the terminal, for the loop's progress lines
+            env[CONSOLE_FD_ENV] = str(keep[0])
+            out = open(log, "ab")
     # Same process group: Ctrl-C in a terminal and a kill of the whole group reach the loop directly, so
     # SIGINT is left to it; a SIGTERM sent to this process alone (a scheduler, `kill PID`) is passed on.
-    child = subprocess.Popen(argv, env={**os.environ, SUPERVISED_ENV: "1"})
+    child = subprocess.Popen(argv, env=env, stdout=out, stderr=out, pass_fds=keep)
+    if out is not None:
+        out.close()
     signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rc = child.wait()
     stop_descendants()
     if rc == -signal.SIGKILL:
-        print(f"error: {KILLED_HINT}", file=sys.stderr)
+        print(f"error: {KILLED_HINT}" + (f" The loop's output is in {log}." if log else ""), file=sys.stderr)
     return 128 - rc if rc < 0 else rc
 
 

@@ -53,8 +53,28 @@ def test_stage_markers_and_config_change_detection(tmp_path: Path):
     with pytest.raises(ValueError, match="per_device_batch_size"):  # KTO: the batch is part of its loss
         kto = {**cfg, "train": {**cfg["train"], "algorithm": "kto"}}
         RunDir(tmp_path, "k").save_config(kto)
+        RunDir(tmp_path, "k").mark_done(0, "evaluate")
         RunDir(tmp_path, "k").check_config({**kto, "train": {**kto["train"], "per_device_batch_size": 2,
                                                              "grad_accumulation": 2}})
+
+
+def test_a_run_whose_rounds_never_started_takes_a_changed_config(tmp_path: Path):
+    """A start that failed before any stage ran (a wrong model, vLLM not starting) does not burn the run id: its
+    saved config is replaced; once a stage is done, the same change is refused."""
+    cfg = {"model": "nonexistent-org/typo", "rounds": 2, "train": {"lr": 1e-4}}
+    run = RunDir(tmp_path, "r")
+    run.save_config(cfg)
+    run.round(0)  # an empty round folder is not a start
+    fixed = {**cfg, "model": "smollm2-135m-instruct"}
+    assert not run.started()
+    assert run.check_config(fixed) is True  # a new run: the flow saves the new config over the old one
+    run.save_config(fixed)
+    run.mark_done(0, "evaluate")
+    assert run.started()
+    with pytest.raises(ValueError, match="changed: model"):
+        run.check_config(cfg)
+    assert RunDir(tmp_path / "absent", "x", create=False).check_config(cfg) is True
+    assert not (tmp_path / "absent").exists()  # create=False only looks
 
 
 def test_tracker_nests_rounds_resumes_and_registers_adapters(tmp_path: Path):
@@ -144,7 +164,7 @@ tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db", experiment="e
                   "loop", json.loads(sys.argv[2]))
 # What run_round reads of a round whose stages are done: the settings it logs on the round's nested run.
 sampling = SimpleNamespace(n=4, temperature=1.0, max_tokens=16)
-cfg = SimpleNamespace(model="m", sampling=sampling, eval=SimpleNamespace(sampling=sampling),
+cfg = SimpleNamespace(model="m", rounds=2, sampling=sampling, eval=SimpleNamespace(sampling=sampling),
                       train=SimpleNamespace(continue_adapter=True, algorithm="dpo", lr=1e-4, beta=0.1, epochs=1, lora_r=8))
 lp = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(path=None), train_tasks=[],
           eval_tasks=[], tracker=tracker, policy=None)

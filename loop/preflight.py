@@ -1,0 +1,104 @@
+"""Start-up checks of `ratchet run`, `serve` and `eval`, before any expensive work: nothing is written, no MLflow run
+is created, no Prefect server or vLLM engine is started until they pass.
+
+Each failure is one `PreflightError` (a `ConfigError`: the CLI prints it on one line and exits with 2) that says
+what is wrong, which setting is involved, and how to fix it. What they cover: the config (schema and YAML syntax,
+loop/config.py), the model name (loop/models.py `locate_model`) and, when its weights are on disk, the checks
+that need them (`check_model`), the folders written to, the saved config of a resumed run id, and the MLflow store.
+Imports stay light (no torch, vLLM, Prefect or mlflow): a typo is reported in well under a second.
+"""
+from __future__ import annotations
+
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from loop.config import ConfigError, RunConfig, check_model, load_config
+from loop.models import ModelError, locate_model
+from loop.rundir import RunDir
+from loop.tracking import TrackingConfig, resolve_uri
+
+MLFLOW_TIMEOUT_S = 3.0
+
+
+class PreflightError(ConfigError):
+    pass
+
+
+def check_writable(folder: Path, setting: str) -> None:
+    """`folder` is, or can be created as, a folder this process can write to. Nothing is created: the probe file
+    is anonymous (O_TMPFILE) and gone when closed."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists():  # Path.exists is False below a regular file, so this stops at the file
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PreflightError(f"{setting}: {folder} cannot be a folder: {existing} is a file. Set {setting} to a "
+                             "folder (it is created if missing)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise PreflightError(f"{setting}: cannot write to {existing} ({e.strerror}). Set {setting} to a folder "
+                             "you can write to, or fix its permissions") from None
+
+
+def check_tracking(cfg: TrackingConfig) -> str:
+    """The tracking URI, checked: an MLflow server answers within a few seconds (MLflow's own client retries for
+    minutes), and a SQLite store's folder is writable."""
+    uri = resolve_uri(cfg)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=MLFLOW_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code >= 500:  # a proxy in front of a stopped server
+                _unreachable(uri, f"HTTP {e.code}")
+        except (urllib.error.URLError, OSError) as e:
+            _unreachable(uri, str(getattr(e, "reason", e)))
+    elif uri.startswith("sqlite:///"):
+        check_writable(Path(uri[len("sqlite:///"):]).parent, "tracking.uri (the folder of its SQLite file)")
+    return uri
+
+
+def _unreachable(uri: str, reason: str) -> None:
+    p = urlparse(uri)
+    server = f"mlflow server --host {p.hostname} --port {p.port or (443 if p.scheme == 'https' else 80)}"
+    raise PreflightError(f"MLflow at {uri} is not reachable: start it (`{server}`) or unset tracking.uri / "
+                         f"MLFLOW_TRACKING_URI ({reason})")
+
+
+def check_model_name(cfg: RunConfig) -> None:
+    """The model resolves (built-in, local folder, cached or reachable hub id); with its weights on disk, the
+    config's train settings fit it (loop/config.py `check_model`)."""
+    try:
+        weights = locate_model(cfg.model)
+    except ModelError as e:
+        raise PreflightError(str(e)) from None
+    if weights is not None:
+        check_model(cfg, weights)
+
+
+def preflight_run(config: Path, rounds: int | None = None, run_id: str | None = None) -> RunConfig:
+    """Everything `ratchet run` / `serve` can check before starting: the config, the run directory (writable, and
+    a resumed run's saved config compatible), the model, the MLflow store."""
+    cfg = load_config(config, rounds=rounds)
+    check_writable(cfg.run_dir, "run_dir")
+    try:  # a resumed run id: the same error the flow would raise after Prefect and the model had started
+        RunDir(cfg.run_dir, run_id or cfg.name, create=False).check_config(cfg.model_dump(mode="json"))
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    check_model_name(cfg)
+    check_tracking(cfg.tracking)
+    return cfg
+
+
+def preflight_eval(config: Path, out: Path) -> RunConfig:
+    """What `ratchet eval` can check before starting: the config, the model, the output folder."""
+    cfg = load_config(config)
+    check_writable(out, "--out")
+    check_model_name(cfg)
+    return cfg
