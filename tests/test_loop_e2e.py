@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from helpers import tiny_config
+from loop.tracking import download_artifact
 
 pytestmark = pytest.mark.slow
 RATCHET = [sys.executable, "-m", "loop.cli"]
@@ -75,6 +76,22 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
     rounds = sorted(int(r.data.tags["round"]) for r in runs if r.data.tags.get("kind") == "round")
     assert len(parents) == 1 and rounds == [0, 1, 2]
     assert parents[0].info.status == "FINISHED"
+    assert "smollm2-135m-instruct on arithmetic, 2 rounds" in parents[0].data.tags["mlflow.note.content"]
+    for nested in (r for r in runs if r.data.tags.get("kind") == "round"):
+        r = int(nested.data.tags["round"])
+        m = json.loads((run / f"round-{r:02d}" / "metrics.json").read_text())
+        # The round's run spans the round (opened as it started; round 1's across the kill and the resume), logs at
+        # step=round and carries the round's settings.
+        assert nested.info.status == "FINISHED"
+        assert (nested.info.end_time - nested.info.start_time) / 1000 >= m["time/evaluate_s"], r
+        assert {h.step for h in client.get_metric_history(nested.info.run_id, "eval/pass_at_1")} == {r}
+        params = nested.data.params
+        assert params["adapter"] == (str(adapters[0]) if r == 2 and adapters[0].is_dir() else "base"), params
+        assert params["eval.n"] == "2" and ("train.lr" in params) == (r > 0), params
+    [round0] = [r for r in runs if r.data.tags.get("round") == "0"]
+    sample = json.loads(download_artifact(f"sqlite:///{tmp_path}/mlflow.db", round0.info.artifact_uri, "eval_samples.jsonl",
+                                          tmp_path / "dl").read_text().splitlines()[0])
+    assert sample["prompt"] and sample["gold"] is not None  # readable against its problem
     history = client.get_metric_history(parents[0].info.run_id, "eval/pass_at_1")
     assert sorted({m.step for m in history}) == [0, 1, 2]
     # Intervals every round, paired changes from round 1 on; the CLI printed the detectable change first.
@@ -83,8 +100,10 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
         assert sorted({m.step for m in client.get_metric_history(parents[0].info.run_id, key)}) == steps, key
     assert "Smallest change of pass@1 detectable" in out and "paired change over the same problems" in out
     assert "model.sha256" in parents[0].data.tags
-    versions = client.search_model_versions("name = 'ratchet-adapter'")
+    versions = client.search_model_versions("name = 'ratchet-e2e'")  # ratchet-<config name>
     assert len(versions) == len(trained)
+    if trained:
+        assert client.get_model_version_by_alias("ratchet-e2e", "best").tags["base_model"] == "smollm2-135m-instruct"
 
 
 def test_round_without_pairs_skips_training(tmp_path: Path):

@@ -269,7 +269,7 @@ def test_served_deployment_on_prefect_and_mlflow_servers(tmp_path: Path, service
         assert json.loads(got.read_text()) == json.loads(local.read_text())
         assert (artifacts / exp.experiment_id / rid / "artifacts" / "metrics.json").is_file()
         if adapter.is_dir():
-            versions = client.search_model_versions(f"name = 'ratchet-adapter' and run_id = '{rid}'")
+            versions = client.search_model_versions(f"name = 'ratchet-{NAME}' and run_id = '{rid}'")
             assert len(versions) == 1, versions
     history = client.get_metric_history(parent.info.run_id, "eval/pass_at_1")
     assert sorted({m.step for m in history}) == [0, 1]
