@@ -7,6 +7,9 @@ what a loop logs. The notebook is executed top to bottom in a real kernel.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -211,3 +214,53 @@ def test_notebook_runs_unattended_and_writes_every_figure(store, tmp_path, monke
     # It reported on the loop asked for.
     text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
     assert "loop-a" in text and store["parent"] in text
+    assert "Downloading artifacts" not in text  # MLflow's progress bars are silenced
+
+
+def _readme_notebook_command() -> str:
+    """The command the README gives for the notebook (its line that runs `jupyter execute`)."""
+    readme = (ROOT / "README.md").read_text()
+    [line] = [ln for ln in readme.splitlines() if "jupyter execute" in ln and not ln.lstrip().startswith("#")]
+    return line.strip().strip("`")
+
+
+def test_the_readme_notebook_command_runs_as_written_from_the_repository_root(tmp_path):
+    """The README's command, run by a shell from the root of a checkout whose store is the default ./mlflow.db (a
+    copy of this checkout's code, so the real store and docs/ figures stay untouched), writes every figure."""
+    root = tmp_path / "checkout"
+    (root / "notebooks").mkdir(parents=True)
+    shutil.copy(NOTEBOOK, root / "notebooks" / NOTEBOOK.name)
+    for name in ("loop", "verifiers", ".venv"):
+        (root / name).symlink_to(ROOT / name)
+    # The loop's default store (experiment 'ratchet'), written where `ratchet run` in the root puts it.
+    cfg = TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", registered_model=None)
+    tracker = Tracker(cfg, "demo", TAGS)
+    for rnd in range(2):
+        tracker.log_round(rnd, *_round(_tasks(), rnd, tmp_path / "runs" / f"round-{rnd:02d}"), adapter=None)
+    tracker.finish()
+    command = _readme_notebook_command()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RATCHET_", "MLFLOW_"))}
+    done = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert sorted(p.name for p in (root / "docs").iterdir()) == sorted(f"{f}.png" for f in FIGURES), command
+    assert not (root / "notebooks" / "mlflow.db").exists()  # no empty store made beside the notebook
+
+
+def test_figures_fit_the_data(store):
+    data = report.load_loop(store["uri"], "exp", "loop-a")
+    # pass@k on its whole range; differences symmetric about 0, at least ±0.1 wide.
+    ax, dx = report.plot_pass_at_k(data).axes
+    assert ax.get_ylim() == pytest.approx((-0.02, 1.02))
+    low, high = dx.get_ylim()
+    assert low == pytest.approx(-high) and high >= 0.1
+    assert report.plot_headline(data).axes[0].get_ylim() == pytest.approx((-0.02, 1.02))
+    # Distinct answers out of 8 samples take fewer than 8 levels: points, no box.
+    a_dist = report.plot_diversity(data).axes[0]
+    assert "points" in a_dist.get_title() and a_dist.collections
+    assert a_dist.get_ylim() == pytest.approx((0, N + 0.5))
+    # A box only over enough distinct values.
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame({"round": [0] * 20 + [1] * 20, "v": [i / 20 for i in range(20)] * 2})
+    assert report._distribution_by_round(plt.subplots()[1], frame, "v", [0, 1]) == "box"
+    assert report._distribution_by_round(plt.subplots()[1], frame.head(4).assign(round=0), "v", [0]) == "points"
