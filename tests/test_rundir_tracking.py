@@ -224,6 +224,13 @@ def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
     [nested] = c.search_runs([tracker.experiment_id], "tags.`round` = '2'")
     assert nested.data.metrics["vs_round0/pass_at_1_p"] == pytest.approx(p)
     assert nested.data.metrics["eval/maj_at_4_high"] == pytest.approx(m2["eval/maj@4_high"])
+    # run_round opened each round's nested run with the round's settings (round 0 only evaluates).
+    assert nested.data.params == {"model": "m", "adapter": "base", "eval.n": "4", "eval.temperature": "1.0",
+                                  "eval.max_tokens": "16", "sampling.n": "4", "sampling.temperature": "1.0",
+                                  "sampling.max_tokens": "16", "train.algorithm": "dpo", "train.lr": "0.0001",
+                                  "train.beta": "0.1", "train.epochs": "1", "train.lora_r": "8"}
+    [nested0] = c.search_runs([tracker.experiment_id], "tags.`round` = '0'")
+    assert set(nested0.data.params) == {"model", "adapter", "eval.n", "eval.temperature", "eval.max_tokens"}
     # The per-problem artifact (problem id, n, correct count) is enough to recompute the change.
     base_rows, rows2 = ([json.loads(line) for line in download_artifact(
         tracker.uri, run.info.artifact_uri, "eval_per_prompt.jsonl", tmp_path / run.info.run_id).read_text().splitlines()]
