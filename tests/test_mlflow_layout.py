@@ -190,3 +190,25 @@ def _check_ui_serves(uri: str, run_id: str, rows: list[dict]) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_copied_store_of_the_old_absolute_layout_reads_from_its_own_folder(tmp_path):
+    """Stores logged before the relative layout name their artifacts by absolute file:// paths; copied elsewhere
+    (the original gone), the artifacts are found in the copy's mlartifacts/."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    store = tmp_path / "old"
+    store.mkdir()
+    uri = f"sqlite:///{store}/mlflow.db"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("exp", artifact_location=(store / "mlartifacts" / "exp").as_uri())
+    run = c.create_run(exp)
+    (tmp_path / "metrics.json").write_text('{"eval/pass@1": 0.5}')
+    LocalArtifactRepository(run.info.artifact_uri).log_artifact(str(tmp_path / "metrics.json"))
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    shutil.rmtree(store)
+    copy_uri = f"sqlite:///{copy}/mlflow.db"
+    got = download_artifact(copy_uri, MlflowClient(copy_uri).get_run(run.info.run_id).info.artifact_uri,
+                            "metrics.json", tmp_path / "dl")
+    assert json.loads(got.read_text()) == {"eval/pass@1": 0.5}
