@@ -286,7 +286,9 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the loop run, and a round's nested run left open by a failure, with `status`."""
-        if self._open_round is not None:
+        # Only while still RUNNING: log_round may have closed it through another Tracker object (a task's copy), and
+        # terminating it again would move its end time.
+        if self._open_round is not None and self.client.get_run(self._open_round).info.status == "RUNNING":
             self.client.set_terminated(self._open_round, status)
             self._open_round = None
         self.client.set_terminated(self.parent_id, status)

@@ -88,6 +88,9 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
         params = nested.data.params
         assert params["adapter"] == (str(adapters[0]) if r == 2 and adapters[0].is_dir() else "base"), params
         assert params["eval.n"] == "2" and ("train.lr" in params) == (r > 0), params
+    spans = sorted((int(r.data.tags["round"]), r.info.start_time, r.info.end_time) for r in runs
+                   if r.data.tags.get("kind") == "round")
+    assert all(end <= nxt_start for (_, _, end), (_, nxt_start, _) in zip(spans, spans[1:])), spans  # one after another
     [round0] = [r for r in runs if r.data.tags.get("round") == "0"]
     sample = json.loads(download_artifact(f"sqlite:///{tmp_path}/mlflow.db", round0.info.artifact_uri, "eval_samples.jsonl",
                                           tmp_path / "dl").read_text().splitlines()[0])
@@ -116,11 +119,13 @@ def test_round_without_pairs_skips_training(tmp_path: Path):
     assert (rd / "pairs.jsonl").read_text() == ""
     assert not (rd / "adapter").exists()
     assert json.loads((rd / "metrics.json").read_text())["train/skipped"] == 1.0
-    assert "skipping training" in out
+    assert "round 1/1 · train skipped" in out  # the progress line; Prefect's warning went to the run's log file
+    assert "skipping training" in (tmp_path / "runs" / "nopairs" / "loop.log").read_text()
 
 
 def _start_and_wait_for_generation(cfg: Path, cwd: Path, log: Path) -> tuple[subprocess.Popen, list]:
-    """`ratchet run` with its output in `log`, once vLLM generates; with every process it started by then."""
+    """`ratchet run` with its output in `log`, once vLLM generates (its progress bars are in the run's log file);
+    with every process it started by then."""
     import psutil
 
     with log.open("w") as out:
@@ -131,7 +136,8 @@ def _start_and_wait_for_generation(cfg: Path, cwd: Path, log: Path) -> tuple[sub
         assert proc.poll() is None, log.read_text()[-6000:]
         assert time.time() < deadline, "vLLM never started generating"
         children = psutil.Process(proc.pid).children(recursive=True)
-        if any("EngineCore" in c.name() for c in children) and "Processed prompts" in log.read_text():
+        loop_log = "".join(p.read_text() for p in cwd.glob("runs/*/loop.log"))
+        if any("EngineCore" in c.name() for c in children) and "Processed prompts" in loop_log:
             assert any("uvicorn" in " ".join(c.cmdline()) for c in children), "no Prefect temporary server seen"
             return proc, children
         time.sleep(0.5)
