@@ -446,16 +446,15 @@ def plot_headline(data: LoopData) -> Figure:
     return fig
 
 
-MIN_BOX = 8  # a box plot needs at least this many values, and distinct values, per round
+MIN_BOX = 8  # a box plot needs at least this many distinct values in every round
 
 
 def _distribution_by_round(ax, frame: pd.DataFrame, column: str, rounds: list[int]) -> str:
-    """Per round, `column` over the problems, with its mean (◆): a box plot when every round has at least MIN_BOX values
-    and they take at least MIN_BOX distinct values; else every value as a point, jittered sideways (a box over a few
-    discrete levels, e.g. distinct answers out of 4 samples, collapses to a line). Returns what it drew."""
+    """Per round, `column` over the problems, with its mean (◆): a box plot when every round's values take at least
+    MIN_BOX distinct values; else every value as a point, jittered sideways (a box over a few discrete levels, e.g.
+    distinct answers out of 4 samples, collapses to a line). Returns what it drew."""
     values = [frame.loc[frame["round"] == r, column].dropna().to_numpy(dtype=float) for r in rounds]
-    levels = len(np.unique(np.concatenate(values))) if values else 0
-    if levels >= MIN_BOX and min(len(v) for v in values) >= MIN_BOX:
+    if values and min(len(np.unique(v)) for v in values) >= MIN_BOX:
         ax.boxplot(values, positions=rounds, widths=0.5)
         kind = "box"
     else:
