@@ -304,6 +304,8 @@ def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
             m.update({"adapter_check/shift": check.shift, "adapter_check/error": check.error,
                       "adapter_check/tolerance": check.tolerance})
             timings["check_adapter"] = time.perf_counter() - t0
+            progress(f"round {r}/{cfg.rounds} · adapter check in vLLM: error {check.error:.3g} (tolerance "
+                     f"{check.tolerance:.3g}) · {timings['check_adapter']:.1f} s")
     stage("evaluate", evaluate, policy, lp.eval_tasks, cfg, r, adapter, adapter_id, rd)
     if not run.done(r, "log"):
         t0 = time.perf_counter()

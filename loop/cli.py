@@ -19,6 +19,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # pretty_exceptions off: typer would print a second, 100-line rendering of a traceback Prefect already logged.
@@ -104,8 +105,10 @@ def _reported_failures():
         if flag(DEBUG_ENV) and (redirected() or log is None):
             console.file.write(tb)
         config = isinstance(e, (ConfigError, ModelError))
-        first = next((line for line in str(e).splitlines() if line.strip()), "")
-        console.print(f"[red]error:[/red] {first if config else f'{type(e).__name__}: {first}'}", markup=True,
+        # One line: a multi-line message (pydantic's, say) joined, a very long one cut (the log file has it all).
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        text = text if len(text) <= 500 else text[:497] + "..."
+        console.print(f"[red]error:[/red] {escape(text if config else f'{type(e).__name__}: {text}')}",
                       highlight=False, soft_wrap=True)
         if log is not None and not flag(DEBUG_ENV):
             console.print(f"the full traceback is in {log} (--debug prints it here)", highlight=False, soft_wrap=True)
@@ -119,7 +122,7 @@ def _local_prefect_defaults() -> None:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
