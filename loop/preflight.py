@@ -28,8 +28,8 @@ class PreflightError(ConfigError):
 
 
 def check_writable(folder: Path, setting: str) -> None:
-    """`folder` is, or can be created as, a folder this process can write to. Nothing is created: the probe file
-    is anonymous (O_TMPFILE) and gone when closed."""
+    """`folder` is, or can be created as, a folder this process can write to. Nothing is left: the probe file is
+    anonymous (O_TMPFILE; where a filesystem lacks it, a temporary file removed at once)."""
     folder = Path(folder).expanduser().absolute()
     existing = folder
     while not existing.exists():  # Path.exists is False below a regular file, so this stops at the file
