@@ -25,10 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +62,11 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False
     enable_sleep_mode: bool = False
     """GPU only: free vLLM's memory while training runs (sleep/wake)."""
+    cpu_threads: Literal["all", "vllm"] = "all"
+    """CPU only. all: vLLM's OpenMP threads run on every CPU this process may use, none reserved for its scheduler;
+    vllm: vLLM's own binding (one CPU reserved per engine, one logical CPU per physical core). `all` was faster on
+    the 2-core machine (bench/cpu_binding.py, bench/RESULTS.md). VLLM_CPU_OMP_THREADS_BIND or
+    VLLM_CPU_NUM_OF_RESERVED_CPU set in the environment win over either."""
 
 
 class SamplingConfig(BaseModel):
@@ -90,6 +97,27 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 GPU line, vLLM 0.26)."""
 # The chunked-prefill token budget vLLM-CPU uses by default; without chunking it must hold a whole prompt.
 _CPU_BATCHED_TOKENS = 4096
+
+
+_BINDING_VARS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+_binding_set_here: dict[str, str] = {}
+
+
+def apply_cpu_binding(setting: str) -> dict[str, str]:
+    """Set the vLLM-CPU thread binding for engines started after this call in this process; returns the variables
+    this call set. The user's own VLLM_CPU_* variables are left alone. vLLM's default reserves a CPU for the engine's
+    scheduler, which on a 2-CPU machine leaves one CPU to run the model."""
+    for k, v in list(_binding_set_here.items()):  # undo a previous call's values, keep the user's
+        if os.environ.get(k) == v:
+            del os.environ[k]
+        del _binding_set_here[k]
+    if setting != "all" or any(k in os.environ for k in _BINDING_VARS):
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    values = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    os.environ.update(values)
+    _binding_set_here.update(values)
+    return values
 
 
 def sample_seed(seed: int, round: int, task_id: str, sample: int, turn: int) -> int:
@@ -142,6 +170,7 @@ class Policy:
             # generators cannot, so on CPU prompts are prefilled whole (see the module docstring).
             kwargs.update(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enable_chunked_prefill=False,
                           max_num_batched_tokens=max(cfg.max_model_len, _CPU_BATCHED_TOKENS))
+            apply_cpu_binding(cfg.cpu_threads)
         self.model_path = str(model_path)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
