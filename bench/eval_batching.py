@@ -1,7 +1,7 @@
 """Evaluation's greedy decode: a second engine call after the samples, or one call with them (generate_many).
 
 loop.evaluate.evaluate_policy sends the held-out samples and the greedy decodes through one
-Policy.generate_many call. This measures that choice against two Policy.generate calls, on a config's real
+rollout.generate_many call. This measures that choice against two rollout.generate calls, on a config's real
 evaluation tasks and settings (configs/demo.yaml by default), base model, real EOS (the tail of long answers is
 what one batch is meant to hide). Repeats alternate the two ways; each repeat prints wall time and generated
 tokens, then the ratio of the best times.
@@ -26,7 +26,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from loop.config import load_config
-    from loop.generate import Policy
+    from loop import rollout
+    from loop.engine import VLLMEngine
     from loop.models import resolve_model
     from loop.tasks import load_tasks
 
@@ -34,15 +35,15 @@ def main() -> None:
     task_cfg = cfg.eval.tasks if args.limit is None else cfg.eval.tasks.model_copy(update={"limit": args.limit})
     tasks = load_tasks(task_cfg)
     sampled, greedy = cfg.eval.sampling, cfg.eval.sampling.greedy()
-    policy = Policy(resolve_model(cfg.model).path, cfg.engine)
+    engine = VLLMEngine(resolve_model(cfg.model).path, cfg.engine)
     try:
-        policy.generate(tasks[:2], greedy.model_copy(update={"max_tokens": 8}), round=0)  # warm-up
+        rollout.generate(engine, tasks[:2], greedy.model_copy(update={"max_tokens": 8}), round=0)  # warm-up
 
         def two_calls():
-            return [policy.generate(tasks, sampled, round=0), policy.generate(tasks, greedy, round=0)]
+            return [rollout.generate(engine, tasks, sampled, round=0), rollout.generate(engine, tasks, greedy, round=0)]
 
         def one_call():
-            return policy.generate_many([(tasks, sampled), (tasks, greedy)], round=0)
+            return rollout.generate_many(engine, [(tasks, sampled), (tasks, greedy)], round=0)
 
         best = {}
         print(f"{len(tasks)} tasks x (n={sampled.n} sampled + 1 greedy), max_tokens {sampled.max_tokens}, {cfg.model}")
@@ -57,7 +58,7 @@ def main() -> None:
         print(f"best: two calls {best['two calls']:.1f} s, generate_many {best['generate_many']:.1f} s "
               f"-> generate_many / two calls = {best['generate_many'] / best['two calls']:.2f}x time")
     finally:
-        policy.close()
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
-"""Generation throughput: this project's path (Policy.generate with a LoRA adapter) against bare vLLM and HF.
+"""Generation throughput: this project's path (loop.rollout.generate with a LoRA adapter) against bare vLLM and HF.
 
 Every round after round 0 samples with the previous round's LoRA adapter, so all methods run with the same real
 peft adapter (random, non-zero B; --lora-targets, default q_proj,v_proj as configs/demo.yaml, or all-linear, the
 TrainConfig default), on the same prompts (arithmetic train tasks through the chat template) and the same
-sampling settings. Seeds follow Policy: per request on GPU; on CPU none (the engine's seed; vLLM-CPU cannot
+sampling settings. Seeds follow the rollout: per request on GPU; on CPU none (the engine's seed; vLLM-CPU cannot
 rewind a CPU generator), for every vLLM method alike.
 
-  ours       loop.generate.Policy.generate: N requests per prompt, logprobs=0, Trajectory records
+  ours       loop.rollout.generate: N requests per prompt, logprobs=0, Trajectory records
   vllm       bare vLLM: the same engine's LLM.generate(token prompts, SamplingParams(n=N), same LoRARequest)
-  vllm/N-req (diagnostic) bare LLM.generate with Policy's request shape: N requests per prompt, logprobs=0
+  vllm/N-req (diagnostic) bare LLM.generate with the rollout's request shape: N requests per prompt, logprobs=0
   vllm/base  (diagnostic) bare LLM.generate as `vllm`, without the adapter: what LoRA costs
   hf         transformers model.generate on a peft PeftModel (adapter not merged), one left-padded batch
 
 Only generated tokens are counted. Every sequence is made to run to --max-tokens: vLLM with ignore_eos=True
-(Policy has no such option, so its SamplingParams get ignore_eos=True for the benchmark only), HF with
+(the engine has no such option, so its SamplingParams get ignore_eos=True for the benchmark only), HF with
 min_new_tokens=max_new_tokens; any shortfall is printed. Timings are the best of --repeats (the machine may be
 shared), repeats interleaved across methods; each method has an untimed warm-up first.
 
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @contextlib.contextmanager
-def ignore_eos_in_policy():
-    """Make Policy's SamplingParams ignore EOS (it imports vllm.SamplingParams when it generates)."""
+def ignore_eos_in_engine():
+    """Make the engine's SamplingParams ignore EOS (it imports vllm.SamplingParams when it generates)."""
     import vllm
 
     original = vllm.SamplingParams
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per method (best one reported)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="where HF runs (default: cuda if available, else cpu); vLLM runs where its platform is "
-                         "and Policy's EngineConfig decides the rest")
+                         "and the engine's EngineConfig decides the rest")
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--kv-cache-mib", type=int, default=512, help="vLLM-CPU KV cache")
     ap.add_argument("--hf-batch-size", type=int, default=None, help="sequences per HF generate call (default: all)")
@@ -107,7 +107,9 @@ def main() -> None:
     import vllm
     from vllm import SamplingParams, TokensPrompt
 
-    from loop.generate import EngineConfig, Policy, SamplingConfig, sample_seed
+    from loop import rollout
+    from loop.engine import EngineConfig, VLLMEngine
+    from loop.rollout import SamplingConfig, sample_seed
     from loop.models import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
 
@@ -128,20 +130,20 @@ def main() -> None:
         adapter = make_adapter(model_path, Path(tmp) / "adapter", args.lora_r, args.lora_targets, args.seed)
 
         t0 = time.perf_counter()
-        policy = Policy(model_path, engine_cfg)
+        engine = VLLMEngine(model_path, engine_cfg)
         engine_start_s = time.perf_counter() - t0
         try:
-            lora = policy._lora(adapter, 1)  # the very LoRARequest Policy.generate sends
-            shift = policy.check_adapter_applied(adapter, adapter_id=1).shift
-            prompt_ids = [policy.prompt_ids(t, sampling) for t in tasks]
+            lora = engine.lora_request(adapter, 1)  # the very LoRARequest rollout.generate sends
+            shift = engine.check_adapter_applied(adapter, adapter_id=1).shift
+            prompt_ids = [rollout.prompt_ids(engine.tokenizer, t, sampling) for t in tasks]
             prompt_tokens = sum(map(len, prompt_ids))
-            # Seeds as Policy sets them: one per sampled request, on every device (loop.generate.sample_seed).
+            # Seeds as the rollout sets them: one per sampled request, on every device (loop.rollout.sample_seed).
             request_seeds = args.temperature > 0
             bare_seed = args.seed if request_seeds else None
 
             def ours() -> int:
-                with ignore_eos_in_policy():
-                    trajs = policy.generate(tasks, sampling, round=0, adapter=adapter, adapter_id=1)
+                with ignore_eos_in_engine():
+                    trajs = rollout.generate(engine, tasks, sampling, round=0, adapter=adapter, adapter_id=1)
                 return sum(t.num_model_tokens for t in trajs)
 
             bare_params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
@@ -149,7 +151,7 @@ def main() -> None:
             requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
 
             def bare() -> int:
-                outs = policy.llm.generate(requests, bare_params, lora_request=lora, use_tqdm=False)
+                outs = engine.llm.generate(requests, bare_params, lora_request=lora, use_tqdm=False)
                 return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
             def n_requests() -> int:
@@ -158,16 +160,16 @@ def main() -> None:
                                          seed=sample_seed(args.seed, 0, tasks[ti].id, s, 0) if request_seeds else None,
                                          logprobs=0, ignore_eos=True)
                           for ti in range(len(prompt_ids)) for s in range(args.n)]
-                outs = policy.llm.generate(reqs, params, lora_request=lora, use_tqdm=False)
+                outs = engine.llm.generate(reqs, params, lora_request=lora, use_tqdm=False)
                 return sum(len(o.outputs[0].token_ids) for o in outs)
 
             def no_adapter() -> int:
-                outs = policy.llm.generate(requests, bare_params, use_tqdm=False)
+                outs = engine.llm.generate(requests, bare_params, use_tqdm=False)
                 return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
             # Warm-up (the adapter is already loaded by the check above).
-            policy.generate(tasks[:2], sampling.model_copy(update={"max_tokens": 8}), round=0, adapter=adapter,
-                            adapter_id=1)
+            rollout.generate(engine, tasks[:2], sampling.model_copy(update={"max_tokens": 8}), round=0, adapter=adapter,
+                             adapter_id=1)
             for _ in range(args.repeats):
                 for name, fn in (("ours", ours), ("vllm", bare), ("vllm/N-req", n_requests),
                                  ("vllm/base", no_adapter)):
@@ -175,8 +177,8 @@ def main() -> None:
                     tokens = fn()
                     runs[name].append((time.perf_counter() - t0, tokens))
         finally:
-            policy.close()
-            del policy
+            engine.close()
+            del engine
             gc.collect()
 
         from peft import PeftModel
@@ -224,7 +226,7 @@ def main() -> None:
     load_after = os.getloadavg()
 
     rows = []
-    for name, what in (("ours", "Policy.generate (N requests/prompt, logprobs=0, trajectories)"),
+    for name, what in (("ours", "rollout.generate (N requests/prompt, logprobs=0, trajectories)"),
                        ("vllm", "bare vLLM LLM.generate, SamplingParams(n=N)"),
                        ("vllm/N-req", "bare vLLM LLM.generate, N requests/prompt, logprobs=0"),
                        ("vllm/base", "bare vLLM LLM.generate, SamplingParams(n=N), no adapter"),

@@ -8,9 +8,9 @@ adapter, as every round after the first does: a fresh peft LoRA of the training 
 samples are the base model's and pairs still form, but vLLM runs its LoRA kernels) that training continues from.
 
 Stage times are the flow's per-stage wall times (Prefect and file overhead included); inside them the benchmark
-times Policy.generate and grade_trajectories calls and reads trainer.train()'s time from the training metrics.
+times rollout.generate and grade_trajectories calls and reads trainer.train()'s time from the training metrics.
 
-  compute      = Policy.generate on the train prompts + trainer.train() + Policy.generate in the evaluation
+  compute      = rollout.generate on the train prompts + trainer.train() + rollout generation in the evaluation
   overhead     = round wall time - compute (verification, pairs, model loading, adapter check, logging, Prefect,
                  files ...)                                                            target: < 10% of the round
   verification = the verify stage + grading the evaluation samples                    target: < 5% of the round
@@ -73,7 +73,7 @@ def zero_adapter(model_path: str, train_cfg, out: Path) -> Path:
 
 
 class Probe:
-    """Times calls of Policy.generate (train vs evaluation prompts) and of grade_trajectories (by caller)."""
+    """Times calls of loop.rollout.generate (train vs evaluation prompts) and of grade_trajectories (by caller)."""
 
     def __init__(self):
         self.calls: list[dict[str, Any]] = []
@@ -96,6 +96,7 @@ def run(args) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as `ratchet run` (no telemetry attempts)
     import flows.self_improve as fsi
     import loop.evaluate
+    import loop.rollout
     from prefect import flow, get_run_logger
 
     from loop.config import RunConfig
@@ -117,8 +118,8 @@ def run(args) -> dict[str, Any]:
         lp = fsi.open_loop(cfg, run, logger)
         setup_s = time.perf_counter() - t0
         train_ids = {t.id for t in lp.train_tasks}
-        lp.policy.generate = probe.wrap(lp.policy.generate, "generate",
-                                        lambda a, k: "train" if a[0][0].id in train_ids else "evaluate")
+        loop.rollout.generate = probe.wrap(loop.rollout.generate, "generate",  # looked up when the stage runs
+                                           lambda a, k: "train" if a[1][0].id in train_ids else "evaluate")
         try:
             t0 = time.perf_counter()
             round0_timings: dict[str, float] = {}
@@ -137,7 +138,7 @@ def run(args) -> dict[str, Any]:
             lp.tracker.finish("FAILED")
             raise
         finally:
-            lp.policy.close()
+            lp.engine.close()
             run.unlock()
         return {"round": r, "metrics": m, "timings": timings, "total_s": total_s, "setup_s": setup_s,
                 "round0_s": round0_s, "round0_timings": round0_timings}
@@ -240,7 +241,7 @@ def main() -> None:
           f"{res['load_after'][0]:.2f} after")
     print(f"(not in the round: flow setup incl. vLLM start {res['setup_s']:.1f} s, round 0 {res['round0_s']:.1f} s)")
     detail = {
-        "generate": f"Policy.generate {c['generate']:.2f} s: {rt['generate_tokens']} tokens, "
+        "generate": f"rollout.generate {c['generate']:.2f} s: {rt['generate_tokens']} tokens, "
                     f"{rt['generate_tokens_per_s']:.1f} tokens/s",
         "verify": f"grading {w['verify_grading']:.2f} s",
         "pairs": f"{rt['pairs']:.0f} pairs, {rt['pair_building_pairs_per_s']:.0f} pairs/s",

@@ -23,10 +23,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 
+from loop import rollout
 from loop.config import RunConfig, check_model, load_config
 from loop.console import round_line, say, stage_line
+from loop.engine import VLLMEngine
 from loop.evaluate import evaluate_policy
-from loop.generate import Policy
 from loop.models import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, save_pairs, select_samples
 from loop.records import Graded, Trajectory
@@ -50,10 +51,10 @@ def _load_graded(path: Path) -> list[Graded]:
 
 
 @task(name="generate", cache_policy=NONE)
-def generate(policy: Policy, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
+def generate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
              adapter_id: int | None, out: Path) -> dict[str, float]:
     t0 = time.perf_counter()
-    trajs = policy.generate(tasks, cfg.sampling, round=r, adapter=adapter, adapter_id=adapter_id)
+    trajs = rollout.generate(engine, tasks, cfg.sampling, round=r, adapter=adapter, adapter_id=adapter_id)
     dt = time.perf_counter() - t0
     write_jsonl(out, (t.to_dict() for t in trajs))
     tokens = sum(t.num_model_tokens for t in trajs)
@@ -101,14 +102,15 @@ def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path,
 
 
 @task(name="evaluate", cache_policy=NONE)
-def evaluate(policy: Policy, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None, adapter_id: int | None,
-             rd: Path) -> dict[str, float]:
-    return evaluate_policy(policy, tasks, cfg.eval, cfg.verify, rd, round=r, adapter=adapter, adapter_id=adapter_id)
+def evaluate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
+             adapter_id: int | None, out_dir: Path) -> dict[str, float]:
+    return evaluate_policy(engine, tasks, cfg.eval, cfg.verify, out_dir, round=r, adapter=adapter,
+                           adapter_id=adapter_id)
 
 
 @task(name="log-round", cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def log_round(tracker: Tracker, r: int, metrics: dict[str, float], rd: Path, adapter: Path | None) -> str:
-    artifacts = {p.name: p for p in sorted(rd.glob("*.jsonl")) + [rd / "metrics.json"] if p.exists()}
+def log_round(tracker: Tracker, r: int, metrics: dict[str, float], round_dir: Path, adapter: Path | None) -> str:
+    artifacts = {p.name: p for p in sorted(round_dir.glob("*.jsonl")) + [round_dir / "metrics.json"] if p.exists()}
     return tracker.log_round(r, metrics, artifacts, adapter)
 
 
@@ -185,7 +187,7 @@ class Loop:
     train_tasks: list[Task]
     eval_tasks: list[Task]
     tracker: Tracker
-    policy: Policy
+    engine: VLLMEngine
 
     @functools.cached_property
     def train_by_id(self) -> dict[str, Task]:
@@ -230,7 +232,7 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
         progress(detectable_change_note(len(eval_tasks), cfg.eval.sampling.n))
     t0 = time.perf_counter()
     progress(f"starting vLLM on {cfg.model} ...")
-    policy = Policy(model.path, cfg.engine)
+    engine = VLLMEngine(model.path, cfg.engine)
     tracker = None
     try:
         if new_run and had_config:
@@ -243,11 +245,11 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
-        policy.close()
+        engine.close()
         raise
     progress(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment}); "
              f"vLLM started in {time.perf_counter() - t0:.0f} s")
-    return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, policy)
+    return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, engine)
 
 
 def round_params(cfg: RunConfig, r: int, adapter: Path | None) -> dict[str, Any]:
@@ -261,7 +263,7 @@ def round_params(cfg: RunConfig, r: int, adapter: Path | None) -> dict[str, Any]
     return p
 
 
-def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
+def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
               timings: dict[str, float] | None = None) -> tuple[dict[str, Any], Path | None, int | None]:
     """Round `r` (round 0: evaluate only) from the current policy `adapter` (None: the base model) served as
     LoRA id `adapter_id`; stages already done in the run directory are skipped (resume).
@@ -270,74 +272,78 @@ def run_round(lp: Loop, r: int, adapter: Path | None, adapter_id: int | None,
     given, receives the wall time of every stage run (Prefect and file overhead included; "check_adapter" is
     the vLLM check of a newly trained adapter).
     """
-    cfg, run, policy = lp.cfg, lp.run, lp.policy
-    rd = run.round(r)
-    m: dict[str, Any] = json.loads((rd / "metrics.json").read_text()) if (rd / "metrics.json").exists() else {}
+    cfg, run, engine = loop.cfg, loop.run, loop.engine
+    round_dir = run.round(r)
+    metrics_path = round_dir / "metrics.json"
+    metrics: dict[str, Any] = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     timings = {} if timings is None else timings
     if not run.done(r, "log"):  # the round's nested MLflow run spans the round (log_round closes it)
-        lp.tracker.start_round(r, round_params(cfg, r, adapter))
+        loop.tracker.start_round(r, round_params(cfg, r, adapter))
 
     def stage(name: str, fn, *args) -> None:
         # Metrics are saved after every stage, so a resumed round keeps the finished stages' figures.
         if not run.done(r, name):
             t0 = time.perf_counter()
             try:
-                m.update(fn(*args))
+                metrics.update(fn(*args))
             except BaseException:
                 progress(f"round {r}/{cfg.rounds} · {name} failed after {time.perf_counter() - t0:.0f} s")
                 raise
-            write_json(rd / "metrics.json", m)
+            write_json(metrics_path, metrics)
             run.mark_done(r, name)
             timings[name] = time.perf_counter() - t0
-            progress(stage_line(r, cfg.rounds, name, m, timings[name]))
+            progress(stage_line(r, cfg.rounds, name, metrics, timings[name]))
 
     if r > 0:
-        stage("generate", generate, policy, lp.train_tasks, cfg, r, adapter, adapter_id, rd / "samples.jsonl")
-        stage("verify", verify, lp.train_by_id, cfg, rd / "samples.jsonl", rd / "graded.jsonl")
-        stage("pairs", pairs, cfg, rd / "graded.jsonl", rd / "pairs.jsonl")
+        stage("generate", generate, engine, loop.train_tasks, cfg, r, adapter, adapter_id, round_dir / "samples.jsonl")
+        stage("verify", verify, loop.train_by_id, cfg, round_dir / "samples.jsonl", round_dir / "graded.jsonl")
+        stage("pairs", pairs, cfg, round_dir / "graded.jsonl", round_dir / "pairs.jsonl")
         # The current adapter: train_round starts from it (continue_adapter) and/or uses it as the reference.
-        stage("train", train, lp.model.path, cfg, rd / "pairs.jsonl", rd / "graded.jsonl", adapter, rd / "adapter")
-        if (rd / "adapter").is_dir():
-            adapter, adapter_id = rd / "adapter", r
+        stage("train", train, loop.model.path, cfg, round_dir / "pairs.jsonl", round_dir / "graded.jsonl", adapter,
+              round_dir / "adapter")
+        if (round_dir / "adapter").is_dir():
+            adapter, adapter_id = round_dir / "adapter", r
             t0 = time.perf_counter()
-            check = policy.check_adapter_applied(adapter, adapter_id=adapter_id)
-            m.update({"adapter_check/shift": check.shift, "adapter_check/error": check.error,
+            check = engine.check_adapter_applied(adapter, adapter_id=adapter_id)
+            metrics.update({"adapter_check/shift": check.shift, "adapter_check/error": check.error,
                       "adapter_check/tolerance": check.tolerance})
             timings["check_adapter"] = time.perf_counter() - t0
             progress(f"round {r}/{cfg.rounds} · adapter check in vLLM: error {check.error:.3g} (tolerance "
                      f"{check.tolerance:.3g}) · {timings['check_adapter']:.1f} s")
-    stage("evaluate", evaluate, policy, lp.eval_tasks, cfg, r, adapter, adapter_id, rd)
+    stage("evaluate", evaluate, engine, loop.eval_tasks, cfg, r, adapter, adapter_id, round_dir)
     if not run.done(r, "log"):
         t0 = time.perf_counter()
-        m["time/stages_s"] = sum(v for k, v in m.items() if k.startswith("time/") and k != "time/stages_s")
+        metrics["time/stages_s"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/stages_s")
         # Intervals of every accuracy, and paired changes against round 0 and the previous round (loop/stats.py).
-        m.update(round_statistics_from_dirs(rd, *((run.round(0), run.round(r - 1)) if r > 0 else (None, None))))
-        write_json(rd / "metrics.json", m)
-        log_round(lp.tracker, r, m, rd, rd / "adapter" if (rd / "adapter").is_dir() else None)
-        create_markdown_artifact(key=f"round-{r}", markdown=_table([{"round": r, **m}]),
+        previous = (run.round(0), run.round(r - 1)) if r > 0 else (None, None)
+        metrics.update(round_statistics_from_dirs(round_dir, *previous))
+        write_json(metrics_path, metrics)
+        trained = round_dir / "adapter"
+        log_round(loop.tracker, r, metrics, round_dir, trained if trained.is_dir() else None)
+        create_markdown_artifact(key=f"round-{r}", markdown=_table([{"round": r, **metrics}]),
                                  description=f"{run.run_id} round {r}")
         run.mark_done(r, "log")
         timings["log"] = time.perf_counter() - t0
-        progress(stage_line(r, cfg.rounds, "log", m, timings["log"]))
+        progress(stage_line(r, cfg.rounds, "log", metrics, timings["log"]))
     run.mark_done(r, "round")
-    progress(round_line(r, cfg.rounds, m))
-    return m, adapter, adapter_id
+    progress(round_line(r, cfg.rounds, metrics))
+    return metrics, adapter, adapter_id
 
 
 def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, Any]]:
-    lp = open_loop(cfg, run, logger)
+    loop = open_loop(cfg, run, logger)
     rows: list[dict[str, Any]] = []
     adapter: Path | None = None  # the current policy's adapter (None: the base model)
     adapter_id: int | None = None  # its LoRA id in vLLM: the round that trained it
     try:
         for r in range(0, cfg.rounds + 1):
-            m, adapter, adapter_id = run_round(lp, r, adapter, adapter_id)
-            rows.append({"round": r, **m})
-        lp.tracker.finish()
+            metrics, adapter, adapter_id = run_round(loop, r, adapter, adapter_id)
+            rows.append({"round": r, **metrics})
+        loop.tracker.finish()
         create_markdown_artifact(key="loop-summary", markdown=_table(rows), description=f"{run.run_id}: all rounds")
     except BaseException:
-        lp.tracker.finish("FAILED")
+        loop.tracker.finish("FAILED")
         raise
     finally:
-        lp.policy.close()
+        loop.engine.close()
     return rows

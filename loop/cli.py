@@ -274,7 +274,7 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
 def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
     from loop.console import say
     from loop.evaluate import evaluate_policy
-    from loop.generate import Policy
+    from loop.engine import VLLMEngine
     from loop.models import resolve_model
     from loop.rundir import read_jsonl, write_json
     from loop.stats import detectable_change_note, format_estimate, round_statistics
@@ -288,16 +288,16 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     say(f"starting vLLM on {cfg.model} ...")
-    policy = Policy(model.path, cfg.engine)
+    engine = VLLMEngine(model.path, cfg.engine)
     try:
         if adapter is not None:
-            policy.check_adapter_applied(adapter, adapter_id=1)
+            engine.check_adapter_applied(adapter, adapter_id=1)
         say(f"evaluating {len(tasks)} prompts x {cfg.eval.sampling.n} samples"
             + (" + greedy" if cfg.eval.greedy else "") + f" (vLLM started in {time.perf_counter() - t0:.0f} s) ...")
-        summary = evaluate_policy(policy, tasks, cfg.eval, cfg.verify, out, adapter=adapter,
+        summary = evaluate_policy(engine, tasks, cfg.eval, cfg.verify, out, adapter=adapter,
                                   adapter_id=1 if adapter else None)
     finally:
-        policy.close()
+        engine.close()
     stats = round_statistics(list(read_jsonl(out / "eval_per_prompt.jsonl")))
     summary.update(stats)
     write_json(out / "eval_summary.json", summary)

@@ -13,8 +13,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loop.generate import VLLM_LORA_RANKS, EngineConfig, SamplingConfig
+from loop.engine import VLLM_LORA_RANKS, EngineConfig
 from loop.pairs import PairsConfig
+from loop.rollout import SamplingConfig
 from loop.tasks import TaskSetConfig
 from loop.tracking import TrackingConfig
 from loop.train import TrainConfig

@@ -1,28 +1,29 @@
-"""Evaluate a policy on held-out tasks: n samples for pass@k and diversity, plus a greedy decode."""
+"""Evaluate a policy (the base model, or an adapter on it, served by the engine) on held-out tasks: n samples
+for pass@k and diversity, plus a greedy decode."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from loop import metrics
-from loop.generate import Policy
+from loop import metrics, rollout
+from loop.engine import VLLMEngine
 from loop.rundir import write_json, write_jsonl
 from loop.tasks.base import Task
 from loop.verify import VerifyConfig, grade_trajectories
 
 
-def evaluate_policy(policy: Policy, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path, *,
+def evaluate_policy(engine: VLLMEngine, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path, *,
                     round: int = 0, adapter: Path | None = None, adapter_id: int | None = None) -> dict[str, float]:
     """Sample, grade and score `tasks`; write eval_*.jsonl and eval_summary.json to `out_dir`. `round` enters the
-    sampling seeds (loop.generate.sample_seed); a standalone evaluation (`ratchet eval`) is round 0.
+    sampling seeds (loop.rollout.sample_seed); a standalone evaluation (`ratchet eval`) is round 0.
 
     Returns the aggregate metrics with keys prefixed `eval/` (pass@k, maj@k, greedy_acc, diversity).
     """
     t0 = time.perf_counter()
     by_id = {t.id: t for t in tasks}
-    # The greedy decode goes through the engine with the samples, not after them (Policy.generate_many).
+    # The greedy decode goes through the engine with the samples, not after them (rollout.generate_many).
     jobs = [(tasks, eval_cfg.sampling)] + ([(tasks, eval_cfg.sampling.greedy())] if eval_cfg.greedy else [])
-    sampled, *greedy_run = policy.generate_many(jobs, round=round, adapter=adapter, adapter_id=adapter_id)
+    sampled, *greedy_run = rollout.generate_many(engine, jobs, round=round, adapter=adapter, adapter_id=adapter_id)
     graded = grade_trajectories(by_id, sampled, verify_cfg)
     write_jsonl(out_dir / "eval_samples.jsonl", (g.to_dict() for g in graded))
     greedy = None

@@ -10,7 +10,7 @@ TRL's DPOTrainer/KTOTrainer do the optimisation on a frozen base with a peft LoR
   independent: reference previous with a fresh start pulls the new adapter, starting from the base model, towards
   the previous round's policy (the same DPO/KTO optimum, pi_ref * exp(reward / beta), from farther away);
 - a probe record (ratchet_probe.json): the trained model's log-probs of a training text, against which
-  `Policy.check_adapter_applied` checks what vLLM serves;
+  `loop.adapter_check.check_adapter_applied` checks what vLLM serves;
 - a divergence guard: a non-finite loss, gradient norm or adapter weight stops the round, and the adapter is only
   written (atomically renamed into place) when training finished, so the previous adapter stays current.
 """
@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loop.generate import PROBE_MAX_TOKENS, write_probe
+from loop.adapter_check import PROBE_MAX_TOKENS, write_probe
 from loop.pairs import PreferencePair
 from loop.records import Graded, Trajectory
 

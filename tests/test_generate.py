@@ -14,9 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loop.generate import PROBE_FILE, AdapterNotApplied, EngineConfig, Policy, SamplingConfig, sample_seed, write_probe
+from loop import rollout
+from loop.adapter_check import PROBE_FILE, AdapterNotApplied, write_probe
+from loop.engine import EngineConfig, VLLMEngine
 from loop.models import resolve_model
 from loop.records import Segment, Trajectory
+from loop.rollout import SamplingConfig, sample_seed
 from loop.tasks.base import Task
 from verifiers.python_exec import Session
 
@@ -30,10 +33,10 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def policy(model_path):
-    p = Policy(model_path, EngineConfig(max_model_len=512, kv_cache_memory_bytes=256 << 20))
-    yield p
-    p.close()
+def engine(model_path):
+    e = VLLMEngine(model_path, EngineConfig(max_model_len=512, kv_cache_memory_bytes=256 << 20))
+    yield e
+    e.close()
 
 
 PROBE = "Question: what is 7 + 10?\nAnswer: 7 + 10 = 17. The answer is 17."
@@ -65,33 +68,33 @@ def test_sample_seeds_differ_everywhere_and_repeat_in_every_process():
     seeds = [sample_seed(*k) for k in keys]
     assert len(set(seeds)) == len(keys) and all(0 <= x < 2 ** 63 for x in seeds)
     # A hash, not Python's salted hash(): the same in another process (a resumed run) whatever its hash seed.
-    code = "from loop.generate import sample_seed; print(sample_seed(0, 2, 't1', 1, 1))"
+    code = "from loop.rollout import sample_seed; print(sample_seed(0, 2, 't1', 1, 1))"
     other = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "123"},
                            capture_output=True, text=True, check=True).stdout
     assert int(other) == sample_seed(0, 2, "t1", 1, 1)
 
 
-def test_rounds_draw_different_samples_and_a_round_repeats(policy):
+def test_rounds_draw_different_samples_and_a_round_repeats(engine):
     # Each round's requests carry seeds of their own (round, task, sample, turn): the same round sampled again
     # (a resumed run) gives the same tokens even after other calls moved the engine's generator, another round
     # other tokens. Before, on CPU, samples drew from the engine's running stream, so neither held.
     cfg = SamplingConfig(n=3, max_tokens=24, seed=1)
-    first = policy.generate(TASKS, cfg, round=1)
-    second = policy.generate(TASKS, cfg, round=2)
-    again = policy.generate(TASKS, cfg, round=1)
+    first = rollout.generate(engine, TASKS, cfg, round=1)
+    second = rollout.generate(engine, TASKS, cfg, round=2)
+    again = rollout.generate(engine, TASKS, cfg, round=1)
     tokens = [[t.completion_token_ids for t in ts] for ts in (first, second, again)]
     assert tokens[0] == tokens[2]
     assert sum(a != b for a, b in zip(tokens[0], tokens[1])) >= len(tokens[0]) // 2
 
 
-def test_n_samples_per_task_in_token_space(policy):
-    trajs = policy.generate(TASKS, SamplingConfig(n=3, max_tokens=24, seed=1), round=0)
+def test_n_samples_per_task_in_token_space(engine):
+    trajs = rollout.generate(engine, TASKS, SamplingConfig(n=3, max_tokens=24, seed=1), round=0)
     assert [(t.task_id, t.sample) for t in trajs] == [(k.id, s) for k in TASKS for s in range(3)]
     for t in trajs:
-        assert t.prompt_token_ids == policy.prompt_ids(TASKS[int(t.task_id[1:])], SamplingConfig())
+        assert t.prompt_token_ids == rollout.prompt_ids(engine.tokenizer, TASKS[int(t.task_id[1:])], SamplingConfig())
         assert [s.kind for s in t.segments] == ["model"]
         assert 0 < t.num_model_tokens <= 24
-        assert policy.tokenizer.decode(t.completion_token_ids) == t.text
+        assert engine.tokenizer.decode(t.completion_token_ids) == t.text
         assert t.cumulative_logprob <= 0
         assert t.finish_reason in ("stop", "length")
         assert (t.finish_reason == "length") == (t.num_model_tokens == 24)
@@ -100,8 +103,8 @@ def test_n_samples_per_task_in_token_space(policy):
         assert len({tuple(t.completion_token_ids) for t in trajs if t.task_id == task.id}) > 1
 
 
-def test_generate_many_runs_each_set_with_its_own_sampling(policy):
-    sampled, greedy, greedy_again = policy.generate_many(
+def test_generate_many_runs_each_set_with_its_own_sampling(engine):
+    sampled, greedy, greedy_again = rollout.generate_many(engine,
         [(TASKS, SamplingConfig(n=3, max_tokens=24, seed=1)), (TASKS, SamplingConfig(max_tokens=8).greedy()),
          (TASKS, SamplingConfig(max_tokens=8).greedy())], round=0)
     assert [(t.task_id, t.sample) for t in sampled] == [(k.id, s) for k in TASKS for s in range(3)]
@@ -113,28 +116,28 @@ def test_generate_many_runs_each_set_with_its_own_sampling(policy):
         assert len({tuple(t.completion_token_ids) for t in sampled if t.task_id == task.id}) > 1
 
 
-def test_a_batch_larger_than_one_prefill_step(policy):
+def test_a_batch_larger_than_one_prefill_step(engine):
     # More prompt tokens than vLLM-CPU schedules in one step (4096): with chunked prefill, some prompts would be
     # prefilled in chunks, which made per-request seeds kill the CPU engine ("CPU Generator does not use offset").
     tasks = [Task(f"b{i}", f"Add {i} and {i + 3}, then multiply the sum by {i % 7 + 2}. Show each step briefly.",
                   "math", "test", answer="0") for i in range(64)]
-    assert sum(len(policy.prompt_ids(t, SamplingConfig())) for t in tasks) * 2 > 4096
-    trajs = policy.generate(tasks, SamplingConfig(n=2, max_tokens=4, seed=3), round=0)
+    assert sum(len(rollout.prompt_ids(engine.tokenizer, t, SamplingConfig())) for t in tasks) * 2 > 4096
+    trajs = rollout.generate(engine, tasks, SamplingConfig(n=2, max_tokens=4, seed=3), round=0)
     assert [(t.task_id, t.sample) for t in trajs] == [(k.id, s) for k in tasks for s in range(2)]
     assert all(0 < t.num_model_tokens <= 4 for t in trajs)
 
 
-def test_adapter_changes_outputs_and_is_checked(policy, adapter):
-    check = policy.check_adapter_applied(adapter, adapter_id=1)
+def test_adapter_changes_outputs_and_is_checked(engine, adapter):
+    check = engine.check_adapter_applied(adapter, adapter_id=1)
     assert check.reference == "trainer" and check.tokens > 10
     assert check.error <= check.tolerance < check.expected_shift / 2  # equal, and far from the base model
     assert check.shift == pytest.approx(check.expected_shift, rel=0.2)
     greedy = SamplingConfig(max_tokens=16).greedy()
-    base = policy.generate(TASKS, greedy, round=0)
-    tuned = policy.generate(TASKS, greedy, round=0, adapter=adapter, adapter_id=1)
+    base = rollout.generate(engine, TASKS, greedy, round=0)
+    tuned = rollout.generate(engine, TASKS, greedy, round=0, adapter=adapter, adapter_id=1)
     assert [t.cumulative_logprob for t in base] != [t.cumulative_logprob for t in tuned]
     with pytest.raises(ValueError, match="already serves"):
-        policy.generate(TASKS, greedy, round=0, adapter=adapter.parent, adapter_id=1)
+        rollout.generate(engine, TASKS, greedy, round=0, adapter=adapter.parent, adapter_id=1)
 
 
 def copy_adapter(adapter: Path, dest: Path) -> Path:
@@ -142,14 +145,14 @@ def copy_adapter(adapter: Path, dest: Path) -> Path:
     return dest
 
 
-def test_adapter_check_refuses_a_mis_scaled_partial_or_stale_adapter(policy, adapter, model_path, tmp_path):
+def test_adapter_check_refuses_a_mis_scaled_partial_or_stale_adapter(engine, adapter, model_path, tmp_path):
     # Mis-scaled: lora_alpha edited after training (vLLM and peft would both read the new scale; the trainer's
     # record still has the scale it trained with).
     scaled = copy_adapter(adapter, tmp_path / "scaled")
     config = json.loads((scaled / "adapter_config.json").read_text())
     (scaled / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
     with pytest.raises(AdapterNotApplied, match=f"adapter {re.escape(str(scaled))} .*mis-scaled"):
-        policy.check_adapter_applied(scaled, adapter_id=3)
+        engine.check_adapter_applied(scaled, adapter_id=3)
 
     # Partial: the LoRA weights of half the layers missing (vLLM serves what is there, silently).
     partial = copy_adapter(adapter, tmp_path / "partial")
@@ -157,57 +160,57 @@ def test_adapter_check_refuses_a_mis_scaled_partial_or_stale_adapter(policy, ada
     save_file({k: v for k, v in weights.items() if not any(f"layers.{i}." in k for i in range(0, 30, 2))},
               str(partial / "adapter_model.safetensors"))
     with pytest.raises(AdapterNotApplied, match=f"adapter {re.escape(str(partial))} "):
-        policy.check_adapter_applied(partial, adapter_id=4)
+        engine.check_adapter_applied(partial, adapter_id=4)
 
     # Stale: the folder retrained after vLLM loaded it under this LoRA id; vLLM keeps serving the old weights.
     stale = copy_adapter(adapter, tmp_path / "stale")
-    policy.check_adapter_applied(stale, adapter_id=5)
+    engine.check_adapter_applied(stale, adapter_id=5)
     shutil.rmtree(stale)
     make_adapter(model_path, stale, seed=1)
     with pytest.raises(AdapterNotApplied, match=re.escape(f"adapter {stale} (LoRA id 5)") + ".*stale"):
-        policy.check_adapter_applied(stale, adapter_id=5)
-    assert policy.check_adapter_applied(stale, adapter_id=6).reference == "trainer"  # under a new id it is served
+        engine.check_adapter_applied(stale, adapter_id=5)
+    assert engine.check_adapter_applied(stale, adapter_id=6).reference == "trainer"  # under a new id it is served
 
 
-def test_adapter_without_a_record_is_checked_against_peft(policy, adapter, tmp_path):
+def test_adapter_without_a_record_is_checked_against_peft(engine, adapter, tmp_path):
     # An adapter the loop did not train (no ratchet_probe.json): compared with peft's reading of the folder.
     plain = copy_adapter(adapter, tmp_path / "plain")
     (plain / PROBE_FILE).unlink()
-    check = policy.check_adapter_applied(plain, adapter_id=7)
+    check = engine.check_adapter_applied(plain, adapter_id=7)
     assert check.reference == "peft" and check.error <= check.tolerance < check.expected_shift / 2
 
 
-def test_adapter_with_foreign_module_names_is_refused(policy, adapter, tmp_path):
+def test_adapter_with_foreign_module_names_is_refused(engine, adapter, tmp_path):
     # The silent failure of vllm#34186: weights for modules the model lacks are ignored without error.
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     save_file({k.replace("self_attn", "attention"): v for k, v in weights.items()},
               str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     with pytest.raises(AdapterNotApplied, match="does not have"):
-        policy.check_adapter_applied(tmp_path, adapter_id=2)
+        engine.check_adapter_applied(tmp_path, adapter_id=2)
 
 
-def test_log_probs_are_summed_or_left_out(policy):
+def test_log_probs_are_summed_or_left_out(engine):
     # Sampled trajectories carry the sum of their tokens' log-probs; a continued hand-written prefix (whose
     # tokens the engine did not sample) has none, rather than a sum over part of its tokens.
-    [t] = policy.generate(TASKS[:1], SamplingConfig(max_tokens=8).greedy(), round=0)
+    [t] = rollout.generate(engine, TASKS[:1], SamplingConfig(max_tokens=8).greedy(), round=0)
     assert t.cumulative_logprob is not None and t.cumulative_logprob < 0
     text = "It is"
-    start = Trajectory("t0", 0, t.prompt_token_ids, [Segment("model", text, policy.tokenizer(text, add_special_tokens=False)["input_ids"])])
-    [cont] = policy.continue_trajectories([start], SamplingConfig(max_tokens=4), round=0)
+    start = Trajectory("t0", 0, t.prompt_token_ids, [Segment("model", text, engine.tokenizer(text, add_special_tokens=False)["input_ids"])])
+    [cont] = rollout.continue_trajectories(engine, [start], SamplingConfig(max_tokens=4), round=0)
     assert cont.cumulative_logprob is None and len(cont.segments) == 2
-    [again] = policy.continue_trajectories([t], SamplingConfig(max_tokens=4), round=0)
+    [again] = rollout.continue_trajectories(engine, [t], SamplingConfig(max_tokens=4), round=0)
     assert again.cumulative_logprob < t.cumulative_logprob
 
 
-def test_tool_turn_runs_code_and_continues(policy):
+def test_tool_turn_runs_code_and_continues(engine):
     # A trajectory whose model turn ends with a Python block: the code must run in the sandbox, its output
     # come back as a masked observation, and the model continue after it.
     code = "x = 6 * 7\nprint(x, sum(range(5)))\n"
-    prompt = policy.prompt_ids(TASKS[0], SamplingConfig(tools=True))
+    prompt = rollout.prompt_ids(engine.tokenizer, TASKS[0], SamplingConfig(tools=True))
     text = f"Let me compute it.\n```python\n{code}```\n"
-    start = Trajectory("t0", 0, prompt, [Segment("model", text, policy.tokenizer(text, add_special_tokens=False)["input_ids"])])
-    [t] = policy.continue_trajectories([start], SamplingConfig(tools=True, max_turns=2, max_tokens=32, seed=3), round=0)
+    start = Trajectory("t0", 0, prompt, [Segment("model", text, engine.tokenizer(text, add_special_tokens=False)["input_ids"])])
+    [t] = rollout.continue_trajectories(engine, [start], SamplingConfig(tools=True, max_turns=2, max_tokens=32, seed=3), round=0)
     kinds = [s.kind for s in t.segments]
     assert kinds[:3] == ["model", "observation", "model"]
     with Session() as s:
@@ -217,13 +220,13 @@ def test_tool_turn_runs_code_and_continues(policy):
     mask = t.completion_mask
     n0, n1 = len(t.segments[0].token_ids), len(t.segments[1].token_ids)
     assert mask[:n0] == [1] * n0 and mask[n0:n0 + n1] == [0] * n1 and mask[n0 + n1] == 1
-    assert t.completion_token_ids[n0:n0 + n1] == policy.tokenizer(t.segments[1].text, add_special_tokens=False)["input_ids"]
+    assert t.completion_token_ids[n0:n0 + n1] == engine.tokenizer(t.segments[1].text, add_special_tokens=False)["input_ids"]
 
 
-def test_tool_budget_ends_trajectory(policy):
-    prompt = policy.prompt_ids(TASKS[0], SamplingConfig(tools=True))
+def test_tool_budget_ends_trajectory(engine):
+    prompt = rollout.prompt_ids(engine.tokenizer, TASKS[0], SamplingConfig(tools=True))
     text = "```python\nprint(1)\n```\n"
-    start = Trajectory("t0", 0, prompt, [Segment("model", text, policy.tokenizer(text, add_special_tokens=False)["input_ids"])],
+    start = Trajectory("t0", 0, prompt, [Segment("model", text, engine.tokenizer(text, add_special_tokens=False)["input_ids"])],
                        num_tool_calls=1)
-    [t] = policy.continue_trajectories([start], SamplingConfig(tools=True, max_turns=1, max_tokens=8), round=0)
+    [t] = rollout.continue_trajectories(engine, [start], SamplingConfig(tools=True, max_turns=1, max_tokens=8), round=0)
     assert t.finish_reason == "max_turns" and [s.kind for s in t.segments] == ["model"]

@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel, load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loop.generate import probe_logprobs
+from loop.adapter_check import probe_logprobs
 from loop.models import resolve_model
 from loop.pairs import PreferencePair
 from loop.records import Graded, Segment, Trajectory

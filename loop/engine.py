@@ -1,0 +1,174 @@
+"""The vLLM engine: one `vllm.LLM` per process, LoRA adapters hot-loaded, token ids in and token ids out.
+
+The engine knows nothing of tasks, turns or tools (loop/rollout.py builds trajectories on top of it). Each round's
+adapter is served per request with `LoRARequest(name, int_id, path)`: no merge, no engine restart.
+
+On CPU, chunked prefill is off: a seeded request whose prefill is split over steps makes vLLM rewind its generator,
+which CPU generators cannot do ("CPU Generator does not use offset" kills the engine). Without chunking a prompt is
+prefilled in one step (measured on 2 cores: the same throughput, 192-200 vs 182-188 tok/s with chunking and unseeded
+requests). vLLM logs that disabling chunked prefill is not officially supported for the model; for these
+decoder-only models the tests (batches past one step's token budget, tool turns, adapters) pass with it off.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_model_len: int = Field(2048, ge=64)
+    """Prompt + all turns + observations; a trajectory that would exceed it ends with finish_reason 'context'."""
+    dtype: str = "bfloat16"
+    seed: int = 0
+    """vLLM's engine seed (its default generator); sampled requests carry their own seeds (see SamplingConfig.seed)."""
+    max_lora_rank: int = Field(16, ge=1)
+    """Must be >= the training config's lora_r, and one of the ranks vLLM accepts (VLLM_LORA_RANKS)."""
+    max_loras: int = Field(1, ge=1)
+    kv_cache_memory_bytes: int = Field(2 << 30, ge=1 << 24)
+    """KV cache size on CPU (vLLM-CPU needs it explicitly)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Share of GPU memory vLLM may take (training shares the GPU with it)."""
+    enforce_eager: bool = False
+    enable_sleep_mode: bool = False
+    """GPU only: free vLLM's memory while training runs (sleep/wake)."""
+    cpu_threads: Literal["all", "vllm"] = "all"
+    """CPU only. all: vLLM's OpenMP threads run on every CPU this process may use, none reserved for its scheduler;
+    vllm: vLLM's own binding (one CPU reserved per engine, one logical CPU per physical core). `all` was faster on
+    the 2-core machine (bench/cpu_binding.py, bench/RESULTS.md). VLLM_CPU_OMP_THREADS_BIND or
+    VLLM_CPU_NUM_OF_RESERVED_CPU set in the environment win over either."""
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts as max_lora_rank (vllm.config.lora.MaxLoRARanks in vLLM 0.32; not checked against the
+GPU line, vLLM 0.26)."""
+# The chunked-prefill token budget vLLM-CPU uses by default; without chunking it must hold a whole prompt.
+_CPU_BATCHED_TOKENS = 4096
+
+
+_BINDING_VARS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+_binding_set_here: dict[str, str] = {}
+
+
+def apply_cpu_binding(setting: str) -> dict[str, str]:
+    """Set the vLLM-CPU thread binding for engines started after this call in this process; returns the variables
+    this call set. The user's own VLLM_CPU_* variables are left alone. vLLM's default reserves a CPU for the engine's
+    scheduler, which on a 2-CPU machine leaves one CPU to run the model."""
+    for k, v in list(_binding_set_here.items()):  # undo a previous call's values, keep the user's
+        if os.environ.get(k) == v:
+            del os.environ[k]
+        del _binding_set_here[k]
+    if setting != "all" or any(k in os.environ for k in _BINDING_VARS):
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    values = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    os.environ.update(values)
+    _binding_set_here.update(values)
+    return values
+
+
+@dataclass
+class TurnRequest:
+    """One model turn to generate: continue `token_ids` by at most `max_tokens` tokens."""
+
+    token_ids: list[int]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None
+    """None: the engine's own generator (greedy requests need none)."""
+    stop: list[str] | None = None
+    """Strings that end the turn (kept in the output)."""
+
+
+@dataclass
+class TurnOutput:
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    finish_reason: str | None
+    """vLLM's: 'stop' (EOS or a stop string) or 'length' (max_tokens)."""
+    stop_reason: int | str | None
+    """The stop string that ended the turn (a str), an EOS/stop token id, or None."""
+
+
+class VLLMEngine:
+    """A started vLLM engine on `model_path`; `close()` stops it."""
+
+    def __init__(self, model_path: str | Path, cfg: EngineConfig):
+        import torch
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.on_cuda = torch.cuda.is_available()
+        kwargs = dict(model=str(model_path), enable_lora=True, max_lora_rank=cfg.max_lora_rank,
+                      max_loras=cfg.max_loras, max_model_len=cfg.max_model_len, dtype=cfg.dtype, seed=cfg.seed,
+                      enforce_eager=cfg.enforce_eager)
+        if self.on_cuda:
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode)
+        else:
+            # Seeded requests need a generator vLLM can rewind when chunked prefill discards a sampled token; CPU
+            # generators cannot, so on CPU prompts are prefilled whole (see the module docstring).
+            kwargs.update(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(cfg.max_model_len, _CPU_BATCHED_TOKENS))
+            apply_cpu_binding(cfg.cpu_threads)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._adapters: dict[int, str] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.cfg.max_model_len
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+    # --- requests -------------------------------------------------------------------------------------
+    def lora_request(self, adapter: Path | None, adapter_id: int | None):
+        """The vLLM LoRARequest serving `adapter` as LoRA id `adapter_id` (None: the base model). An id stands for
+        one adapter folder for the engine's life: vLLM keeps serving the weights it first loaded under an id."""
+        from vllm.lora.request import LoRARequest
+
+        if adapter is None:
+            return None
+        if adapter_id is None or adapter_id < 1:
+            raise ValueError("an adapter needs a LoRA id >= 1 (one per distinct adapter, e.g. its round)")
+        path = str(Path(adapter).resolve())
+        if self._adapters.setdefault(adapter_id, path) != path:
+            raise ValueError(f"LoRA id {adapter_id} already serves {self._adapters[adapter_id]}; give {path} a new id")
+        return LoRARequest(f"adapter-{adapter_id}", adapter_id, path)
+
+    def generate(self, requests: list[TurnRequest], lora=None) -> list[TurnOutput]:
+        """One model turn for every request, batched through the engine; `lora` from `lora_request`."""
+        from vllm import SamplingParams, TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=rq.token_ids) for rq in requests]
+        params = [SamplingParams(temperature=rq.temperature, top_p=rq.top_p, max_tokens=rq.max_tokens, logprobs=0,
+                                 seed=rq.seed, stop=rq.stop, include_stop_str_in_output=True) for rq in requests]
+        outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=len(requests) > 8)
+        return [TurnOutput(list(c.token_ids), c.cumulative_logprob, c.finish_reason, c.stop_reason)
+                for c in (out.outputs[0] for out in outs)]
+
+    def prompt_logprobs(self, token_ids: list[int], adapter: Path | None = None,
+                        adapter_id: int | None = None) -> list[float]:
+        """vLLM's log-prob of every token of `token_ids` after the ones before it (len(token_ids) - 1 values)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        [out] = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params,
+                                  lora_request=self.lora_request(adapter, adapter_id), use_tqdm=False)
+        return [pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
+    def check_adapter_applied(self, adapter: Path, adapter_id: int):
+        """loop.adapter_check.check_adapter_applied on this engine: AdapterNotApplied unless it serves `adapter` as
+        its trainer had it."""
+        from loop.adapter_check import check_adapter_applied
+
+        return check_adapter_applied(self, adapter, adapter_id)
