@@ -166,9 +166,9 @@ tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db", experiment="e
 sampling = SimpleNamespace(n=4, temperature=1.0, max_tokens=16)
 cfg = SimpleNamespace(model="m", rounds=2, sampling=sampling, eval=SimpleNamespace(sampling=sampling),
                       train=SimpleNamespace(continue_adapter=True, algorithm="dpo", lr=1e-4, beta=0.1, epochs=1, lora_r=8))
-lp = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(path=None), train_tasks=[],
-          eval_tasks=[], tracker=tracker, policy=None)
-rows = [{"round": r, **run_round(lp, r, None, None)[0]} for r in range(3)]
+loop = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(path=None), train_tasks=[],
+            eval_tasks=[], tracker=tracker, engine=None)
+rows = [{"round": r, **run_round(loop, r, None, None)[0]} for r in range(3)]
 tracker.finish()
 (tmp / "table.md").write_text(_table(rows))
 """
