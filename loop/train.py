@@ -11,11 +11,13 @@ TRL's DPOTrainer/KTOTrainer do the optimisation on a frozen base with a peft LoR
   the previous round's policy (the same DPO/KTO optimum, pi_ref * exp(reward / beta), from farther away);
 - a probe record (ratchet_probe.json): the trained model's log-probs of a training text, against which
   `loop.adapter_check.check_adapter_applied` checks what vLLM serves;
+- memory: the model and trainer are freed when the round ends (the flow trains every round in one process);
 - a divergence guard: a non-finite loss, gradient norm or adapter weight stops the round, and the adapter is only
   written (atomically renamed into place) when training finished, so the previous adapter stays current.
 """
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -284,6 +286,12 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        # The trainer, its optimizer and the model hold reference cycles (callbacks, accelerate's hooks): without a
+        # collection they outlive the round, and the next round's model is loaded beside them.
+        trainer = policy = model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return TrainResult(out_dir, metrics, history)
 
 

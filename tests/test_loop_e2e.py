@@ -57,7 +57,11 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
     assert (run / "round-01" / "samples.jsonl").read_bytes() == samples_before
     for r in range(3):
         assert (run / f"round-{r:02d}" / "round.done").exists()
-        assert "eval/pass@1" in json.loads((run / f"round-{r:02d}" / "metrics.json").read_text())
+        m = json.loads((run / f"round-{r:02d}" / "metrics.json").read_text())
+        assert "eval/pass@1" in m
+        # Every stage's peak memory (this process: the flow and the trainer), the train stage's when it trained.
+        stages = ["evaluate"] + (["generate", "verify", "pairs", "train"] if r else [])
+        assert all(m[f"memory/{s}_peak_rss_mb"] > 100 for s in stages), m
 
     pairs = [len((run / f"round-{r:02d}" / "pairs.jsonl").read_text().splitlines()) for r in (1, 2)]
     assert sum(pairs) > 0, "no preference pairs in either round"
