@@ -21,7 +21,7 @@ from helpers import tiny_config
 from loop.tracking import download_artifact
 
 pytestmark = pytest.mark.slow
-RATCHET = [sys.executable, "-m", "loop.cli"]
+RATCHET = [sys.executable, "-m", "flows.cli"]
 
 
 def ratchet(*args: str, cwd: Path, **kw) -> subprocess.Popen:

@@ -47,7 +47,7 @@ def refused(tmp: Path, config: Path, **env: str) -> str:
 
 def test_loading_a_config_imports_nothing_heavy(tmp_path: Path):
     code = ("import sys; from loop.config import load_config; from loop.preflight import preflight_run; "
-            "import loop.cli; load_config(sys.argv[1]); print(' '.join(m for m in sys.argv[2:] if m in sys.modules))")
+            "import flows.cli; load_config(sys.argv[1]); print(' '.join(m for m in sys.argv[2:] if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, str(tiny_config(tmp_path)), *HEAVY], capture_output=True,
                           text=True, timeout=120, check=True)
     assert done.stdout.strip() == "", f"imported by loading a config: {done.stdout}"

@@ -190,7 +190,7 @@ def test_served_deployment_on_prefect_and_mlflow_servers(tmp_path: Path, service
     # No tracking.uri in the config: the flow must use $MLFLOW_TRACKING_URI, i.e. the server.
     cfg = tiny_config(tmp_path, name=NAME, rounds=3, tracking={"uri": None, "experiment": "services"})
     env = {**base, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_uri}
-    serve = services.start("serve", [sys.executable, "-m", "loop.cli", "serve", "--config", str(cfg),
+    serve = services.start("serve", [sys.executable, "-m", "flows.cli", "serve", "--config", str(cfg),
                                      "--rounds", "1", "--name", NAME], env, cwd=tmp_path)
     run_dir = tmp_path / "runs" / NAME
 

@@ -1,4 +1,5 @@
-"""The `ratchet` command line. Heavy imports (vLLM, torch, Prefect) happen inside the commands.
+"""The `ratchet` command line, the top layer (nothing under loop/ imports flows/). Heavy imports (vLLM, torch,
+Prefect) happen inside the commands.
 
 `run`, `serve` and `eval` first run the start-up checks (loop/preflight.py): a config or setup problem is one line
 and exit code 2, before anything is started or written. `run` and `eval` then supervise the loop in a child
@@ -71,7 +72,7 @@ def _supervise(log: Path) -> None:
 
     if not flag(VERBOSE_ENV):
         console.print(f"log: {log} (vLLM, TRL and Prefect output; --verbose shows it here)")
-    raise typer.Exit(run_supervised([sys.executable, "-m", "loop.cli", *sys.argv[1:]], log=log))
+    raise typer.Exit(run_supervised([sys.executable, "-m", "flows.cli", *sys.argv[1:]], log=log))
 
 
 def _use_console() -> None:
