@@ -320,7 +320,7 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
             t0 = time.perf_counter()
             check = engine.check_adapter_applied(adapter, adapter_id=adapter_id)
             metrics.update({"adapter_check/shift": check.shift, "adapter_check/error": check.error,
-                      "adapter_check/tolerance": check.tolerance})
+                            "adapter_check/tolerance": check.tolerance})
             timings["check_adapter"] = time.perf_counter() - t0
             progress(f"round {r}/{cfg.rounds} · adapter check in vLLM: error {check.error:.3g} (tolerance "
                      f"{check.tolerance:.3g}) · {timings['check_adapter']:.1f} s")
