@@ -93,7 +93,6 @@ class Probe:
 
 
 def run(args) -> dict[str, Any]:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as `ratchet run` (no telemetry attempts)
     import flows.self_improve as fsi
     import loop.evaluate
     import loop.rollout

@@ -116,12 +116,6 @@ def _reported_failures():
         raise typer.Exit(2 if config else 1) from None
 
 
-def _local_prefect_defaults() -> None:
-    # Prefect's temporary local server otherwise tries to send usage telemetry, which fails (and logs an
-    # error) on machines without internet access; a user's own setting wins.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
 def _fail(msg: str) -> None:
     console.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -213,7 +207,6 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (se
         _supervise(cfg.run_dir / (run_id or cfg.name) / "loop.log")
     _use_console()
     _exit_cleanly_on_sigterm()
-    _local_prefect_defaults()
     with _reported_failures():
         from flows.self_improve import self_improve
 
@@ -246,7 +239,6 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
     from loop.preflight import preflight_run
 
     cfg = _preflight(preflight_run, config, rounds, run_id)
-    _local_prefect_defaults()
     from flows.self_improve import self_improve
 
     self_improve.serve(name=name or cfg.name, cron=cron, tags=["ratchet", cfg.name],

@@ -273,3 +273,20 @@ def test_served_deployment_on_prefect_and_mlflow_servers(tmp_path: Path, service
             assert len(versions) == 1, versions
     history = client.get_metric_history(parent.info.run_id, "eval/pass_at_1")
     assert sorted({m.step for m in history}) == [0, 1]
+
+
+@pytest.mark.parametrize("user_setting", [None, "7"])
+def test_flows_give_prefects_temporary_server_time_to_start(user_setting):
+    """Importing flows/ (as `ratchet` and the flow do) raises the temporary server's start timeout from
+    Prefect's 20 s, which a busy 2-core CI machine overran, and turns telemetry off; a user's own setting
+    wins. Read from Prefect's settings in a fresh process, as Prefect reads them once at import."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    if user_setting is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_setting
+    code = ("import flows.self_improve\n"
+            "from prefect.settings import get_current_settings as s\n"
+            "print(s().server.ephemeral.startup_timeout_seconds, s().server.analytics_enabled)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [user_setting or "120", "False"]
