@@ -38,6 +38,13 @@ class PairsConfig(BaseModel):
     likely (mean log-prob per model token), the pair the policy ranks most wrongly."""
     max_pairs_per_prompt: int = Field(8, ge=1)
     """Cap for `all`, so prompts with many samples do not dominate the round."""
+    prompt_weight: Literal["uniform", "rarity"] = "uniform"
+    """How much each prompt's pairs count. uniform: as the strategy picks them. rarity: weight 1 - c/n for a prompt
+    with c correct of its n usable samples, so prompts the policy rarely solves teach more than ones it nearly
+    always solves (the cheapest pass@k-aware lever: those rare answers are what pass@k at large k keeps; cf. PKPO,
+    Walder & Karkhanis 2025, arXiv:2505.15201). TRL's DPO has no per-pair loss weight, so the weight is applied as
+    a count: a prompt's pairs are repeated or thinned to K * w / mean(w) of them (K: the strategy's count; the
+    fraction by a seeded coin), which gives each pair that weight in expectation and keeps the round's total."""
     seed: int = 0
     """Seeds the random choices; the same graded samples and seed give the same pairs."""
     keep_truncated: bool = False
@@ -75,7 +82,7 @@ class PreferencePair:
 @dataclass
 class PairStats:
     """Counts for one round; `to_dict` gives MLflow-ready numbers. Every prompt lands in exactly one of
-    prompts_with_pairs, prompts_all_correct, prompts_all_wrong and prompts_ungradeable."""
+    prompts_with_pairs (before any prompt weighting), prompts_all_correct, prompts_all_wrong and prompts_ungradeable."""
 
     prompts: int = 0
     prompts_with_pairs: int = 0
@@ -89,6 +96,7 @@ class PairStats:
     dropped_duplicates: int = 0
     dropped_conflicting: int = 0  # identical completions graded differently (e.g. a flaky timeout)
     pairs: int = 0
+    pairs_before_weighting: int | None = None  # with prompt_weight rarity: the strategy's count before the weighting
     chosen_model_tokens_mean: float | None = None  # None (left out of to_dict) when there is no pair to average
     rejected_model_tokens_mean: float | None = None
 
@@ -179,18 +187,38 @@ def _usable_by_task(graded: list[Graded], cfg: PairsConfig) -> tuple[dict[str, _
     return usable, stats
 
 
+def rarity_weight(u: _Usable) -> float:
+    """1 - c/n: the share of a prompt's usable samples that are wrong."""
+    return len(u.wrong) / (len(u.correct) + len(u.wrong))
+
+
+def _weighted_counts(chosen: dict[str, list], usable: dict[str, _Usable], seed: int) -> dict[str, int]:
+    """Pairs per prompt under rarity weighting: K_i * w_i / w_mean, where w_mean is the pair-weighted mean weight (so
+    the total stays about sum K_i), its fraction rounded up with that probability (a coin seeded by prompt)."""
+    weights = {t: rarity_weight(usable[t]) for t in chosen}
+    total = sum(len(c) for c in chosen.values())
+    mean = sum(len(c) * weights[t] for t, c in chosen.items()) / total
+    counts = {}
+    for t, c in chosen.items():
+        target = len(c) * weights[t] / mean
+        whole = int(target)
+        counts[t] = whole + (random.Random(f"{seed}:{t}:weight").random() < target - whole)
+    return counts
+
+
 def build_pairs(graded: list[Graded], cfg: PairsConfig) -> tuple[list[PreferencePair], PairStats]:
     """Preference pairs for one round, in the order the tasks first appear, and the round's counts."""
     usable, stats = _usable_by_task(graded, cfg)
-    pairs: list[PreferencePair] = []
-    for task_id, u in usable.items():
-        if not (u.correct and u.wrong):
-            continue
-        # One generator per prompt, seeded by (seed, task): a prompt's pairs do not depend on the other prompts.
-        rng = random.Random(f"{cfg.seed}:{task_id}")
-        for chosen, rejected in _choose(u, cfg, rng):
-            pairs.append(PreferencePair(task_id, list(chosen.trajectory.prompt_token_ids), chosen.trajectory,
-                                        rejected.trajectory, cfg.strategy))
+    # One generator per prompt, seeded by (seed, task): a prompt's pairs do not depend on the other prompts.
+    chosen = {task_id: _choose(u, cfg, random.Random(f"{cfg.seed}:{task_id}"))
+              for task_id, u in usable.items() if u.correct and u.wrong}
+    if cfg.prompt_weight == "rarity" and chosen:
+        stats.pairs_before_weighting = sum(len(c) for c in chosen.values())
+        counts = _weighted_counts(chosen, usable, cfg.seed)
+        # Repeating a pair gives it an integer weight in the loss; thinning keeps the first (seeded random) ones.
+        chosen = {t: list(itertools.islice(itertools.cycle(c), counts[t])) for t, c in chosen.items()}
+    pairs = [PreferencePair(task_id, list(c.trajectory.prompt_token_ids), c.trajectory, r.trajectory, cfg.strategy)
+             for task_id, combos in chosen.items() for c, r in combos]
     stats.pairs = len(pairs)
     if pairs:
         stats.chosen_model_tokens_mean = sum(p.chosen.num_model_tokens for p in pairs) / len(pairs)

@@ -44,6 +44,12 @@ class TrainConfig(BaseModel):
     """Strength of the pull towards the reference policy (IPO: its tau)."""
     nll_coef: float = Field(0.0, ge=0)
     """Weight of an NLL term on the chosen completions' model tokens (RPO, Pang et al. 2024); 0 = off. DPO only."""
+    divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    """The f-divergence that DPO's implicit reward regularises with (f-DPO, Wang et al. 2023, arXiv:2309.16240;
+    TRL's `f_divergence_type`). reverse_kl is standard DPO and mode-seeking; forward_kl and js_divergence are more
+    mass-covering, which f-DPO finds keeps more diversity at some cost in reward. DPO only."""
+    alpha_divergence_coef: float | None = Field(None, gt=0)
+    """alpha of alpha_divergence (TRL's `f_alpha_divergence_coef`; None: TRL's 0.5); only with that divergence."""
     lr: float = Field(5e-5, gt=0)
     """AdamW learning rate of the LoRA weights (LoRA needs ~10x the full fine-tuning rate)."""
     epochs: float = Field(1.0, gt=0)
@@ -80,8 +86,12 @@ class TrainConfig(BaseModel):
             if self.per_device_batch_size < 2:
                 raise ValueError("KTO estimates its KL term from the other samples of a batch: "
                                  "set per_device_batch_size >= 2")
-            if self.loss != "sigmoid" or self.nll_coef:
-                raise ValueError("loss and nll_coef are DPO options; with algorithm: kto leave them at their defaults")
+            if self.loss != "sigmoid" or self.nll_coef or self.divergence != "reverse_kl":
+                raise ValueError("loss, nll_coef and divergence are DPO options; with algorithm: kto leave them at "
+                                 "their defaults")
+        if self.alpha_divergence_coef is not None and self.divergence != "alpha_divergence":
+            raise ValueError(f"train.alpha_divergence_coef applies to divergence: alpha_divergence only (divergence is "
+                             f"{self.divergence}); remove it or set divergence: alpha_divergence")
         return self
 
 
@@ -242,7 +252,10 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
             losses, weights = [cfg.loss], [1.0]
             if cfg.nll_coef:
                 losses, weights = [cfg.loss, "sft"], [1.0, cfg.nll_coef]  # TRL's "sft" = NLL of chosen tokens
-            args = DPOConfig(loss_type=losses, loss_weights=weights, **common)
+            divergence = {"f_divergence_type": cfg.divergence}
+            if cfg.alpha_divergence_coef is not None:
+                divergence["f_alpha_divergence_coef"] = cfg.alpha_divergence_coef
+            args = DPOConfig(loss_type=losses, loss_weights=weights, **divergence, **common)
             collator = MaskedPreferenceCollator(tokenizer.pad_token_id, cfg.max_length)
             trainer_cls, rows = TokenDPOTrainer, dpo_rows(data)
         else:

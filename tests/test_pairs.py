@@ -170,3 +170,56 @@ def test_missing_log_probs_are_an_error_and_empty_means_are_left_out():
     _, stats = build_pairs([graded("b", 0)], PairsConfig())
     s = stats.to_dict()
     assert s["pairs"] == 0 and "chosen_model_tokens_mean" not in s and "rejected_model_tokens_mean" not in s
+
+
+def _mixed_prompts(samples: int = 8) -> list[Graded]:
+    """Prompt t{c} has c correct samples of `samples` (c = 1 .. samples-1), the rest wrong."""
+    return [graded(f"t{c}", s, "correct" if s < c else "incorrect", tokens=[100 + s, c])
+            for c in range(1, samples) for s in range(samples)]
+
+
+def test_rarity_weighting_gives_pairs_in_proportion_to_one_minus_solve_rate():
+    data = _mixed_prompts()
+    base_cfg = dict(strategy="all", max_pairs_per_prompt=4)
+    plain, _ = build_pairs(data, PairsConfig(**base_cfg))
+    per_prompt = {t: sum(p.task_id == t for p in plain) for t in {p.task_id for p in plain}}
+    weights = {f"t{c}": (8 - c) / 8 for c in range(1, 8)}
+    mean = sum(per_prompt[t] * weights[t] for t in per_prompt) / sum(per_prompt.values())
+    target = {t: per_prompt[t] * weights[t] / mean for t in per_prompt}
+
+    counts_over_seeds = {t: [] for t in target}
+    for seed in range(300):
+        pairs, stats = build_pairs(data, PairsConfig(**base_cfg, prompt_weight="rarity", seed=seed))
+        assert stats.pairs_before_weighting == sum(per_prompt.values()) == 4 * 7
+        for t in target:
+            got = [p for p in pairs if p.task_id == t]
+            # floor or ceil of the target, and only the prompt's own correct-vs-wrong combinations
+            assert int(target[t]) <= len(got) <= int(target[t]) + 1
+            assert all(p.chosen.sample < int(t[1:]) <= p.rejected.sample for p in got)
+            counts_over_seeds[t].append(len(got))
+        assert abs(stats.pairs - stats.pairs_before_weighting) <= len(target)
+    # In expectation each prompt gets exactly its target: the weight holds on average, not just in rank.
+    for t, counts in counts_over_seeds.items():
+        assert sum(counts) / len(counts) == pytest.approx(target[t], abs=0.1)
+    rare, common = counts_over_seeds["t1"], counts_over_seeds["t7"]
+    assert min(rare) > max(common)
+
+
+def test_rarity_weighting_repeats_a_single_pair_and_can_drop_a_nearly_solved_prompt():
+    # One pair per prompt (random): a rarely solved prompt's pair repeats, a nearly always solved one's goes.
+    data = [graded("rare", s, "correct" if s == 0 else "incorrect") for s in range(8)]
+    data += [graded("easy", s, "incorrect" if s == 0 else "correct") for s in range(8)]
+    pairs, stats = build_pairs(data, PairsConfig(prompt_weight="rarity"))
+    # weights 7/8 and 1/8, mean 1/2: targets 1.75 and 0.25
+    rare = [p for p in pairs if p.task_id == "rare"]
+    assert len(rare) in (1, 2) and len({(p.chosen.sample, p.rejected.sample) for p in rare}) == 1
+    assert len([p for p in pairs if p.task_id == "easy"]) in (0, 1)
+    assert stats.prompts_with_pairs == 2 and stats.pairs_before_weighting == 2
+
+
+def test_uniform_weighting_is_the_strategy_unchanged():
+    data = _mixed_prompts()
+    for strategy in ("random", "best_worst", "all"):
+        a, sa = build_pairs(data, PairsConfig(strategy=strategy))
+        b, _ = build_pairs(data, PairsConfig(strategy=strategy, prompt_weight="uniform"))
+        assert ids(a) == ids(b) and "pairs_before_weighting" not in sa.to_dict()

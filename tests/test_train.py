@@ -265,3 +265,28 @@ def test_bad_input_fails_before_loading_the_model(model_path, pairs, tmp_path, f
     with pytest.raises(ValueError, match="extra"):
         TrainConfig(learning_rate=1e-4)
     assert not (tmp_path / "x").exists()
+
+
+def test_divergence_reaches_trls_loss(model_path, pairs, tmp_path):
+    # At step 1 (fresh adapter: policy == reference, log-ratio 0) the sigmoid loss is log 2 whatever the divergence,
+    # but its gradient is scaled by f's derivative at 0 in the log-ratio: 1 for reverse KL, forward KL and alpha,
+    # 1/2 for JS (d/dx [log 2 + logsigmoid(x)] = sigmoid(-x)). So JS's first gradient norm is half reverse KL's.
+    norms = {}
+    for divergence in ("reverse_kl", "js_divergence", "forward_kl"):
+        res, _ = one_step(model_path, pairs[:2], tmp_path, divergence, divergence=divergence)
+        step1 = res.history[0]
+        assert step1["loss"] == pytest.approx(math.log(2), rel=1e-5)
+        assert json.loads((res.adapter_dir / "ratchet_train.json").read_text())["config"]["divergence"] == divergence
+        norms[divergence] = step1["grad_norm"]
+    assert norms["js_divergence"] == pytest.approx(norms["reverse_kl"] / 2, rel=1e-3)
+    assert norms["forward_kl"] == pytest.approx(norms["reverse_kl"], rel=1e-3)
+
+
+def test_divergence_options_are_checked_at_config_load():
+    with pytest.raises(ValueError, match="divergence are DPO options"):
+        TrainConfig(algorithm="kto", divergence="js_divergence")
+    with pytest.raises(ValueError, match="alpha_divergence_coef applies to divergence: alpha_divergence only"):
+        TrainConfig(alpha_divergence_coef=0.3)
+    with pytest.raises(ValueError, match="divergence"):
+        TrainConfig(divergence="kl")
+    assert TrainConfig(divergence="alpha_divergence", alpha_divergence_coef=0.3).alpha_divergence_coef == 0.3
