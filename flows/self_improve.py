@@ -226,7 +226,7 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     FAILED and stops vLLM."""
     config_dict = cfg.model_dump(mode="json")
     had_config = (run.path / "config.yaml").exists()
-    new_run = run.check_config(config_dict)
+    new_run = run.check_config(config_dict, RunConfig)
     model = resolve_model(cfg.model)
     check_model(cfg, model.path)
     train_tasks = load_tasks(cfg.train_tasks)

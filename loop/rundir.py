@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 
 # Settings a run may resume with changed, because they change memory use, speed or where results are registered but
@@ -105,17 +106,26 @@ class RunDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def check_config(self, config: dict[str, Any]) -> bool:
+    def check_config(self, config: dict[str, Any], schema: type[BaseModel] | None = None) -> bool:
         """Refuse a config that differs from the one this run started with, except in `RESUMABLE_KEYS` (and a
         DPO batch split differently, see `_same_dpo_batch`). True for a new run: no saved config, or a saved one
         that no stage ran with (a start that failed before any work, e.g. on a wrong model, does not burn the
         run id: the new config replaces it).
 
+        `schema` (the config's pydantic model) reads the saved config with today's defaults first, so that a setting
+        added to the project after the run started, left at its default (the old behaviour), is not a change.
+
         Nothing is written: `save_config` does that once the rest of the start-up checks have passed."""
         saved_path = self.path / "config.yaml"
         if not saved_path.exists():
             return True
-        old, new = flatten(yaml.safe_load(saved_path.read_text())), flatten(config)
+        saved = yaml.safe_load(saved_path.read_text())
+        if schema is not None:
+            try:
+                saved = schema.model_validate(saved).model_dump(mode="json")
+            except ValidationError:
+                pass  # a setting since removed or renamed: compared as saved, so it shows as changed
+        old, new = flatten(saved), flatten(config)
         changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)} - RESUMABLE_KEYS
         if _same_dpo_batch(old, new):
             changed -= {"train.per_device_batch_size", "train.grad_accumulation"}

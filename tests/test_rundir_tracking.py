@@ -242,3 +242,22 @@ def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
     md = (tmp_path / "table.md").read_text()
     assert f"{m2['eval/pass@1']:.3f} ± {m2['eval/pass@1_se']:.3f}" in md
     assert f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]" in md and "vs round 0" in md
+
+
+def test_a_setting_added_since_the_run_started_at_its_default_is_no_change(tmp_path: Path):
+    """A run started before a setting existed resumes under today's config schema when the setting is at its
+    default (what the run did then); set to anything else, it is a change like any other."""
+    from loop.config import RunConfig, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    saved = cfg.model_dump(mode="json")
+    del saved["train"]["divergence"], saved["pairs"]["prompt_weight"]  # as a run saved before they existed
+    run = RunDir(tmp_path, "r")
+    run.save_config(saved)
+    run.mark_done(0, "evaluate")
+    assert run.check_config(cfg.model_dump(mode="json"), RunConfig) is False  # a resume
+    with pytest.raises(ValueError, match=r"changed: pairs\.prompt_weight, train\.divergence\)"):
+        run.check_config(cfg.model_dump(mode="json"))  # without the schema the missing keys read as changes
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"divergence": "js_divergence"})})
+    with pytest.raises(ValueError, match=r"changed: train\.divergence\)"):
+        run.check_config(changed.model_dump(mode="json"), RunConfig)
