@@ -88,7 +88,7 @@ def preflight_run(config: Path, rounds: int | None = None, run_id: str | None = 
     cfg = load_config(config, rounds=rounds)
     check_writable(cfg.run_dir, "run_dir")
     try:  # a resumed run id: the same error the flow would raise after Prefect and the model had started
-        RunDir(cfg.run_dir, run_id or cfg.name, create=False).check_config(cfg.model_dump(mode="json"))
+        RunDir(cfg.run_dir, run_id or cfg.name, create=False).check_config(cfg.model_dump(mode="json"), RunConfig)
     except ValueError as e:
         raise PreflightError(str(e)) from None
     check_model_name(cfg)
