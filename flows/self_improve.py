@@ -33,7 +33,7 @@ from loop.engine import VLLMEngine
 from loop.evaluate import evaluate_policy
 from loop.memory import PeakMemory
 from loop.models import ResolvedModel, resolve_model
-from loop.pairs import build_pairs, load_pairs, save_pairs, select_samples
+from loop.pairs import build_pairs, load_pairs, rehearsal_samples, save_pairs, select_samples
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
 from loop.stats import detectable_change_note, format_change, format_estimate, round_statistics_from_dirs
@@ -77,11 +77,20 @@ def verify(tasks_by_id: dict[str, Task], cfg: RunConfig, samples: Path, out: Pat
 
 
 @task(name="build-pairs", cache_policy=NONE)
-def pairs(cfg: RunConfig, graded_path: Path, out: Path) -> dict[str, float]:
+def pairs(cfg: RunConfig, graded_path: Path, base_graded_path: Path, out: Path) -> dict[str, float]:
+    """The round's pairs (pairs.jsonl) and, with pairs.rehearsal, the base model's samples to rehearse
+    (rehearsal.jsonl, from round 1's graded samples: round 1 samples the base model)."""
     t0 = time.perf_counter()
-    built, stats = build_pairs(_load_graded(graded_path), cfg.pairs)
+    graded = _load_graded(graded_path)
+    built, stats = build_pairs(graded, cfg.pairs)
+    extra = {}
+    if cfg.pairs.rehearsal:
+        base = graded if base_graded_path == graded_path else _load_graded(base_graded_path)
+        rehearse = rehearsal_samples(graded, base, len(built), cfg.pairs)
+        write_jsonl(out.with_name("rehearsal.jsonl"), (g.to_dict() for g in rehearse))
+        extra["pairs/rehearsal"] = float(len(rehearse))
     save_pairs(out, built)
-    return {"time/pairs_s": time.perf_counter() - t0, **{f"pairs/{k}": v for k, v in stats.to_dict().items()}}
+    return {"time/pairs_s": time.perf_counter() - t0, **{f"pairs/{k}": v for k, v in stats.to_dict().items()}, **extra}
 
 
 # log_prints off: `datasets` hashes functions with dill, which captures dis.dis output through print(); routed
@@ -100,8 +109,11 @@ def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path,
     if not data:
         logger.warning(f"round has {why}: skipping training; the previous adapter stays current")
         return {"train/skipped": 1.0}
+    rehearsal = []
+    if cfg.pairs.rehearsal:
+        rehearsal = [g.trajectory for g in _load_graded(pairs_path.with_name("rehearsal.jsonl"))]
     t0 = time.perf_counter()
-    result = train_round(model_path, data, cfg.train, init_adapter=init_adapter, out_dir=out)
+    result = train_round(model_path, data, cfg.train, init_adapter=init_adapter, out_dir=out, rehearsal=rehearsal)
     return {"time/train_s": time.perf_counter() - t0, "train/skipped": 0.0, **result.metrics}
 
 
@@ -304,7 +316,7 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
     if r > 0:
         stage("generate", generate, engine, loop.train_tasks, cfg, r, adapter, adapter_id, round_dir / "samples.jsonl")
         stage("verify", verify, loop.train_by_id, cfg, round_dir / "samples.jsonl", round_dir / "graded.jsonl")
-        stage("pairs", pairs, cfg, round_dir / "graded.jsonl", round_dir / "pairs.jsonl")
+        stage("pairs", pairs, cfg, round_dir / "graded.jsonl", run.round(1) / "graded.jsonl", round_dir / "pairs.jsonl")
         # The current adapter: train_round starts from it (continue_adapter) and/or uses it as the reference.
         # vLLM sleeps while training runs (on CUDA with a sleep mode: its GPU memory goes to the trainer) and wakes
         # for the adapter check; without a sleep mode both do nothing.

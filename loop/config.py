@@ -66,6 +66,16 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _rehearsal(self) -> "RunConfig":
+        if self.pairs.rehearsal and self.train.algorithm != "dpo":
+            raise ValueError("pairs.rehearsal adds an NLL term beside the DPO loss; with train.algorithm: kto set "
+                             "pairs.rehearsal: 0")
+        if self.train.rehearsal_coef is not None and not self.pairs.rehearsal:
+            raise ValueError("train.rehearsal_coef weighs the rehearsal samples, but pairs.rehearsal is 0 (none are "
+                             "drawn); set pairs.rehearsal (e.g. 0.25) or remove train.rehearsal_coef")
+        return self
+
+    @model_validator(mode="after")
     def _engine_serves_training(self) -> "RunConfig":
         # What vLLM checks when it loads a round's adapter (vllm/lora/peft_helper.py, lora_model.py), which happens
         # only after the round's sampling, grading and training.

@@ -45,6 +45,13 @@ class PairsConfig(BaseModel):
     Walder & Karkhanis 2025, arXiv:2505.15201). TRL's DPO has no per-pair loss weight, so the weight is applied as
     a count: a prompt's pairs are repeated or thinned to K * w / mean(w) of them (K: the strategy's count; the
     fraction by a seeded coin), which gives each pair that weight in expectation and keeps the round's total."""
+    rehearsal: float = Field(0.0, ge=0, le=1)
+    """Rehearsal samples per pair (0 = off; DPO only): correct samples of the base model (round 1's samples) for
+    prompts every usable sample of this round already gets right, trained on with an NLL term (weight
+    `train.rehearsal_coef`) beside the DPO loss. Such prompts give no pair, so DPO alone is free to narrow them to one
+    answer; rehearsing the base model's own solutions keeps their mass where it was (the DPO analogue of DPH-RL's
+    mass-covering term on solved prompts, arXiv:2509.07430). round(rehearsal * pairs) samples, one per prompt at most
+    (a seeded choice of prompt and sample)."""
     seed: int = 0
     """Seeds the random choices; the same graded samples and seed give the same pairs."""
     keep_truncated: bool = False
@@ -224,6 +231,28 @@ def build_pairs(graded: list[Graded], cfg: PairsConfig) -> tuple[list[Preference
         stats.chosen_model_tokens_mean = sum(p.chosen.num_model_tokens for p in pairs) / len(pairs)
         stats.rejected_model_tokens_mean = sum(p.rejected.num_model_tokens for p in pairs) / len(pairs)
     return pairs, stats
+
+
+def rehearsal_samples(graded: list[Graded], base: list[Graded], num_pairs: int, cfg: PairsConfig) -> list[Graded]:
+    """`cfg.rehearsal` (see PairsConfig): base-model correct samples of the prompts this round solves every time.
+
+    `graded` is this round's graded samples, `base` the base model's (round 1's; the same list in round 1). A
+    prompt qualifies when it has usable samples this round and all of them are correct; its rehearsal sample is a
+    usable correct base sample (the same drops as pairing: cut-off, ungradeable, conflicting), chosen by a coin
+    seeded by (seed, task). At most round(rehearsal * num_pairs) prompts, a seeded random subset, in task order."""
+    want = round(cfg.rehearsal * num_pairs)
+    if want == 0:
+        return []
+    usable, _ = _usable_by_task(graded, cfg)
+    solved = [t for t, u in usable.items() if u.correct and not u.wrong]
+    base_usable, _ = _usable_by_task([g for g in base if g.trajectory.task_id in set(solved)], cfg)
+    candidates = [t for t in solved if t in base_usable and base_usable[t].correct]
+    for t in candidates:
+        if base_usable[t].correct[0].trajectory.prompt_token_ids != usable[t].correct[0].trajectory.prompt_token_ids:
+            raise ValueError(f"task {t}: the base model's samples were generated from other prompt tokens than this "
+                             "round's; rehearsal needs the same prompts every round")
+    picked = set(random.Random(f"{cfg.seed}:rehearsal").sample(candidates, min(want, len(candidates))))
+    return [random.Random(f"{cfg.seed}:{t}:rehearsal").choice(base_usable[t].correct) for t in candidates if t in picked]
 
 
 def select_samples(graded: list[Graded], cfg: PairsConfig) -> tuple[list[Graded], PairStats]:

@@ -50,6 +50,8 @@ class TrainConfig(BaseModel):
     mass-covering, which f-DPO finds keeps more diversity at some cost in reward. DPO only."""
     alpha_divergence_coef: float | None = Field(None, gt=0)
     """alpha of alpha_divergence (TRL's `f_alpha_divergence_coef`; None: TRL's 0.5); only with that divergence."""
+    rehearsal_coef: float | None = Field(None, gt=0)
+    """Weight of the NLL term on the rehearsal samples (pairs.rehearsal); None: 1.0. Set it only with rehearsal on."""
     lr: float = Field(5e-5, gt=0)
     """AdamW learning rate of the LoRA weights (LoRA needs ~10x the full fine-tuning rate)."""
     epochs: float = Field(1.0, gt=0)
@@ -177,7 +179,7 @@ def _summarise(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, f
     for h in steps:
         for ours, trl in (("loss", "loss"), ("grad_norm", "grad_norm"), ("reward_margin", "rewards/margins"),
                           ("reward_accuracy", "rewards/accuracies"), ("logps_chosen", "logps/chosen"),
-                          ("logps_rejected", "logps/rejected"), ("kl", "kl")):
+                          ("logps_rejected", "logps/rejected"), ("kl", "kl"), ("rehearsal_nll", "rehearsal_nll")):
             if trl in h:
                 add(ours, h[trl])
         # TRL logs rewards = beta * (policy - reference) log-probs, so the reference log-probs follow exactly.
@@ -193,13 +195,15 @@ def _summarise(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, f
 
 
 def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[Graded], cfg: TrainConfig, *,
-                init_adapter: Path | None = None, out_dir: Path) -> TrainResult:
+                init_adapter: Path | None = None, out_dir: Path, rehearsal: list[Trajectory] = ()) -> TrainResult:
     """Train the round's adapter and save it to `out_dir` (peft format, loadable by vLLM's LoRARequest).
 
     `init_adapter` is the previous round's adapter, the current policy (None in the first round): the start
     point when `cfg.continue_adapter`, the reference when `cfg.reference == "previous"`, unused otherwise. `data`
     is the round's preference pairs (DPO) or graded samples (KTO: `loop.pairs.select_samples` output; samples
-    without a verdict are left out). On failure nothing is written to `out_dir`.
+    without a verdict are left out). `rehearsal` (DPO only): the trajectories of `loop.pairs.rehearsal_samples`, at most
+    one per pair, trained on with an NLL term of weight `cfg.rehearsal_coef`. On failure nothing is written to
+    `out_dir`.
     """
     # Imported here, not with the module: loading a config (loop/config.py imports TrainConfig) must not pay
     # for torch, transformers, peft, TRL and datasets (~10 s).
@@ -222,8 +226,13 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
         if not usable:
             raise ValueError("no graded sample has a verdict (all timed out or errored): nothing to train on")
         data = usable
+    if rehearsal and cfg.algorithm != "dpo":
+        raise ValueError("rehearsal samples are trained beside DPO pairs; with algorithm: kto set pairs.rehearsal: 0")
     extra.update(_token_counts(trajectories_of(data), cfg.max_length))
     extra["train/examples"] = float(len(data))
+    if rehearsal:
+        extra["train/rehearsal_samples"] = float(len(rehearsal))
+        extra["train/rehearsal_model_tokens"] = _token_counts(list(rehearsal), cfg.max_length)["train/model_tokens"]
 
     bf16 = _use_bf16(cfg)
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
@@ -257,14 +266,17 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
                 divergence["f_alpha_divergence_coef"] = cfg.alpha_divergence_coef
             args = DPOConfig(loss_type=losses, loss_weights=weights, **divergence, **common)
             collator = MaskedPreferenceCollator(tokenizer.pad_token_id, cfg.max_length)
-            trainer_cls, rows = TokenDPOTrainer, dpo_rows(data)
+            trainer_cls, rows = TokenDPOTrainer, dpo_rows(data, list(rehearsal))
+            trainer_kwargs = {"rehearsal_coef": cfg.rehearsal_coef or 1.0}
         else:
             args = KTOConfig(desirable_weight=cfg.kto_desirable_weight, undesirable_weight=cfg.kto_undesirable_weight,
                              train_sampling_strategy="sequential", **common)
             collator = MaskedUnpairedCollator(tokenizer.pad_token_id, cfg.max_length)
             trainer_cls, rows = TokenKTOTrainer, kto_rows(data, cfg.per_device_batch_size, cfg.seed)
+            trainer_kwargs = {}
         trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, peft_config=lora, callbacks=[StopOnNonFinite(cfg.lr)])
+                              processing_class=tokenizer, peft_config=lora, callbacks=[StopOnNonFinite(cfg.lr)],
+                              **trainer_kwargs)
         policy = trainer.model
         start = init_adapter if init_adapter is not None and cfg.continue_adapter else None
         reference = init_adapter if init_adapter is not None and cfg.reference == "previous" else None

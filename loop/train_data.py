@@ -23,11 +23,21 @@ from loop.pairs import PreferencePair
 from loop.records import Graded, Trajectory
 
 
-def dpo_rows(pairs: list[PreferencePair]) -> list[dict[str, list[int]]]:
-    return [{"prompt_ids": p.prompt_token_ids,
+def dpo_rows(pairs: list[PreferencePair], rehearsal: list[Trajectory] = ()) -> list[dict[str, list[int] | None]]:
+    """One row per pair; the i-th rehearsal trajectory (pairs.rehearsal) rides on the i-th pair's row, so every
+    batch holds at least one pair and the rehearsal share of each epoch is exact (the trainer shuffles rows)."""
+    if len(rehearsal) > len(pairs):
+        raise ValueError(f"{len(rehearsal)} rehearsal samples for {len(pairs)} pairs: at most one per pair "
+                         "(pairs.rehearsal <= 1)")
+    rows = [{"prompt_ids": p.prompt_token_ids,
              "chosen_ids": p.chosen.completion_token_ids, "chosen_mask": p.chosen.completion_mask,
-             "rejected_ids": p.rejected.completion_token_ids, "rejected_mask": p.rejected.completion_mask}
+             "rejected_ids": p.rejected.completion_token_ids, "rejected_mask": p.rejected.completion_mask,
+             "rehearsal_prompt_ids": None, "rehearsal_ids": None, "rehearsal_mask": None}
             for p in pairs]
+    for row, t in zip(rows, rehearsal):
+        row.update(rehearsal_prompt_ids=t.prompt_token_ids, rehearsal_ids=t.completion_token_ids,
+                   rehearsal_mask=t.completion_mask)
+    return rows
 
 
 def kto_rows(samples: list[Graded], batch_size: int, seed: int) -> list[dict[str, Any]]:
@@ -83,7 +93,14 @@ class MaskedPreferenceCollator(DataCollatorMixin):
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         side = [(ex["prompt_ids"], ex[f"{k}_ids"], ex[f"{k}_mask"]) for k in ("chosen", "rejected") for ex in examples]
         prompts, completions, masks = (list(x) for x in zip(*side))
-        return _batch(prompts, completions, masks, self.pad_token_id, self.max_length, self.pad_to_multiple_of)
+        out = _batch(prompts, completions, masks, self.pad_token_id, self.max_length, self.pad_to_multiple_of)
+        rehearsal = [ex for ex in examples if ex.get("rehearsal_ids") is not None]
+        if rehearsal:  # their own sequences, read by TokenDPOTrainer.compute_loss (rehearsal_ keys)
+            batch = _batch([ex["rehearsal_prompt_ids"] for ex in rehearsal], [ex["rehearsal_ids"] for ex in rehearsal],
+                           [ex["rehearsal_mask"] for ex in rehearsal], self.pad_token_id, self.max_length,
+                           self.pad_to_multiple_of)
+            out.update({f"rehearsal_{k}": v for k, v in batch.items()})
+        return out
 
 
 @dataclass

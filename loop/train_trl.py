@@ -37,8 +37,34 @@ class StopOnNonFinite(TrainerCallback):
 
 
 class TokenDPOTrainer(DPOTrainer):
+    """TRL's DPO on token-space rows, plus the rehearsal term (pairs.rehearsal): the mean NLL of the batch's
+    rehearsal sequences' model tokens, times `rehearsal_coef`, added to TRL's loss; the same form as TRL's own "sft"
+    term (loss_type "sft"), on sequences outside the pairs."""
+
+    def __init__(self, *args, rehearsal_coef: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rehearsal_coef = rehearsal_coef
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # rows are token ids already (dpo_rows); TRL would re-tokenise text here
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rehearsal = {k[len("rehearsal_"):]: inputs.pop(k) for k in list(inputs) if k.startswith("rehearsal_")}
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not rehearsal:
+            return result
+        mask = rehearsal["completion_mask"]
+        labels = rehearsal["input_ids"].masked_fill(mask == 0, -100)
+        out = model(input_ids=rehearsal["input_ids"], attention_mask=rehearsal["attention_mask"], labels=labels,
+                    use_cache=False, fused_lm_head=True)
+        shift_mask = mask[..., 1:]
+        nll = -out.log_probs[:, -shift_mask.size(1):][shift_mask.bool()].mean()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rehearsal_nll"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
+        if return_outputs:
+            loss, outputs = result
+            return loss + self.rehearsal_coef * nll, outputs
+        return result + self.rehearsal_coef * nll
 
 
 class TokenKTOTrainer(KTOTrainer):

@@ -6,7 +6,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from loop.pairs import PairsConfig, PreferencePair, build_pairs, load_pairs, save_pairs, select_samples
+from loop.pairs import (PairsConfig, PreferencePair, build_pairs, load_pairs, rehearsal_samples, save_pairs,
+                        select_samples)
 from loop.records import Graded, Segment, Trajectory
 
 PROMPT = [1, 2, 3]
@@ -223,3 +224,64 @@ def test_uniform_weighting_is_the_strategy_unchanged():
         a, sa = build_pairs(data, PairsConfig(strategy=strategy))
         b, _ = build_pairs(data, PairsConfig(strategy=strategy, prompt_weight="uniform"))
         assert ids(a) == ids(b) and "pairs_before_weighting" not in sa.to_dict()
+
+
+def test_rehearsal_draws_base_model_correct_samples_of_prompts_solved_every_time():
+    # This round: a and b are solved by every usable sample, c is mixed, d all wrong, e solved but cut off only.
+    now = ([graded("a", i) for i in range(4)] + [graded("b", i) for i in range(4)]
+           + [graded("c", 0), graded("c", 1, "incorrect")] + [graded("d", i, "incorrect") for i in range(2)]
+           + [graded("e", 0), graded("e", 1, "incorrect", finish="length")])
+    # The base model's samples: a had two correct ones (and a wrong one), b only wrong or cut-off ones.
+    base = ([graded("a", 0, "incorrect"), graded("a", 1), graded("a", 2)] + [graded("b", 0, "incorrect"),
+            graded("b", 1, finish="length")] + [graded(t, 0) for t in "cde"])
+    cfg = PairsConfig(rehearsal=1.0)
+    picked = rehearsal_samples(now, base, 10, cfg)
+    # a qualifies with a base correct sample; b has none usable; c, d are not solved every time; e's one usable
+    # sample is correct (the cut-off one is dropped, as in pairing), so e qualifies too.
+    assert [(g.trajectory.task_id, g.correct) for g in picked] == [("a", True), ("e", True)]
+    assert picked[0].trajectory.sample in (1, 2) and all(g in base for g in picked)
+    assert rehearsal_samples(now, base, 10, cfg) == picked  # seeded
+    # round(share x pairs) prompts at most: a seeded subset.
+    assert len(rehearsal_samples(now, base, 2, PairsConfig(rehearsal=0.5))) == 1
+    assert rehearsal_samples(now, base, 10, PairsConfig()) == []
+    seen = {g.trajectory.sample for s in range(40) for g in rehearsal_samples(now, base, 1, PairsConfig(rehearsal=1, seed=s))
+            if g.trajectory.task_id == "a"}
+    assert seen == {1, 2}  # both base correct samples of a get chosen for some seed
+    with pytest.raises(ValueError, match="rehearsal needs the same prompts every round"):
+        rehearsal_samples(now, [graded("a", 0, prompt=[9, 9])], 10, cfg)
+
+
+def test_rehearsal_is_checked_at_config_load():
+    from loop.config import RunConfig
+
+    base = {"name": "t", "model": "m", "train_tasks": {"family": "arithmetic", "split": "train"},
+            "eval": {"tasks": {"family": "arithmetic", "split": "eval"}}}
+    assert RunConfig(**base, pairs={"rehearsal": 0.25}, train={"rehearsal_coef": 0.5}).train.rehearsal_coef == 0.5
+    with pytest.raises(ValidationError, match="with train.algorithm: kto set pairs.rehearsal: 0"):
+        RunConfig(**base, pairs={"rehearsal": 0.25}, train={"algorithm": "kto"})
+    with pytest.raises(ValidationError, match="pairs.rehearsal is 0"):
+        RunConfig(**base, train={"rehearsal_coef": 0.5})
+    with pytest.raises(ValidationError, match="rehearsal"):
+        PairsConfig(rehearsal=1.5)
+
+
+def test_the_pairs_stage_saves_the_rehearsal_samples_beside_the_pairs(tmp_path):
+    # The flow's pairs stage (what the train stage reads back): rehearsal.jsonl next to pairs.jsonl, drawn from
+    # round 1's graded samples in later rounds and from the round's own in round 1.
+    from flows.self_improve import pairs as pairs_stage
+    from loop.config import RunConfig
+    from loop.rundir import read_jsonl, write_jsonl
+
+    cfg = RunConfig(name="t", model="m", train_tasks={"family": "arithmetic", "split": "train"},
+                    eval={"tasks": {"family": "arithmetic", "split": "eval"}}, pairs={"rehearsal": 1.0})
+    round1 = [graded("a", 0), graded("a", 1), graded("b", 0), graded("b", 1, "incorrect")]
+    round2 = [graded("a", 0), graded("a", 3), graded("b", 0), graded("b", 2, "incorrect")]
+    for name, rows in (("r1", round1), ("r2", round2)):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "graded.jsonl", (g.to_dict() for g in rows))
+    for rnd in ("r1", "r2"):
+        metrics = pairs_stage.fn(cfg, tmp_path / rnd / "graded.jsonl", tmp_path / "r1" / "graded.jsonl",
+                                 tmp_path / rnd / "pairs.jsonl")
+        [saved] = [Graded.from_dict(d) for d in read_jsonl(tmp_path / rnd / "rehearsal.jsonl")]
+        assert saved.trajectory.task_id == "a" and saved.correct and saved.trajectory.sample in (0, 1)  # round 1's
+        assert metrics["pairs/rehearsal"] == 1 and metrics["pairs/pairs"] == 1

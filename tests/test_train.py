@@ -290,3 +290,27 @@ def test_divergence_options_are_checked_at_config_load():
     with pytest.raises(ValueError, match="divergence"):
         TrainConfig(divergence="kl")
     assert TrainConfig(divergence="alpha_divergence", alpha_divergence_coef=0.3).alpha_divergence_coef == 0.3
+
+
+def test_rehearsal_adds_the_base_models_nll_of_its_samples_to_the_loss(model_path, tok, pairs, tmp_path):
+    # One step, two pairs, one rehearsal sample (a tool trajectory: its observation must stay out of the NLL). At step
+    # 1 the fresh adapter leaves the policy equal to the base model, so the logged rehearsal NLL is the base model's
+    # mean NLL over the sample's model tokens, and the loss is DPO's plus coef times it.
+    rehearse = traj(tok, "8+1", 3, [("model", " ```python\nprint(8+1)\n```"), ("observation", "\n```output\n9\n```\n"),
+                                    ("model", " It is 9.")])
+    plain, _ = one_step(model_path, pairs[:2], tmp_path, "plain")
+    res = train_round(model_path, pairs[:2], TrainConfig(**{**FAST, "per_device_batch_size": 2}, rehearsal_coef=0.5),
+                      init_adapter=None, out_dir=tmp_path / "rehearsal", rehearsal=[rehearse])
+    step1 = res.history[0]
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    mask = rehearse.completion_mask
+    nll = -masked_logp(base, rehearse, mask) / sum(mask)
+    assert 0 < sum(mask) < len(mask)
+    assert step1["rehearsal_nll"] == pytest.approx(nll, rel=1e-4)
+    assert step1["rehearsal_nll"] != pytest.approx(-masked_logp(base, rehearse, [1] * len(mask)) / len(mask), rel=1e-2)
+    assert step1["loss"] == pytest.approx(plain.history[0]["loss"] + 0.5 * nll, rel=1e-4)
+    assert step1["logps/chosen"] == pytest.approx(plain.history[0]["logps/chosen"], rel=1e-5)  # DPO's part unchanged
+    assert res.metrics["train/rehearsal_samples"] == 1 and res.metrics["train/rehearsal_nll"] == pytest.approx(nll, rel=1e-4)
+    with pytest.raises(ValueError, match="at most one per pair"):
+        train_round(model_path, pairs[:1], TrainConfig(**FAST), out_dir=tmp_path / "x", rehearsal=[rehearse] * 2)
+    assert not (tmp_path / "x").exists()
