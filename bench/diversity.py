@@ -7,11 +7,13 @@ the same for every option) and against the default at the same round (paired by 
 evaluated on the same problems with the same sampling seeds), and the distinct-answer rate (distinct answers among a
 problem's n samples, over n; answers compared by the verifier's equivalence).
 
-    .venv/bin/python bench/diversity.py                                  # every option, the demo's 3 rounds
+    .venv/bin/python bench/diversity.py                                  # the four main options, 3 rounds
     .venv/bin/python bench/diversity.py --options default js_divergence --rounds 2
 
 Runs live in --work and are kept: rerunning resumes a cut-off run and leaves finished ones as they are. The table
-goes to stdout and, with the figures, to --out (JSON) and its .md sibling.
+goes to stdout and, with the figures, to --out (JSON) and its .md sibling; the notebook's options figure (pass@k per
+option with bands, and the paired difference to the default) to its .png sibling. The notebook draws the same figure
+with RATCHET_ABLATION_URI=sqlite:///<work>/mlflow.db.
 """
 from __future__ import annotations
 
@@ -32,13 +34,16 @@ from loop.rundir import read_jsonl  # noqa: E402
 from loop.stats import estimate, format_change, paired_change, problem_clusters  # noqa: E402
 
 # Each option changes one thing against the demo's config; what each one is and where it comes from is in the
-# docstrings of the config keys (loop/train.py TrainConfig.divergence, loop/pairs.py PairsConfig.prompt_weight).
+# docstrings of the config keys (loop/train.py TrainConfig.divergence, loop/pairs.py PairsConfig.prompt_weight and
+# PairsConfig.rehearsal).
 OPTIONS: dict[str, dict] = {
     "default": {},
     "js_divergence": {"train": {"divergence": "js_divergence"}},
     "forward_kl": {"train": {"divergence": "forward_kl"}},
     "rarity": {"pairs": {"prompt_weight": "rarity"}},
+    "rehearsal": {"pairs": {"rehearsal": 0.25}},
 }
+DEFAULT_RUN = ["default", "js_divergence", "rarity", "rehearsal"]  # forward_kl: f-DPO finds it costs the most reward
 
 
 def merged(base: dict, over: dict) -> dict:
@@ -89,6 +94,10 @@ def summarise(runs: dict[str, Path], rounds: int) -> tuple[list[dict], int]:
     out = []
     for name, run in runs.items():
         r0 = rows(run, 0)
+        # Round 0 is the base model with the same seeds in every run: the same samples, or the runs are not comparable.
+        if any(r0[t]["correct"] != base[t]["correct"] for t in ids):
+            raise SystemExit(f"{name}'s round 0 differs from the default's (the same base model and seeds should give "
+                             "the same samples): the runs are not comparable")
         for r in range(rounds + 1):
             cur, ref = rows(run, r), rows(runs["default"], r)
             if sorted(cur) != ids:
@@ -121,13 +130,14 @@ def table(records: list[dict], n: int) -> str:
     for rec in records:
         lines.append(f"| {rec['option']} | {rec['round']} | {est(rec['pass@1'])} | {chg(rec, 'pass@1 vs_round0')} "
                      f"| {chg(rec, 'pass@1 vs_default')} | {est(rec[f'pass@{n}'])} | {chg(rec, f'pass@{n} vs_round0')} "
-                     f"| {chg(rec, f'pass@{n} vs_default')} | {est(rec['distinct_rate'])} | {chg(rec, 'distinct_rate vs_default')} |")
+                     f"| {chg(rec, f'pass@{n} vs_default')} | {est(rec['distinct_rate'])} "
+                     f"| {chg(rec, 'distinct_rate vs_default')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    ap.add_argument("--options", nargs="+", default=DEFAULT_RUN, choices=list(OPTIONS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ratchet-diversity"))
@@ -143,6 +153,12 @@ def main() -> None:
     args.out.write_text(json.dumps({"config": str(args.config), "rounds": args.rounds, "options":
                                     {o: OPTIONS[o] for o in options}, "records": records}, indent=1))
     args.out.with_suffix(".md").write_text(text + "\n")
+    # The notebook's options figure (section 6), from the runs' MLflow store.
+    from loop import report
+
+    loops = report.load_loops(f"sqlite:///{args.work / 'mlflow.db'}", "ablation")
+    fig = report.plot_options({o: loops[f"ablation-{o}"] for o in options}, baseline="default")
+    print("figure:", report.save_figure(fig, args.out.parent, args.out.stem))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,19 @@ def _read_samples(path: Path, round_: int) -> list[dict]:
     return rows
 
 
+def _open_experiment(tracking_uri: str | None, experiment: str, base: Path | None):
+    """(resolved URI, client, experiment) of an existing store and experiment."""
+    uri = resolve_uri(TrackingConfig(uri=tracking_uri), base)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        # MLflow would silently create an empty store there.
+        raise FileNotFoundError(f"no MLflow store at {uri}; set the tracking URI to the loop's store")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no experiment {experiment!r} at {uri}")
+    return uri, client, exp
+
+
 def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_id: str | None = None,
               base: Path | None = None) -> LoopData:
     """Everything the report needs about one loop, read from MLflow.
@@ -109,14 +122,7 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
     `run_id`: the loop's ratchet run id or its parent's MLflow run id; None: the most recent loop run.
     Rounds whose nested run has not finished (a loop still logging) are left out with a warning.
     """
-    uri = resolve_uri(TrackingConfig(uri=tracking_uri), base)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        # MLflow would silently create an empty store there.
-        raise FileNotFoundError(f"no MLflow store at {uri}; set the tracking URI to the loop's store")
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"no experiment {experiment!r} at {uri}")
+    uri, client, exp = _open_experiment(tracking_uri, experiment, base)
     parent = find_loop_run(client, exp.experiment_id, run_id)
     pid = parent.info.run_id
     nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}' and tags.`kind` = 'round'")
@@ -147,6 +153,16 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
                     metrics=metrics.loc[metrics.index.isin(round_runs)], per_prompt=pd.DataFrame(per_prompt),
                     samples=pd.DataFrame(samples))
 
+
+
+def load_loops(tracking_uri: str | None = None, experiment: str = "ablation",
+               base: Path | None = None) -> dict[str, LoopData]:
+    """Every loop of an experiment (e.g. bench/diversity.py's option runs), keyed by ratchet run id, in the order
+    they started; a run id logged twice (a restarted loop) gives its latest run."""
+    uri, client, exp = _open_experiment(tracking_uri, experiment, base)
+    ids = [r.data.tags.get(RUN_ID_TAG) for r in client.search_runs(
+        [exp.experiment_id], "tags.`kind` = 'loop'", order_by=["attributes.start_time ASC"], max_results=1000)]
+    return {i: load_loop(uri, experiment, i) for i in dict.fromkeys(i for i in ids if i)}
 
 # --- tables ---------------------------------------------------------------------------------------
 
@@ -556,6 +572,69 @@ def plot_breakdown(data: LoopData, by: str | None = None) -> Figure:
         ax.set_ylim(-0.05, 1.05)
         _round_axis(ax, data.rounds)
     axes[0].legend(title=f"{by or ''} (problems)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _last_common_round(datas: dict[str, LoopData]) -> int:
+    common = set.intersection(*(set(d.rounds) for d in datas.values()))
+    if not common:
+        raise ValueError(f"the loops {list(datas)} share no finished round")
+    return max(common)
+
+
+def plot_options(datas: dict[str, LoopData], baseline: str | None = None, rnd: int | None = None) -> Figure:
+    """Training options side by side (bench/diversity.py): pass@k against k at round `rnd` (None: the last round
+    every loop finished) for each loop, with its 95% band, and the base model (round 0 of the baseline) dashed;
+    right, each option minus the baseline option at that round, with the paired 95% band (the loops are evaluated
+    on the same problems, so the difference is paired by problem)."""
+    if not datas:
+        raise ValueError("no loops to compare")
+    baseline = baseline or next(iter(datas))
+    if baseline not in datas:
+        raise ValueError(f"baseline {baseline!r} is not one of the loops {list(datas)}")
+    rnd = _last_common_round(datas) if rnd is None else rnd
+    base_rows = _round_rows(datas[baseline].per_prompt, rnd)
+    ks = sorted(int(n.split("@")[1]) for n in stats.accuracy_names(base_rows) if n.startswith("pass@"))
+    keys = [f"pass@{k}" for k in ks]
+    cmap = plt.get_cmap("tab10")
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = [0.0]
+    if 0 in datas[baseline].rounds:
+        st0 = round_stats(datas[baseline].per_prompt).loc[0]
+        ax.plot(ks, [st0[f"eval/{k}"] for k in keys], "o--", color="black", lw=2, label="base model (round 0)")
+    for i, (name, data) in enumerate(datas.items()):
+        if rnd not in data.rounds:
+            raise ValueError(f"loop {name!r} has no finished round {rnd} (it has {data.rounds})")
+        rows = _round_rows(data.per_prompt, rnd)
+        st = pd.DataFrame([stats.round_statistics(rows, base=base_rows)])
+        means = [float(np.mean([x[k] for x in rows if x.get(k) is not None])) for k in keys]
+        color = cmap(i % 10)
+        ax.plot(ks, means, "o-", color=color, label=name)
+        ax.fill_between(ks, st[[f"eval/{k}_low" for k in keys]].iloc[0].to_numpy(dtype=float),
+                        st[[f"eval/{k}_high" for k in keys]].iloc[0].to_numpy(dtype=float), color=color, alpha=0.12, lw=0)
+        if name == baseline:
+            dx.plot(ks, [0.0] * len(ks), "o-", color=color, label=f"{name} (baseline)")
+            continue
+        delta = st[[f"vs_round0/{k}" for k in keys]].iloc[0].to_numpy(dtype=float)
+        low = st[[f"vs_round0/{k}_low" for k in keys]].iloc[0].to_numpy(dtype=float)
+        high = st[[f"vs_round0/{k}_high" for k in keys]].iloc[0].to_numpy(dtype=float)
+        dx.plot(ks, delta, "o-", color=color, label=name)
+        dx.fill_between(ks, low, high, color=color, alpha=0.12, lw=0)
+        drawn += list(delta) + list(low) + list(high)
+    for a in (ax, dx):
+        a.set_xscale("log", base=2)
+        a.set_xticks(ks, [str(k) for k in ks])
+        a.set_xlabel("k (samples per problem)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_ylabel("pass@k (band: 95% interval)")
+    ax.set_title(f"pass@k at round {rnd}, per option")
+    _accuracy_axis(ax)
+    _difference_axis(dx, drawn)
+    dx.axhline(0, color="black", lw=1)
+    dx.set_ylabel(f"pass@k(option) − pass@k({baseline}) (band: paired 95%)")
+    dx.set_title(f"difference to {baseline} at round {rnd}")
     fig.tight_layout()
     return fig
 

@@ -69,10 +69,12 @@ def _graded(task: Task, rnd: int, sample: int, correct: bool) -> Graded:
     return Graded(traj, status, answer, "constructed")
 
 
-def _round(tasks: list[Task], rnd: int, rd: Path) -> tuple[dict[str, float], dict[str, Path]]:
-    counts = [c[rnd] for rows in CORRECT.values() for c in rows]
-    graded = [_graded(t, rnd, s, s < c) for t, c in zip(tasks, counts) for s in range(N)]
-    greedy = [_graded(t, rnd, 0, c >= N // 2) for t, c in zip(tasks, counts)]
+def _round(tasks: list[Task], rnd: int, rd: Path, like: int | None = None) -> tuple[dict[str, float], dict[str, Path]]:
+    """Round `rnd`'s artifacts and metrics, with the samples of round `like` (default: its own)."""
+    like = rnd if like is None else like
+    counts = [c[like] for rows in CORRECT.values() for c in rows]
+    graded = [_graded(t, like, s, s < c) for t, c in zip(tasks, counts) for s in range(N)]
+    greedy = [_graded(t, like, 0, c >= N // 2) for t, c in zip(tasks, counts)]
     rows, summary = metrics.evaluate(tasks, graded, greedy)
     rd.mkdir(parents=True)
     m = {f"eval/{k}": v for k, v in summary.items()}
@@ -115,6 +117,50 @@ def store(tmp_path_factory) -> dict:
     tracker.finish()
     return {"uri": cfg.uri, "experiment": "exp", "parent": tracker.parent_id, "older": older.parent_id,
             "logged": logged, "tmp": tmp}
+
+
+# Two loops of an ablation (bench/diversity.py): the same base model (round 0), then different rounds.
+OPTION_PLANS = {"ablation-default": (0, 1, 2), "ablation-rarity": (0, 2, 1)}
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("ablation")
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db", experiment="ablation", registered_model=None)
+    for name, plan in OPTION_PLANS.items():
+        tracker = Tracker(cfg, name, TAGS)
+        for rnd, like in enumerate(plan):
+            tracker.log_round(rnd, *_round(_tasks(), rnd, tmp / name / f"round-{rnd:02d}", like), adapter=None)
+        tracker.finish()
+    return {"uri": cfg.uri}
+
+
+def test_options_figure_compares_loops_at_their_last_round_with_paired_bands(ablation):
+    from matplotlib.collections import PolyCollection
+
+    datas = report.load_loops(ablation["uri"], "ablation")
+    assert list(datas) == list(OPTION_PLANS)
+    fig = report.plot_options(datas)
+    ax, dx = fig.axes
+    assert "round 2" in ax.get_title()
+    lines = {ln.get_label(): ln for ln in ax.lines}
+    assert set(lines) == {"base model (round 0)", *OPTION_PLANS}
+    pp = {name: d.per_prompt[d.per_prompt["round"] == 2].set_index("task_id") for name, d in datas.items()}
+    ks = [1, 2, 4, 8]
+    for name in OPTION_PLANS:
+        assert list(lines[name].get_ydata()) == pytest.approx([pp[name][f"pass@{k}"].mean() for k in ks])
+    # The difference is rarity's round 2 (round-1 samples) minus default's round 2, over the same problems.
+    [diff] = [ln for ln in dx.lines if ln.get_label() == "ablation-rarity"]
+    want = [(pp["ablation-rarity"][f"pass@{k}"] - pp["ablation-default"][f"pass@{k}"]).mean() for k in ks]
+    assert list(diff.get_ydata()) == pytest.approx(want) and min(want) < 0 < max(want)
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2  # a band per option
+    [band] = [c for c in dx.collections if isinstance(c, PolyCollection)]
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() < min(want) and ys.max() > max(want)  # the paired band contains the difference
+    with pytest.raises(ValueError, match="no finished round 3"):
+        report.plot_options(datas, rnd=3)
+    with pytest.raises(ValueError, match="baseline 'nope'"):
+        report.plot_options(datas, baseline="nope")
 
 
 def test_load_loop_reads_the_latest_loop_by_default_and_by_either_id(store):
@@ -193,8 +239,9 @@ def test_crossover_k():
     assert report.crossover_k(table) == {1: 4, 2: None, 3: None, 4: 4}
 
 
-def test_notebook_runs_unattended_and_writes_every_figure(store, tmp_path, monkeypatch):
+def test_notebook_runs_unattended_and_writes_every_figure(store, ablation, tmp_path, monkeypatch):
     out = tmp_path / "figures"
+    monkeypatch.setenv("RATCHET_ABLATION_URI", ablation["uri"])
     monkeypatch.setenv("RATCHET_TRACKING_URI", store["uri"])
     monkeypatch.setenv("RATCHET_EXPERIMENT", "exp")
     monkeypatch.setenv("RATCHET_RUN_ID", "loop-a")
@@ -204,13 +251,13 @@ def test_notebook_runs_unattended_and_writes_every_figure(store, tmp_path, monke
     NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(ROOT)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{f}.png" for f in FIGURES)
-    for f in FIGURES:
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{f}.png" for f in FIGURES + ["options"])
+    for f in FIGURES + ["options"]:
         assert (out / f"{f}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
         assert (out / f"{f}.png").stat().st_size > 10_000, f
     # The figures are shown inline too, not only saved.
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == len(FIGURES)
+    assert len(images) == len(FIGURES) + 1
     # It reported on the loop asked for.
     text = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
     assert "loop-a" in text and store["parent"] in text
