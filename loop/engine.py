@@ -29,7 +29,10 @@ class EngineConfig(BaseModel):
 
     max_model_len: int = Field(2048, ge=64)
     """Prompt + all turns + observations; a trajectory that would exceed it ends with finish_reason 'context'."""
-    dtype: str = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights and activations. auto: bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU
+    with AMX or AVX512-BF16; loop/hardware.py), else float16 on a GPU and float32 on a CPU, where bf16 is emulated
+    and many times slower."""
     seed: int = 0
     """vLLM's engine seed (its default generator); sampled requests carry their own seeds (see SamplingConfig.seed)."""
     max_lora_rank: int = Field(16, ge=1)
@@ -102,6 +105,21 @@ class TurnOutput:
     """The stop string that ended the turn (a str), an EOS/stop token id, or None."""
 
 
+def resolve_dtype(dtype: str) -> str:
+    """EngineConfig.dtype with auto decided for this machine; an explicit bf16 that the hardware would emulate is
+    kept, with a warning."""
+    from loop.hardware import native_bf16
+
+    if dtype == "auto":
+        import torch
+
+        return "bfloat16" if native_bf16() else ("float16" if torch.cuda.is_available() else "float32")
+    if dtype == "bfloat16" and not native_bf16():
+        log.warning("engine.dtype is bfloat16 but this machine has no bf16 arithmetic (no AMX/AVX512-BF16 CPU, no "
+                    "bf16 GPU): generation will be many times slower than with engine.dtype: auto (float32 here)")
+    return dtype
+
+
 class VLLMEngine:
     """A started vLLM engine on `model_path`; `close()` stops it."""
 
@@ -113,8 +131,9 @@ class VLLMEngine:
         self.model_path = str(model_path)
         self.on_cuda = torch.cuda.is_available()
         self.sleeps = self.on_cuda and cfg.enable_sleep_mode is not False
+        self.dtype = resolve_dtype(cfg.dtype)
         kwargs = dict(model=str(model_path), enable_lora=True, max_lora_rank=cfg.max_lora_rank,
-                      max_loras=cfg.max_loras, max_model_len=cfg.max_model_len, dtype=cfg.dtype, seed=cfg.seed,
+                      max_loras=cfg.max_loras, max_model_len=cfg.max_model_len, dtype=self.dtype, seed=cfg.seed,
                       enforce_eager=cfg.enforce_eager)
         if self.on_cuda:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleeps)

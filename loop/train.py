@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -31,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from loop.adapter_check import PROBE_MAX_TOKENS, write_probe
 from loop.pairs import PreferencePair
 from loop.records import Graded, Trajectory
+
+log = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
@@ -63,7 +66,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~25% slower; for long sequences or big models."""
     bf16: bool | None = None
-    """bf16 weights and autocast. None: on when the device supports it (a CUDA GPU with bf16), else fp32."""
+    """bf16 weights and autocast. None: on where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU with
+    AMX or AVX512-BF16; loop/hardware.py), else fp32 (elsewhere bf16 is emulated and many times slower)."""
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -111,11 +115,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
-    if cfg.bf16 is not None:
-        return cfg.bf16
-    import torch
+    from loop.hardware import native_bf16
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    native = native_bf16()
+    if cfg.bf16 and not native:
+        log.warning("train.bf16 is true but this machine has no bf16 arithmetic (no AMX/AVX512-BF16 CPU, no bf16 "
+                    "GPU): training will be many times slower than with train.bf16 unset (fp32 here)")
+    return native if cfg.bf16 is None else cfg.bf16
 
 
 def _check_adapter_dir(path: Path, what: str) -> None:
