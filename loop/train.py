@@ -65,9 +65,10 @@ class TrainConfig(BaseModel):
     """Prompt + completion tokens kept per sequence (the end is cut); None: no limit."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~25% slower; for long sequences or big models."""
-    bf16: bool | None = None
-    """bf16 weights and autocast. None: on where the hardware computes bf16 natively (a CUDA GPU with bf16, a CPU with
-    AMX or AVX512-BF16; loop/hardware.py), else fp32 (elsewhere bf16 is emulated and many times slower)."""
+    bf16: bool | Literal["native"] | None = None
+    """bf16 weights and autocast. None: on a CUDA GPU with bf16, fp32 on CPU (bf16 LoRA training on CPU has not been
+    compared with fp32 on a loop's results). native: wherever the hardware computes bf16 (also a CPU with AMX or
+    AVX512-BF16; loop/hardware.py), fp32 elsewhere, where bf16 is emulated and many times slower."""
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -118,10 +119,14 @@ def _use_bf16(cfg: TrainConfig) -> bool:
     from loop.hardware import native_bf16
 
     native = native_bf16()
-    if cfg.bf16 and not native:
+    if cfg.bf16 is True and not native:
         log.warning("train.bf16 is true but this machine has no bf16 arithmetic (no AMX/AVX512-BF16 CPU, no bf16 "
-                    "GPU): training will be many times slower than with train.bf16 unset (fp32 here)")
-    return native if cfg.bf16 is None else cfg.bf16
+                    "GPU): training will be many times slower than with train.bf16: native (fp32 here)")
+    if cfg.bf16 is None:
+        import torch
+
+        return native and torch.cuda.is_available()
+    return native if cfg.bf16 == "native" else cfg.bf16
 
 
 def _check_adapter_dir(path: Path, what: str) -> None:

@@ -26,7 +26,8 @@ def test_auto_follows_the_hardware_and_explicit_bf16_warns_where_emulated(monkey
         pytest.skip("checks the CPU rule")
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda cpuinfo=None: native)
     assert engine.resolve_dtype("auto") == ("bfloat16" if native else "float32")
-    assert train._use_bf16(train.TrainConfig()) is native
+    assert train._use_bf16(train.TrainConfig(bf16="native")) is native
+    assert train._use_bf16(train.TrainConfig()) is False  # the CPU default stays fp32
     with caplog.at_level(logging.WARNING):
         assert engine.resolve_dtype("bfloat16") == "bfloat16" and train._use_bf16(train.TrainConfig(bf16=True))
         assert engine.resolve_dtype("float32") == "float32" and not train._use_bf16(train.TrainConfig(bf16=False))
