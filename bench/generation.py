@@ -108,7 +108,7 @@ def main() -> None:
     from vllm import SamplingParams, TokensPrompt
 
     from loop import rollout
-    from loop.engine import EngineConfig, VLLMEngine
+    from loop.engine import EngineConfig, VLLMEngine, resolve_dtype
     from loop.rollout import SamplingConfig, sample_seed
     from loop.models import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
@@ -122,6 +122,7 @@ def main() -> None:
                               seed=args.seed)
     engine_cfg = EngineConfig(max_model_len=args.max_model_len, kv_cache_memory_bytes=args.kv_cache_mib << 20,
                               max_lora_rank=max(16, args.lora_r))
+    dtype = resolve_dtype(engine_cfg.dtype)  # what `auto` means on this machine, for every side of the comparison
     expected = args.prompts * args.n * args.max_tokens
     load_before = os.getloadavg()
     runs: dict[str, list[tuple[float, int]]] = {"ours": [], "vllm": [], "vllm/N-req": [], "vllm/base": [], "hf": []}
@@ -184,7 +185,7 @@ def main() -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        hf_dtype = getattr(torch, args.hf_dtype or engine_cfg.dtype)
+        hf_dtype = getattr(torch, args.hf_dtype or dtype)
         tok = AutoTokenizer.from_pretrained(model_path)
         tok.padding_side = "left"
         if tok.pad_token is None:
@@ -238,7 +239,7 @@ def main() -> None:
     ratios = {"ours/vllm": rate["ours"] / rate["vllm"], "ours/hf": rate["ours"] / rate["hf"],
               "ours/vllm_N_req": rate["ours"] / rate["vllm/N-req"], "vllm/vllm_base": rate["vllm"] / rate["vllm/base"]}
     meta = {"model": args.model, "device": device, "vllm_platform": "cuda" if torch.cuda.is_available() else "cpu",
-            "cpu": _cpu_model(), "nproc": os.cpu_count(), "hf_threads": hf_threads, "dtype": engine_cfg.dtype,
+            "cpu": _cpu_model(), "nproc": os.cpu_count(), "hf_threads": hf_threads, "dtype": dtype,
             "hf_dtype": str(hf_dtype).split(".")[-1], "prompts": args.prompts, "n": args.n,
             "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
             "prompt_tokens": prompt_tokens, "expected_tokens": expected, "lora_r": args.lora_r,
@@ -253,7 +254,7 @@ def main() -> None:
     print(f"{args.model}, {args.prompts} prompts ({prompt_tokens} prompt tokens) x n={args.n} x {args.max_tokens} "
           f"tokens, T={args.temperature}, top_p={args.top_p}, seed {args.seed} "
           f"({'per request' if request_seeds else 'engine seed, no per-request seeds'}); LoRA r={args.lora_r} on "
-          f"{args.lora_targets} (log-prob shift {shift:.3f}); vLLM on {meta['vllm_platform']} ({engine_cfg.dtype}, engine start "
+          f"{args.lora_targets} (log-prob shift {shift:.3f}); vLLM on {meta['vllm_platform']} ({dtype}, engine start "
           f"{engine_start_s:.1f} s), HF on {device} ({meta['hf_dtype']}, {hf_threads} threads); best of "
           f"{args.repeats}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     print(f"{'method':<11} | {'seconds':>8} | {'gen tokens':>10} | {'tokens/s':>9} | what")
