@@ -9,10 +9,12 @@ weights, before the engine starts. Nothing here imports torch, vLLM or TRL.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loop.cluster import ClusterConfig
 from loop.engine import VLLM_LORA_RANKS, EngineConfig
 from loop.pairs import PairsConfig
 from loop.rollout import SamplingConfig
@@ -55,6 +57,8 @@ class RunConfig(BaseModel):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig | None = None
+    """Run on a Ray cluster (loop/cluster.py); None: everything in this process."""
 
     @model_validator(mode="after")
     def _splits(self) -> "RunConfig":
@@ -136,12 +140,14 @@ def _describe(err: ValidationError, path: Path) -> str:
             for part in e["loc"][:-1]:
                 field = model.model_fields.get(str(part)) if isinstance(model, type) else None
                 ann = field.annotation if field else None
+                ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
                 model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
                 if model is None:
                     break
             allowed = ", ".join(model.model_fields) if model else "see the docs"
             lines.append(f"  unknown key '{where}' (allowed here: {allowed})")
-        elif not e["loc"]:  # a check across sections: the message names the keys
+        elif not e["loc"] or e["msg"].removeprefix("Value error, ").startswith(f"{where}."):
+            # A check across sections, or across the keys of one section: the message names the keys.
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")

@@ -1,0 +1,144 @@
+"""The loop on a Ray cluster: the `cluster:` config section, joining the cluster, and moving folders between nodes.
+
+Without a `cluster` section the loop runs in one process, as it always has, and nothing here imports Ray. With one,
+the flow process is the Ray driver (Prefect stays the orchestrator and MLflow logging stays in the driver):
+generation runs on `engines` vLLM replicas, each a Ray actor (loop/engine_pool.py), grading runs as Ray tasks
+(loop/ray_verify.py) and training in a Ray actor (loop/ray_train.py). No shared filesystem is assumed: adapters
+travel through Ray's object store as the bytes of their files (`pack_folder`, `unpack_folder`). The model itself
+is resolved on each node (`loop.models.resolve_model`): a built-in model or a hub id works anywhere, a local folder
+must exist at the same path on every node, and so must this project (installed at the same commit).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None
+    """The Ray cluster to join: `auto` (one started on this machine with `ray start --head`), `HOST:6379`, or
+    `ray://HOST:10001` (Ray Client). None: $RAY_ADDRESS when set, else a Ray instance started by the flow process
+    on this machine for the length of the run."""
+    engines: int = 1
+    """vLLM engine replicas (Ray actors), each a whole copy of the model; every generation call is split across
+    them and comes back in request order."""
+    engine_num_gpus: float = 0.0
+    """GPUs each replica reserves: 1 on GPU nodes (a fraction puts several replicas on one GPU; their
+    engine.gpu_memory_utilization must then add up to at most 1), 0 for vLLM-CPU."""
+    engine_num_cpus: float = 1.0
+    """CPUs each replica reserves. With vLLM-CPU (engine_num_gpus 0, engine.cpu_threads all) a replica also runs
+    its threads on that many CPUs of its node, replicas on one node on disjoint CPUs."""
+    max_replica_restarts: int = 2
+    """Replicas replaced over one flow run after one died (its unfinished work is retried on the new one); one
+    death more fails the stage, which a rerun of the same run id resumes."""
+    verify_concurrency: int = 2
+    """Grading tasks (1 CPU each) in flight at once on each node."""
+    verify_batch_size: int = 64
+    """Trajectories per grading task."""
+    train_workers: int = 1
+    """Training processes; data-parallel training on several is not built yet, so only 1 is accepted."""
+    train_num_gpus: float = 0.0
+    """GPUs the training actor reserves (1 on a GPU cluster)."""
+    train_num_cpus: float = 1.0
+    """CPUs the training actor reserves; Ray sets its OMP_NUM_THREADS to that number, torch's thread count."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterConfig":
+        if self.engines < 1:
+            raise ValueError(f"cluster.engines must be at least 1 (got {self.engines}); set cluster.engines: 1, or "
+                             "remove the cluster section to run in one process")
+        if self.engine_num_gpus > 1:
+            raise ValueError(f"cluster.engine_num_gpus: {self.engine_num_gpus} asks for tensor parallelism inside a "
+                             "replica, which is not supported yet; set cluster.engine_num_gpus: 1 and raise "
+                             "cluster.engines instead")
+        if self.train_workers != 1:
+            raise ValueError(f"cluster.train_workers: {self.train_workers}: data-parallel training on several workers "
+                             "is not supported yet; set cluster.train_workers: 1 (one training actor, with "
+                             "cluster.train_num_gpus GPUs)")
+        for key in ("engine_num_gpus", "engine_num_cpus", "train_num_gpus", "train_num_cpus"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"cluster.{key} must be >= 0 (got {getattr(self, key)})")
+        if self.engine_num_gpus == 0 and self.engine_num_cpus < 1:
+            raise ValueError(f"cluster.engine_num_cpus: {self.engine_num_cpus} with engine_num_gpus 0: a vLLM-CPU "
+                             "replica runs on whole CPUs; set cluster.engine_num_cpus: 1 or more")
+        for key in ("max_replica_restarts",):
+            if getattr(self, key) < 0:
+                raise ValueError(f"cluster.{key} must be >= 0 (got {getattr(self, key)}); 0 fails at the first death")
+        for key in ("verify_concurrency", "verify_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"cluster.{key} must be at least 1 (got {getattr(self, key)})")
+        return self
+
+
+def connect(cfg: ClusterConfig) -> bool:
+    """Join (or start) the Ray cluster as its driver, unless this process already is one; True if this call
+    connected (then `disconnect` undoes it). Workers' output stays in Ray's logs (the dashboard shows it) rather
+    than flooding the console."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    return True
+
+
+def disconnect() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def describe() -> dict[str, float]:
+    """The cluster's resources now (alive nodes, CPUs, GPUs, memory in GiB), for MLflow params."""
+    import ray
+
+    res = ray.cluster_resources()
+    return {"nodes": float(sum(n["Alive"] for n in ray.nodes())), "CPU": res.get("CPU", 0.0),
+            "GPU": res.get("GPU", 0.0), "memory_gb": round(res.get("memory", 0.0) / 2 ** 30, 1)}
+
+
+def check_room(cfg: ClusterConfig) -> None:
+    """With the engine replicas started: is there room beside them for the training actor and a grading task? Ray
+    would leave either waiting for ever; this says so at the start, with the fix."""
+    import ray
+
+    free = ray.available_resources()
+    cpus, gpus = max(cfg.train_num_cpus, 1.0), cfg.train_num_gpus
+    if free.get("CPU", 0.0) < cpus or free.get("GPU", 0.0) < gpus:
+        raise RuntimeError(
+            f"beside the {cfg.engines} engine replica(s) the Ray cluster has {free.get('CPU', 0.0):g} CPU and "
+            f"{free.get('GPU', 0.0):g} GPU free; training needs {cfg.train_num_cpus:g} CPU and {gpus:g} GPU "
+            "(cluster.train_num_cpus, cluster.train_num_gpus) and grading 1 CPU per task. Lower cluster.engines or "
+            "the replicas' engine_num_cpus / engine_num_gpus (fractions share a GPU), lower the training's, or add "
+            "nodes (`ray start --num-cpus N` sets the CPUs a node offers)")
+
+
+def pack_folder(path: Path) -> dict[str, bytes]:
+    """Every file under `path` by its relative path: what `unpack_folder` writes back on another node."""
+    path = Path(path)
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def unpack_folder(files: dict[str, bytes], dest: Path) -> Path:
+    """Write `files` (from `pack_folder`) as the folder `dest`, replacing one that is there; never half-written:
+    the files go to a temporary folder beside `dest` first."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
