@@ -64,6 +64,13 @@ def model_written_text(trajectory: Trajectory) -> str:
 
 
 def grade_trajectories(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: VerifyConfig) -> list[Graded]:
+    """Every trajectory's verdict, in order; VerifierCrash if any grading crashed."""
+    return raise_on_crash(grade_each(tasks, trajectories, cfg))
+
+
+def grade_each(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: VerifyConfig) -> list[Graded]:
+    """`grade_trajectories` without the crash check: crashed gradings come back as "error" verdicts (for callers
+    that grade in parts, e.g. loop/ray_verify.py, and check the whole with `raise_on_crash`)."""
     # Imported here: the math verifier pulls in SymPy (~0.6 s), which loading a config (VerifyConfig) does not need.
     from verifiers import math as math_verifier
     from verifiers import python_exec
@@ -97,6 +104,11 @@ def grade_trajectories(tasks: dict[str, Task], trajectories: list[Trajectory], c
     for g in graded:
         task = tasks[g.trajectory.task_id]
         g.prompt, g.gold = task.prompt, task.answer if task.verifier == "math" else task.tests
+    return graded
+
+
+def raise_on_crash(graded: list[Graded]) -> list[Graded]:
+    """`graded` as it is, or VerifierCrash naming the first crash: a crash is never a reward of 0."""
     errors = [g for g in graded if g.status == "error"]
     if errors:
         e = errors[0]
