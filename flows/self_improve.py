@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -67,9 +67,10 @@ def generate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adap
 
 
 @task(name="verify", cache_policy=NONE)
-def verify(tasks_by_id: dict[str, Task], cfg: RunConfig, samples: Path, out: Path) -> dict[str, float]:
+def verify(tasks_by_id: dict[str, Task], cfg: RunConfig, samples: Path, out: Path,
+           grade: Callable | None = None) -> dict[str, float]:
     t0 = time.perf_counter()
-    graded = grade_trajectories(tasks_by_id, _load_trajectories(samples), cfg.verify)
+    graded = (grade or grade_trajectories)(tasks_by_id, _load_trajectories(samples), cfg.verify)
     write_jsonl(out, (g.to_dict() for g in graded))
     return {"time/verify_s": time.perf_counter() - t0,
             "train_samples/correct": sum(g.correct for g in graded),
@@ -97,7 +98,7 @@ def pairs(cfg: RunConfig, graded_path: Path, base_graded_path: Path, out: Path) 
 # to the Prefect logger, that output floods the log with bytecode and dill sees no globals.
 @task(name="train", cache_policy=NONE, log_prints=False)
 def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path, init_adapter: Path | None,
-          out: Path) -> dict[str, float]:
+          out: Path, trainer: Callable | None = None) -> dict[str, float]:
     logger = get_run_logger()
     # KTO trains on the samples pairing would use (loop.pairs.select_samples: cut-off samples, duplicates and
     # verifier timeouts follow the same `pairs` rules), unpaired.
@@ -113,15 +114,16 @@ def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path,
     if cfg.pairs.rehearsal:
         rehearsal = [g.trajectory for g in _load_graded(pairs_path.with_name("rehearsal.jsonl"))]
     t0 = time.perf_counter()
-    result = train_round(model_path, data, cfg.train, init_adapter=init_adapter, out_dir=out, rehearsal=rehearsal)
+    result = (trainer or train_round)(model_path, data, cfg.train, init_adapter=init_adapter, out_dir=out,
+                                      rehearsal=rehearsal)
     return {"time/train_s": time.perf_counter() - t0, "train/skipped": 0.0, **result.metrics}
 
 
 @task(name="evaluate", cache_policy=NONE)
 def evaluate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
-             adapter_id: int | None, out_dir: Path) -> dict[str, float]:
+             adapter_id: int | None, out_dir: Path, grade: Callable | None = None) -> dict[str, float]:
     return evaluate_policy(engine, tasks, cfg.eval, cfg.verify, out_dir, round=r, adapter=adapter,
-                           adapter_id=adapter_id)
+                           adapter_id=adapter_id, grade=grade)
 
 
 @task(name="log-round", cache_policy=NONE, retries=2, retry_delay_seconds=5)
@@ -195,7 +197,8 @@ def self_improve(config_path: str, rounds: int | None = None, run_id: str | None
 
 @dataclass
 class Loop:
-    """What every round of one flow run shares: the config, run directory, tasks, tracker and vLLM engine."""
+    """What every round of one flow run shares: the config, run directory, tasks, tracker and vLLM engine (with
+    `cluster:`, a loop.engine_pool.EnginePool of replicas, with the Ray grader and trainer)."""
 
     cfg: RunConfig
     run: RunDir
@@ -204,6 +207,12 @@ class Loop:
     eval_tasks: list[Task]
     tracker: Tracker
     engine: VLLMEngine
+    grade: Callable | None = None
+    """None: loop.verify.grade_trajectories in this process."""
+    trainer: Callable | None = None
+    """None: loop.train.train_round in this process."""
+    ray_connected: bool = False
+    """This flow run joined the Ray cluster (and leaves it at the end)."""
 
     @functools.cached_property
     def train_by_id(self) -> dict[str, Task]:
@@ -247,8 +256,12 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     if len(eval_tasks) >= 2:  # before vLLM starts: size the evaluation first
         progress(detectable_change_note(len(eval_tasks), cfg.eval.sampling.n))
     t0 = time.perf_counter()
-    progress(f"starting vLLM on {cfg.model} ...")
-    engine = VLLMEngine(model.path, cfg.engine)
+    connected, on_ray = _join_cluster(cfg) if cfg.cluster is not None else (False, {})
+    try:
+        engine = _start_engine(cfg, model)
+    except BaseException:
+        _leave_cluster(connected)
+        raise
     tracker = None
     try:
         if new_run and had_config:
@@ -258,14 +271,56 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
             new_loop=new_run)
         run.save_config(config_dict)
         tracker.log_config(config_dict, model.provenance)
+        if cfg.cluster is not None:
+            from loop.cluster import describe
+
+            tracker.log_params({"cluster_runtime": {**describe(), "replicas": len(engine.replicas)}})
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
         engine.close()
+        _leave_cluster(connected)
         raise
     progress(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment}); "
              f"vLLM started in {time.perf_counter() - t0:.0f} s")
-    return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, engine)
+    return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, engine, ray_connected=connected, **on_ray)
+
+
+def _join_cluster(cfg: RunConfig) -> tuple[bool, dict[str, Callable]]:
+    """Join the Ray cluster as its driver (loop/cluster.py); the Ray grader and trainer for the Loop."""
+    from loop.cluster import connect
+    from loop.ray_train import train_on_ray
+    from loop.ray_verify import grade_on_ray
+
+    connected = connect(cfg.cluster)
+    return connected, {"grade": functools.partial(grade_on_ray, cluster=cfg.cluster),
+                       "trainer": functools.partial(train_on_ray, cluster=cfg.cluster)}
+
+
+def _leave_cluster(connected: bool) -> None:
+    if connected:
+        from loop.cluster import disconnect
+
+        disconnect()
+
+
+def _start_engine(cfg: RunConfig, model: ResolvedModel):
+    """One VLLMEngine here, or with `cluster:` the pool of replicas on Ray (checked to leave room for training and
+    grading beside it)."""
+    if cfg.cluster is None:
+        progress(f"starting vLLM on {cfg.model} ...")
+        return VLLMEngine(model.path, cfg.engine)
+    from loop.cluster import check_room
+    from loop.engine_pool import EnginePool
+
+    progress(f"starting {cfg.cluster.engines} vLLM replica(s) of {cfg.model} on Ray ...")
+    pool = EnginePool(cfg.model, model.path, cfg.engine, cfg.cluster)
+    try:
+        check_room(cfg.cluster)
+    except BaseException:
+        pool.close()
+        raise
+    return pool
 
 
 def round_params(cfg: RunConfig, r: int, adapter: Path | None) -> dict[str, Any]:
@@ -315,7 +370,8 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
 
     if r > 0:
         stage("generate", generate, engine, loop.train_tasks, cfg, r, adapter, adapter_id, round_dir / "samples.jsonl")
-        stage("verify", verify, loop.train_by_id, cfg, round_dir / "samples.jsonl", round_dir / "graded.jsonl")
+        stage("verify", verify, loop.train_by_id, cfg, round_dir / "samples.jsonl", round_dir / "graded.jsonl",
+              loop.grade)
         stage("pairs", pairs, cfg, round_dir / "graded.jsonl", run.round(1) / "graded.jsonl", round_dir / "pairs.jsonl")
         # The current adapter: train_round starts from it (continue_adapter) and/or uses it as the reference.
         # vLLM sleeps while training runs (on CUDA with a sleep mode: its GPU memory goes to the trainer) and wakes
@@ -323,8 +379,9 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
         trains = not run.done(r, "train")
         if trains:
             engine.sleep()
-        stage("train", train, loop.model.path, cfg, round_dir / "pairs.jsonl", round_dir / "graded.jsonl", adapter,
-              round_dir / "adapter")
+        # On Ray the trainer resolves the model on its own node, from the config's name for it.
+        stage("train", train, loop.model.path if loop.trainer is None else cfg.model, cfg, round_dir / "pairs.jsonl",
+              round_dir / "graded.jsonl", adapter, round_dir / "adapter", loop.trainer)
         if trains:
             engine.wake_up()
         if (round_dir / "adapter").is_dir():
@@ -336,7 +393,7 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
             timings["check_adapter"] = time.perf_counter() - t0
             progress(f"round {r}/{cfg.rounds} · adapter check in vLLM: error {check.error:.3g} (tolerance "
                      f"{check.tolerance:.3g}) · {timings['check_adapter']:.1f} s")
-    stage("evaluate", evaluate, engine, loop.eval_tasks, cfg, r, adapter, adapter_id, round_dir)
+    stage("evaluate", evaluate, engine, loop.eval_tasks, cfg, r, adapter, adapter_id, round_dir, loop.grade)
     if not run.done(r, "log"):
         t0 = time.perf_counter()
         metrics["time/stages_s"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/stages_s")
@@ -372,4 +429,5 @@ def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, 
         raise
     finally:
         loop.engine.close()
+        _leave_cluster(loop.ray_connected)
     return rows

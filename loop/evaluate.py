@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from loop import metrics, rollout
 from loop.engine import VLLMEngine
@@ -13,22 +14,25 @@ from loop.verify import VerifyConfig, grade_trajectories
 
 
 def evaluate_policy(engine: VLLMEngine, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path, *,
-                    round: int = 0, adapter: Path | None = None, adapter_id: int | None = None) -> dict[str, float]:
+                    round: int = 0, adapter: Path | None = None, adapter_id: int | None = None,
+                    grade: Callable | None = None) -> dict[str, float]:
     """Sample, grade and score `tasks`; write eval_*.jsonl and eval_summary.json to `out_dir`. `round` enters the
     sampling seeds (loop.rollout.sample_seed); a standalone evaluation (`ratchet eval`) is round 0.
 
-    Returns the aggregate metrics with keys prefixed `eval/` (pass@k, maj@k, greedy_acc, diversity).
+    Returns the aggregate metrics with keys prefixed `eval/` (pass@k, maj@k, greedy_acc, diversity). `grade`
+    grades the samples (None: `grade_trajectories`, e.g. loop.ray_verify.grade_on_ray on a cluster).
     """
     t0 = time.perf_counter()
+    grade = grade or grade_trajectories
     by_id = {t.id: t for t in tasks}
     # The greedy decode goes through the engine with the samples, not after them (rollout.generate_many).
     jobs = [(tasks, eval_cfg.sampling)] + ([(tasks, eval_cfg.sampling.greedy())] if eval_cfg.greedy else [])
     sampled, *greedy_run = rollout.generate_many(engine, jobs, round=round, adapter=adapter, adapter_id=adapter_id)
-    graded = grade_trajectories(by_id, sampled, verify_cfg)
+    graded = grade(by_id, sampled, verify_cfg)
     write_jsonl(out_dir / "eval_samples.jsonl", (g.to_dict() for g in graded))
     greedy = None
     if greedy_run:
-        greedy = grade_trajectories(by_id, greedy_run[0], verify_cfg)
+        greedy = grade(by_id, greedy_run[0], verify_cfg)
         write_jsonl(out_dir / "eval_greedy.jsonl", (g.to_dict() for g in greedy))
     per_prompt, summary = metrics.evaluate(tasks, graded, greedy)
     write_jsonl(out_dir / "eval_per_prompt.jsonl", per_prompt)

@@ -199,6 +199,10 @@ class Tracker:
         if changed:
             self.client.log_batch(rid, tags=changed)
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params of the loop's run beside its config (nested dicts flattened with dots, as the config's)."""
+        self._log_params(self.parent_id, _params(params))
+
     def log_config(self, config: dict[str, Any], provenance: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
