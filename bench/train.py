@@ -33,17 +33,20 @@ from loop.train import TrainConfig, _use_bf16, train_round  # noqa: E402
 
 
 def synthetic_pairs(n: int, prompt_len: int, completion_len: int, obs_frac: float, vocab: int,
-                    seed: int = 0) -> list[PreferencePair]:
-    """Random tokens shaped like tool-use trajectories: model turn, observation, model turn."""
+                    seed: int = 0, spread: float = 0.0) -> list[PreferencePair]:
+    """Random tokens shaped like tool-use trajectories: model turn, observation, model turn. With `spread`, each
+    completion's length is drawn uniformly from [completion_len x (1 - spread), completion_len] (real pairs differ
+    in length, so a batch holds padding)."""
     rng = random.Random(seed)
     ids = lambda k: [rng.randrange(100, vocab) for _ in range(k)]  # noqa: E731 (above the special tokens)
-    obs = int(completion_len * obs_frac)
-    first = (completion_len - obs) // 2
 
     def traj(task: str, sample: int, prompt: list[int]) -> Trajectory:
+        length = rng.randint(max(1, round(completion_len * (1 - spread))), completion_len)
+        obs = int(length * obs_frac)
+        first = (length - obs) // 2
         segs = [Segment("model", "", ids(first)), Segment("observation", "", ids(obs)),
-                Segment("model", "", ids(completion_len - obs - first))]
-        return Trajectory(task, sample, prompt, segs)
+                Segment("model", "", ids(length - obs - first))]
+        return Trajectory(task, sample, prompt, [s for s in segs if s.token_ids])
 
     out = []
     for i in range(n):

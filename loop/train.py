@@ -17,12 +17,14 @@ TRL's DPOTrainer/KTOTrainer do the optimisation on a frozen base with a peft LoR
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -63,6 +65,10 @@ class TrainConfig(BaseModel):
     grad_accumulation: int = Field(1, ge=1)
     max_length: int | None = Field(2048, ge=2)
     """Prompt + completion tokens kept per sequence (the end is cut); None: no limit."""
+    precompute_ref_log_probs: bool | None = None
+    """Compute the reference log-probs of every pair once, before training (TRL's option), instead of a reference
+    forward in every step of every epoch: the reference is fixed within a round, so the loss is the same and each
+    epoch after the first saves a forward pass. None: on for DPO; KTO computes its reference (and KL term) per step."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~25% slower; for long sequences or big models."""
     bf16: bool | Literal["native"] | None = None
@@ -93,9 +99,10 @@ class TrainConfig(BaseModel):
             if self.per_device_batch_size < 2:
                 raise ValueError("KTO estimates its KL term from the other samples of a batch: "
                                  "set per_device_batch_size >= 2")
-            if self.loss != "sigmoid" or self.nll_coef or self.divergence != "reverse_kl":
-                raise ValueError("loss, nll_coef and divergence are DPO options; with algorithm: kto leave them at "
-                                 "their defaults")
+            if self.loss != "sigmoid" or self.nll_coef or self.divergence != "reverse_kl" or \
+                    self.precompute_ref_log_probs:
+                raise ValueError("loss, nll_coef, divergence and precompute_ref_log_probs are DPO options; with "
+                                 "algorithm: kto leave them at their defaults")
         if self.alpha_divergence_coef is not None and self.divergence != "alpha_divergence":
             raise ValueError(f"train.alpha_divergence_coef applies to divergence: alpha_divergence only (divergence is "
                              f"{self.divergence}); remove it or set divergence: alpha_divergence")
@@ -206,15 +213,16 @@ def _summarise(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, f
 
 
 def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[Graded], cfg: TrainConfig, *,
-                init_adapter: Path | None = None, out_dir: Path, rehearsal: list[Trajectory] = ()) -> TrainResult:
+                init_adapter: Path | None = None, out_dir: Path, rehearsal: list[Trajectory] = (),
+                callbacks: Sequence = ()) -> TrainResult:
     """Train the round's adapter and save it to `out_dir` (peft format, loadable by vLLM's LoRARequest).
 
     `init_adapter` is the previous round's adapter, the current policy (None in the first round): the start
     point when `cfg.continue_adapter`, the reference when `cfg.reference == "previous"`, unused otherwise. `data`
     is the round's preference pairs (DPO) or graded samples (KTO: `loop.pairs.select_samples` output; samples
     without a verdict are left out). `rehearsal` (DPO only): the trajectories of `loop.pairs.rehearsal_samples`, at most
-    one per pair, trained on with an NLL term of weight `cfg.rehearsal_coef`. On failure nothing is written to
-    `out_dir`.
+    one per pair, trained on with an NLL term of weight `cfg.rehearsal_coef`. `callbacks`: extra transformers
+    `TrainerCallback`s (e.g. bench/train_profile.py's phase timer). On failure nothing is written to `out_dir`.
     """
     # Imported here, not with the module: loading a config (loop/config.py imports TrainConfig) must not pay
     # for torch, transformers, peft, TRL and datasets (~10 s).
@@ -225,7 +233,7 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
     from trl import DPOConfig, KTOConfig
 
     from loop.train_data import MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, trajectories_of
-    from loop.train_trl import StopOnNonFinite, TokenDPOTrainer, TokenKTOTrainer, load_previous_weights
+    from loop.train_trl import StopOnNonFinite, TokenDPOTrainer, TokenKTOTrainer, cpu_lm_head, load_previous_weights
 
     base_model_path, out_dir = Path(base_model_path), Path(out_dir)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
@@ -256,78 +264,87 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
     scratch = Path(tempfile.mkdtemp(prefix="ratchet-train-"))
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    try:
-        common = dict(output_dir=str(scratch), learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
-                      per_device_train_batch_size=cfg.per_device_batch_size,
-                      gradient_accumulation_steps=cfg.grad_accumulation, max_length=cfg.max_length,
-                      gradient_checkpointing=cfg.gradient_checkpointing, bf16=bf16, beta=cfg.beta,
-                      max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed,
-                      disable_dropout=cfg.lora_dropout == 0,
-                      # Every step is logged (and checked by the guard); NaNs must reach the log unfiltered.
-                      logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none",
-                      disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
-                      dataloader_pin_memory=torch.cuda.is_available(),
-                      use_cpu=not torch.cuda.is_available())  # without it transformers refuses bf16 on CPU
-        if cfg.algorithm == "dpo":
-            losses, weights = [cfg.loss], [1.0]
-            if cfg.nll_coef:
-                losses, weights = [cfg.loss, "sft"], [1.0, cfg.nll_coef]  # TRL's "sft" = NLL of chosen tokens
-            divergence = {"f_divergence_type": cfg.divergence}
-            if cfg.alpha_divergence_coef is not None:
-                divergence["f_alpha_divergence_coef"] = cfg.alpha_divergence_coef
-            args = DPOConfig(loss_type=losses, loss_weights=weights, **divergence, **common)
-            collator = MaskedPreferenceCollator(tokenizer.pad_token_id, cfg.max_length)
-            trainer_cls, rows = TokenDPOTrainer, dpo_rows(data, list(rehearsal))
-            trainer_kwargs = {"rehearsal_coef": cfg.rehearsal_coef or 1.0}
-        else:
-            args = KTOConfig(desirable_weight=cfg.kto_desirable_weight, undesirable_weight=cfg.kto_undesirable_weight,
-                             train_sampling_strategy="sequential", **common)
-            collator = MaskedUnpairedCollator(tokenizer.pad_token_id, cfg.max_length)
-            trainer_cls, rows = TokenKTOTrainer, kto_rows(data, cfg.per_device_batch_size, cfg.seed)
-            trainer_kwargs = {}
-        trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, peft_config=lora, callbacks=[StopOnNonFinite(cfg.lr)],
-                              **trainer_kwargs)
-        policy = trainer.model
-        start = init_adapter if init_adapter is not None and cfg.continue_adapter else None
-        reference = init_adapter if init_adapter is not None and cfg.reference == "previous" else None
-        if start is not None:
-            load_previous_weights(policy, start)
-        if reference is not None:
-            # TRL computes the reference with the adapter named "ref" when there is one, else with adapters off.
-            policy.load_adapter(str(reference), adapter_name="ref", is_trainable=False)
+    # CPU: TRL's fused LM head with cache-sized tiles, scoring only the labelled positions (loop/train_trl.py).
+    with contextlib.nullcontext() if torch.cuda.is_available() else cpu_lm_head():
+        try:
+            common = dict(output_dir=str(scratch), learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+                          per_device_train_batch_size=cfg.per_device_batch_size,
+                          gradient_accumulation_steps=cfg.grad_accumulation, max_length=cfg.max_length,
+                          gradient_checkpointing=cfg.gradient_checkpointing, bf16=bf16, beta=cfg.beta,
+                          max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed,
+                          disable_dropout=cfg.lora_dropout == 0,
+                          # Every step is logged (and checked by the guard); NaNs must reach the log unfiltered.
+                          logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none",
+                          disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+                          dataloader_pin_memory=torch.cuda.is_available(),
+                          use_cpu=not torch.cuda.is_available())  # without it transformers refuses bf16 on CPU
+            if cfg.algorithm == "dpo":
+                losses, weights = [cfg.loss], [1.0]
+                if cfg.nll_coef:
+                    losses, weights = [cfg.loss, "sft"], [1.0, cfg.nll_coef]  # TRL's "sft" = NLL of chosen tokens
+                divergence = {"f_divergence_type": cfg.divergence}
+                if cfg.alpha_divergence_coef is not None:
+                    divergence["f_alpha_divergence_coef"] = cfg.alpha_divergence_coef
+                args = DPOConfig(loss_type=losses, loss_weights=weights, **divergence, **common)
+                collator = MaskedPreferenceCollator(tokenizer.pad_token_id, cfg.max_length)
+                trainer_cls, rows = TokenDPOTrainer, dpo_rows(data, list(rehearsal))
+                trainer_kwargs = {"rehearsal_coef": cfg.rehearsal_coef or 1.0}
+            else:
+                args = KTOConfig(desirable_weight=cfg.kto_desirable_weight,
+                                 undesirable_weight=cfg.kto_undesirable_weight,
+                                 train_sampling_strategy="sequential", **common)
+                collator = MaskedUnpairedCollator(tokenizer.pad_token_id, cfg.max_length)
+                trainer_cls, rows = TokenKTOTrainer, kto_rows(data, cfg.per_device_batch_size, cfg.seed)
+                trainer_kwargs = {}
+            trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer, peft_config=lora,
+                                  callbacks=[StopOnNonFinite(cfg.lr), *callbacks],
+                                  **trainer_kwargs)
+            policy = trainer.model
+            start = init_adapter if init_adapter is not None and cfg.continue_adapter else None
+            reference = init_adapter if init_adapter is not None and cfg.reference == "previous" else None
+            if start is not None:
+                load_previous_weights(policy, start)
+            if reference is not None:
+                # TRL computes the reference with the adapter named "ref" when there is one, else with adapters off.
+                policy.load_adapter(str(reference), adapter_name="ref", is_trainable=False)
 
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()  # the reference precompute counts as training time: it replaces per-step forwards
+            if cfg.algorithm == "dpo" and cfg.precompute_ref_log_probs is not False:
+                trainer.precompute_reference(cfg.per_device_batch_size)
+                extra["train/ref_precompute_s"] = time.perf_counter() - t0
+            trainer.train()
+            seconds = time.perf_counter() - t0
 
-        policy.save_pretrained(partial, selected_adapters=["default"])
-        policy.set_adapter("default")  # the saved adapter, not the "ref" copy
-        first = trajectories_of(data)[0]  # a text the adapter was trained on: where it moves the log-probs most
-        write_probe(policy, (first.prompt_token_ids + first.completion_token_ids)[-PROBE_MAX_TOKENS:], partial)
-        history = [dict(h) for h in trainer.state.log_history]
-        metrics = {**_summarise(history, cfg), **extra, "train/time_s": seconds,
-                   "train/examples_per_s": len(rows) * cfg.epochs / seconds}
-        logged_tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
-        if logged_tokens:  # TRL's running count of tokens seen; left out if it logged none
-            metrics.update({"train/tokens": float(max(logged_tokens)), "train/tokens_per_s": max(logged_tokens) / seconds})
-        (partial / "ratchet_train.json").write_text(json.dumps(
-            {"config": cfg.model_dump(mode="json"), "base_model": str(base_model_path),
-             "init_adapter": str(init_adapter) if init_adapter else None,
-             "start_adapter": str(start) if start else None, "reference_adapter": str(reference) if reference else None,
-             "metrics": metrics}, indent=1))
-        _replace_dir(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        # The trainer, its optimizer and the model hold reference cycles (callbacks, accelerate's hooks): without a
-        # collection they outlive the round, and the next round's model is loaded beside them.
-        trainer = policy = model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            policy.save_pretrained(partial, selected_adapters=["default"])
+            policy.set_adapter("default")  # the saved adapter, not the "ref" copy
+            first = trajectories_of(data)[0]  # a text the adapter was trained on: where it moves the log-probs most
+            write_probe(policy, (first.prompt_token_ids + first.completion_token_ids)[-PROBE_MAX_TOKENS:], partial)
+            history = [dict(h) for h in trainer.state.log_history]
+            metrics = {**_summarise(history, cfg), **extra, "train/time_s": seconds,
+                       "train/examples_per_s": len(rows) * cfg.epochs / seconds}
+            logged_tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
+            if logged_tokens:  # TRL's running count of tokens seen; left out if it logged none
+                metrics.update({"train/tokens": float(max(logged_tokens)),
+                                "train/tokens_per_s": max(logged_tokens) / seconds})
+            (partial / "ratchet_train.json").write_text(json.dumps(
+                {"config": cfg.model_dump(mode="json"), "base_model": str(base_model_path),
+                 "init_adapter": str(init_adapter) if init_adapter else None,
+                 "start_adapter": str(start) if start else None,
+                 "reference_adapter": str(reference) if reference else None,
+                 "metrics": metrics}, indent=1))
+            _replace_dir(partial, out_dir)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            # The trainer, its optimizer and the model hold reference cycles (callbacks, accelerate's hooks): without a
+            # collection they outlive the round, and the next round's model is loaded beside them.
+            trainer = policy = model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return TrainResult(out_dir, metrics, history)
 
 

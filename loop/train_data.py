@@ -100,6 +100,9 @@ class MaskedPreferenceCollator(DataCollatorMixin):
                            [ex["rehearsal_mask"] for ex in rehearsal], self.pad_token_id, self.max_length,
                            self.pad_to_multiple_of)
             out.update({f"rehearsal_{k}": v for k, v in batch.items()})
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # TRL's precomputed reference, when it is on
+            if key in examples[0]:
+                out[key] = torch.tensor([ex[key] for ex in examples])
         return out
 
 

@@ -2,7 +2,9 @@
 only, so that loading a config (which imports loop/train.py for `TrainConfig`) imports none of them."""
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +38,37 @@ class StopOnNonFinite(TrainerCallback):
                 self._fail(state.global_step, f"adapter weight {name} is not finite")
 
 
+# TRL's fused LM head (trl.kernels.chunked_logprob) tiles the logits as TOKEN_CHUNK_SIZE tokens x chunk_size vocabulary
+# entries, sized for GPU (4096 x 32768, a 512 MB fp32 tile); its torch fallback, used on CPU, passes over each tile
+# several times, so on CPU a tile that fits in cache runs near the matmul's speed. Off Triton devices TRL also
+# projects every position, prompt and padding included; the compact path scores only the labelled positions, with the
+# same result (zeros elsewhere). Measured in bench/train_profile.py and bench/RESULTS.md.
+CPU_LM_HEAD: dict[str, int] | None = {"token_tile": 1024, "vocab_tile": 8192}
+"""The CPU tiles of the fused LM head; None leaves TRL's (GPU-sized) tiles and its score-every-position path."""
+
+
+@contextlib.contextmanager
+def cpu_lm_head() -> Iterator[None]:
+    """Within the block, TRL's fused LM head on CPU uses `CPU_LM_HEAD` tiles and scores only labelled positions."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    if CPU_LM_HEAD is None:
+        yield
+        return
+    saved = kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_utils._use_triton
+    on_triton = saved[2]
+    kernel.TOKEN_CHUNK_SIZE = CPU_LM_HEAD["token_tile"]
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LM_HEAD["vocab_tile"]
+    # trl.trainer.utils reads `_use_triton` only to choose the compact path; the kernel keeps its own binding (torch
+    # ops on CPU).
+    trl_utils._use_triton = lambda device: device.type == "cpu" or on_triton(device)
+    try:
+        yield
+    finally:
+        kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_utils._use_triton = saved
+
+
 class TokenDPOTrainer(DPOTrainer):
     """TRL's DPO on token-space rows, plus the rehearsal term (pairs.rehearsal): the mean NLL of the batch's
     rehearsal sequences' model tokens, times `rehearsal_coef`, added to TRL's loss; the same form as TRL's own "sft"
@@ -47,6 +80,17 @@ class TokenDPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # rows are token ids already (dpo_rows); TRL would re-tokenise text here
+
+    def precompute_reference(self, batch_size: int) -> None:
+        """The reference log-probs of every training row, once, before training (TRL's precompute_ref_log_probs),
+        instead of a reference forward in every step of every epoch. Called after the "ref" adapter is loaded:
+        TRL's own precompute runs inside its constructor, before the caller can load one."""
+        self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
+        self.precompute_ref_logps = True
+
+    def compute_ref_log_probs(self, model, inputs):
+        inputs = {k: v for k, v in inputs.items() if not k.startswith("rehearsal_")}
+        return super().compute_ref_log_probs(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rehearsal = {k[len("rehearsal_"):]: inputs.pop(k) for k in list(inputs) if k.startswith("rehearsal_")}

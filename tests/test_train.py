@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, load_peft_weights
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from loop.adapter_check import probe_logprobs
 from loop.models import resolve_model
@@ -314,3 +314,52 @@ def test_rehearsal_adds_the_base_models_nll_of_its_samples_to_the_loss(model_pat
     with pytest.raises(ValueError, match="at most one per pair"):
         train_round(model_path, pairs[:1], TrainConfig(**FAST), out_dir=tmp_path / "x", rehearsal=[rehearse] * 2)
     assert not (tmp_path / "x").exists()
+
+
+class FirstStepGradients(TrainerCallback):
+    """The LoRA gradients of the first optimizer step (before clipping is applied to the weights)."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                          if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("reference", ["base", "previous"])
+def test_cpu_lm_head_and_precomputed_reference_keep_the_loss_and_gradients(first_round, model_path, pairs, tmp_path,
+                                                                            monkeypatch, reference):
+    """TRL's own path (its GPU-sized LM head tiles over every position, a reference forward per step) against this
+    project's CPU path (small tiles over the labelled positions only, the reference precomputed once, after the "ref"
+    adapter is loaded): the same first-step loss, log-probs, rewards and LoRA gradients, observations masked in both.
+    Tiles smaller than the batch's 8 sequences x ~40 tokens and than the vocabulary, so several tiles are folded."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    from loop import train_trl
+
+    trl_globals = kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_utils._use_triton
+    runs = {}
+    for name, lm_head, precompute in (("trl", None, False), ("ours", {"token_tile": 100, "vocab_tile": 5000}, True)):
+        monkeypatch.setattr(train_trl, "CPU_LM_HEAD", lm_head)
+        grads = FirstStepGradients()
+        # The previous adapter as start point: its B weights are non-zero, so every LoRA weight has a gradient.
+        res = train_round(model_path, pairs, TrainConfig(**{**FAST, "per_device_batch_size": 4}, reference=reference,
+                                                         precompute_ref_log_probs=precompute),
+                          init_adapter=first_round.adapter_dir, out_dir=tmp_path / name, callbacks=[grads])
+        runs[name] = res.history[0], grads.grads
+        assert (kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_utils._use_triton) == trl_globals
+    assert "train/ref_precompute_s" in res.metrics
+    (trl_log, trl_grads), (our_log, our_grads) = runs["trl"], runs["ours"]
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"):
+        assert our_log[key] == pytest.approx(trl_log[key], rel=1e-4, abs=1e-5), key
+    if reference == "previous":  # the policy starts as its reference: a wrong reference would show here
+        assert our_log["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    else:
+        assert abs(our_log["rewards/chosen"]) > 1e-3
+    assert our_grads.keys() == trl_grads.keys() and len(our_grads) > 0
+    for n in trl_grads:
+        assert trl_grads[n].abs().max() > 0, n
+        torch.testing.assert_close(our_grads[n], trl_grads[n], rtol=1e-3, atol=1e-3 * trl_grads[n].abs().max().item())
