@@ -131,6 +131,20 @@ def test_grading_on_ray_equals_local_grading_and_a_crash_raises(ray_cluster):
     assert str(ray_crash.value) == str(local_crash.value) and "task bad sample 0" in str(ray_crash.value)
 
 
+@pytest.mark.slow
+def test_a_cluster_too_small_is_refused_before_anything_waits(ray_cluster, model_path):
+    from loop.cluster import check_room
+    from loop.engine import EngineConfig
+    from loop.engine_pool import EnginePool
+
+    # Ray would leave actors it cannot place pending for ever: both are refused at once, with the numbers.
+    with pytest.raises(RuntimeError, match=r"5 replicas of 1 CPU each need 5 CPU, and the Ray cluster has 4"):
+        EnginePool("smollm2-135m-instruct", model_path, EngineConfig(**ENGINE), ClusterConfig(engines=5))
+    with pytest.raises(RuntimeError, match=r"has 4 CPU and 0 GPU free; training needs 1 CPU and 1 GPU"):
+        check_room(ClusterConfig(train_num_gpus=1))
+    check_room(ClusterConfig(train_num_cpus=4))
+
+
 @pytest.fixture(scope="module")
 def model_path() -> str:
     from loop.models import resolve_model
