@@ -108,11 +108,47 @@ class RunConfig(BaseModel):
         return self
 
 
+def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = None) -> None:
+    """On a CPU machine running the whole loop, a training step of the configured size fits in the memory left
+    beside the vLLM engine (loop/train_memory.py: an upper bound for the configured lengths)."""
+    from loop import train_memory
+    from loop.hardware import cpu_has_bf16
+
+    if cfg.cluster is not None or Path("/dev/nvidia0").exists():
+        return  # the trainer runs elsewhere (a Ray actor) or on a GPU: not this machine's memory
+    t = cfg.train
+    bf16 = t.bf16 is True or (t.bf16 == "native" and cpu_has_bf16())
+    per_pair = 2  # DPO: chosen + rejected; KTO: the sample + its KL completion
+    sequences = t.per_device_batch_size * per_pair + (t.per_device_batch_size if cfg.pairs.rehearsal else 0)
+    seq_len = min(t.max_length or cfg.engine.max_model_len, cfg.engine.max_model_len)
+    need = train_memory.estimate(model_dir, sequences=sequences, seq_len=seq_len, bytes_per_value=2 if bf16 else 4,
+                                 gradient_checkpointing=t.gradient_checkpointing)
+    if need is None:
+        return
+    engine_value = {"bfloat16": 2, "float16": 2, "float32": 4}.get(cfg.engine.dtype, 2 if cpu_has_bf16() else 4)
+    engine = train_memory.engine_bytes(model_dir, cfg.engine.kv_cache_memory_bytes, engine_value)
+    free = (train_memory.available_bytes() if available is None else available) - engine
+    if need.total <= free:
+        return
+    g = train_memory.GIB
+    fixes = [f"lower train.per_device_batch_size (now {t.per_device_batch_size}; raise train.grad_accumulation to keep "
+             "the pairs per optimizer step)"]
+    if not t.gradient_checkpointing:
+        fixes.append("set train.gradient_checkpointing: true (activations ~1/20, ~25% slower)")
+    fixes.append(f"lower train.max_length (now {t.max_length}; engine.max_model_len {cfg.engine.max_model_len})")
+    raise ConfigError(
+        f"train: a training step may need about {need.total / g:.1f} GiB ({sequences} sequences of up to {seq_len} "
+        f"tokens: {need.activations / g:.1f} GiB of activations, {need.weights / g:.1f} GiB of weights), but this "
+        f"machine has {free / g:.1f} GiB available beside the vLLM engine ({engine / g:.1f} GiB); it would be killed "
+        f"for memory at the first training, after round 1's sampling. Either " + ", or ".join(fixes))
+
+
 def check_model(cfg: RunConfig, model_path: str | Path) -> None:
     """Checks that need the model's weights (read from the safetensors headers; no weights are loaded), for the
-    start of a loop, before the engine starts: every `train.target_modules` name is a linear layer of the model
-    (peft refuses unknown names, and vLLM serves LoRA on linear layers only). A hub id, whose weights are not on
-    disk yet, is not checked."""
+    start of a loop, before the engine starts: a training step fits in memory (`check_train_memory`), and every
+    `train.target_modules` name is a linear layer of the model (peft refuses unknown names, and vLLM serves LoRA on
+    linear layers only). A hub id, whose weights are not on disk yet, is not checked."""
+    check_train_memory(cfg, Path(model_path))
     shapes = model_weight_shapes(Path(model_path))
     targets = cfg.train.target_modules
     if shapes is None or targets == "all-linear":

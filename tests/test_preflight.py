@@ -208,3 +208,38 @@ def test_the_cuda_vllm_beside_a_cpu_torch_is_refused(tmp_path: Path):
     line = refused(tmp_path, tiny_config(tmp_path), PYTHONPATH=path)
     assert line.startswith("error: vLLM 0.26.0 (the CUDA package `vllm`) is installed beside a CPU build of torch ("), line
     assert "make clean && make install EXTRAS=gpu,dev" in line, line
+
+
+def test_a_training_batch_that_cannot_fit_in_memory_is_refused_before_anything_starts(tmp_path: Path):
+    from loop.models import resolve_model
+
+    resolve_model("smollm2-135m-instruct")  # the estimate reads the model's shapes from its folder
+    line = refused(tmp_path, tiny_config(tmp_path, train={"per_device_batch_size": 512, "max_length": 512}))
+    assert "train: a training step may need about" in line and "1024 sequences of up to 512 tokens" in line, line
+    assert "lower train.per_device_batch_size (now 512" in line and "train.gradient_checkpointing: true" in line
+
+
+def test_the_memory_estimate_follows_batch_length_and_checkpointing(tmp_path: Path):
+    from loop.config import ConfigError, check_train_memory, load_config
+    from loop.models import resolve_model
+
+    model_dir = Path(resolve_model("smollm2-135m-instruct").path)
+    gib = 2 ** 30
+
+    def check(available_gib: float, engine: dict | None = None, **train) -> str | None:
+        cfg = load_config(tiny_config(tmp_path, train=train, **({"engine": engine} if engine else {})))
+        try:
+            check_train_memory(cfg, model_dir, available=int(available_gib * gib))
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    assert check(24, per_device_batch_size=4) is None
+    # 32 sequences x 512 tokens of SmolLM2's 30 layers: ~22 GiB of activations without checkpointing, ~2 with it.
+    message = check(24, per_device_batch_size=16, max_length=512)
+    assert message is not None and "32 sequences of up to 512 tokens" in message
+    assert check(24, per_device_batch_size=16, max_length=512, gradient_checkpointing=True) is None
+    assert check(24, per_device_batch_size=16, max_length=128) is None  # a quarter of the tokens
+    # The vLLM engine's KV cache is set aside from what is available.
+    assert check(10, per_device_batch_size=4) is None
+    assert check(10, per_device_batch_size=4, engine={"kv_cache_memory_bytes": 5 * gib}) is not None
