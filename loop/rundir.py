@@ -23,9 +23,9 @@ from pydantic import BaseModel, ValidationError
 # Settings a run may resume with changed, because they change memory use, speed or where results are registered but
 # not what a round computes (e.g. to resume after running out of memory). `rounds` only adds or drops rounds not run
 # yet; a changed tracking.registered_model registers the later rounds under the new name.
-RESUMABLE_KEYS = frozenset({"rounds", "train.gradient_checkpointing", "engine.kv_cache_memory_bytes",
-                            "engine.gpu_memory_utilization", "engine.enforce_eager", "engine.enable_sleep_mode",
-                            "engine.cpu_threads", "tracking.registered_model"})
+RESUMABLE_KEYS = frozenset({"rounds", "train.gradient_checkpointing", "train.precompute_ref_log_probs",
+                            "engine.kv_cache_memory_bytes", "engine.gpu_memory_utilization", "engine.enforce_eager",
+                            "engine.enable_sleep_mode", "engine.cpu_threads", "tracking.registered_model"})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
