@@ -9,6 +9,10 @@ and the LoRA weight gradients are negligible) and the reference forward. Forward
 included) + the causal attention scores (2 x layers x context x hidden, averaged over positions).
 
     .venv/bin/python bench/train.py --lengths 128 512 --pairs 8
+
+--variants compares training paths in one run, alternating: `trl` is TRL's own (its GPU-sized fused LM head tiles
+over every position, a reference forward in every step), `ours` this project's CPU path (loop/train_trl.py
+CPU_LM_HEAD, reference log-probs precomputed once), `ours-gc` the same with gradient checkpointing.
 """
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ import argparse
 import json
 import platform
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -26,10 +29,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loop.memory import PeakMemory  # noqa: E402
 from loop.models import resolve_model  # noqa: E402
 from loop.pairs import PreferencePair  # noqa: E402
 from loop.records import Segment, Trajectory  # noqa: E402
+from loop import train_trl  # noqa: E402
 from loop.train import TrainConfig, _use_bf16, train_round  # noqa: E402
+
+VARIANTS = {"trl": (None, {"precompute_ref_log_probs": False}),
+            "ours": (train_trl.CPU_LM_HEAD, {}),
+            "ours-gc": (train_trl.CPU_LM_HEAD, {"gradient_checkpointing": True})}
 
 
 def synthetic_pairs(n: int, prompt_len: int, completion_len: int, obs_frac: float, vocab: int,
@@ -78,10 +87,11 @@ def model_flops_per_token(model_path: Path, context: int) -> float:
     return 3 * (2 * linear + attention)
 
 
-def peak_memory_gib(device: str) -> float:
+def peak_memory_gib(device: str, peak: PeakMemory) -> float:
+    """CUDA: torch's peak allocation; CPU: the process's peak RSS during that round (loop/memory.py)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak.peak_rss / 2**30
 
 
 def main() -> None:
@@ -92,6 +102,13 @@ def main() -> None:
     ap.add_argument("--obs-frac", type=float, default=0.25, help="share of completion tokens that are observations")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grad-accumulation", type=int, default=1)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--spread", type=float, default=0.0, help="completion lengths uniform in [len x (1-spread), len]")
+    ap.add_argument("--target-modules", nargs="+", default=None, help="LoRA targets (default: all-linear)")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["ours"])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                    help="per variant, in --variants order (default: --batch-size for all)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--dtypes", nargs="+", choices=["auto", "fp32", "bf16"], default=["auto"],
                     help="training precisions to measure in this run (auto: TrainConfig's default for the device)")
@@ -102,53 +119,70 @@ def main() -> None:
     model_path = Path(resolve_model(args.model).path)
     vocab = AutoConfig.from_pretrained(model_path).vocab_size
     rows, rates = [], {}
+    batch_sizes = args.batch_sizes or [args.batch_size] * len(args.variants)
     for dtype in args.dtypes:
-        cfg = TrainConfig(per_device_batch_size=args.batch_size, max_length=None,
-                          gradient_checkpointing=args.gradient_checkpointing,
-                          bf16={"auto": None, "fp32": False, "bf16": True}[dtype])
-        bf16 = _use_bf16(cfg)
+        base = dict(max_length=None, gradient_checkpointing=args.gradient_checkpointing, epochs=args.epochs,
+                    bf16={"auto": None, "fp32": False, "bf16": True}[dtype],
+                    **({"target_modules": args.target_modules} if args.target_modules else {}))
+        bf16 = _use_bf16(TrainConfig(**base))
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
         name = str(mm_dtype).split(".")[-1]
         rates[name] = mm_rate = matmul_flops(mm_dtype, device, 8192 if device == "cuda" else 2048)
         with tempfile.TemporaryDirectory() as tmp:
             # Warm-up round (kernel selection, allocator, lazy imports) so the measured round is steady-state.
-            train_round(model_path, synthetic_pairs(args.batch_size, 16, 16, args.obs_frac, vocab), cfg,
+            train_round(model_path, synthetic_pairs(args.batch_size, 16, 16, args.obs_frac, vocab), TrainConfig(**base),
                         out_dir=Path(tmp) / "warmup")
             for length in args.lengths:
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                pairs = synthetic_pairs(args.pairs, args.prompt_len, length, args.obs_frac, vocab)
-                res = train_round(model_path, pairs, cfg, out_dir=Path(tmp) / f"len{length}")
-                m = res.metrics
-                seconds, tokens = m["train/time_s"], m["train/tokens"]
-                achieved = model_flops_per_token(model_path, (args.prompt_len + length) // 2) * tokens / seconds
-                rows.append({"dtype": name, "completion_len": length, "prompt_len": args.prompt_len,
-                             "pairs": args.pairs, "steps": m["train/steps"], "seconds": seconds,
-                             "pairs_per_s": args.pairs / seconds, "tokens_per_s": tokens / seconds,
-                             "model_tokens": m["train/model_tokens"], "loss": m["train/loss"],
-                             "peak_mem_gib": peak_memory_gib(device), "model_tflops": achieved / 1e12,
-                             "mfu_vs_matmul": achieved / mm_rate})
+                pairs = synthetic_pairs(args.pairs, args.prompt_len, length, args.obs_frac, vocab, spread=args.spread)
+                for variant, batch in zip(args.variants, batch_sizes):
+                    lm_head, overrides = VARIANTS[variant]
+                    train_trl.CPU_LM_HEAD = lm_head
+                    accumulation = max(1, args.grad_accumulation * args.batch_size // batch)  # same pairs per step
+                    cfg = TrainConfig(**{**base, **overrides, "per_device_batch_size": batch,
+                                         "grad_accumulation": accumulation})
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    peak = PeakMemory()
+                    with peak:
+                        res = train_round(model_path, pairs, cfg, out_dir=Path(tmp) / f"{variant}-{length}")
+                    m = res.metrics
+                    # The pairs' own tokens (no padding) x epochs: the same work for every variant, however batched.
+                    seconds = m["train/time_s"]
+                    tokens = args.epochs * sum(2 * len(p.prompt_token_ids) + len(p.chosen.completion_token_ids)
+                                               + len(p.rejected.completion_token_ids) for p in pairs)
+                    achieved = model_flops_per_token(model_path, (args.prompt_len + length) // 2) * tokens / seconds
+                    rows.append({"dtype": name, "variant": variant, "batch": batch, "grad_accumulation": accumulation,
+                                 "completion_len": length, "prompt_len": args.prompt_len, "pairs": args.pairs,
+                                 "steps": m["train/steps"], "seconds": seconds, "pairs_per_s": args.pairs / seconds,
+                                 "tokens_per_s": tokens / seconds, "model_tokens": m["train/model_tokens"],
+                                 "loss": m["train/loss"], "peak_mem_gib": peak_memory_gib(device, peak),
+                                 "model_tflops": achieved / 1e12, "mfu_vs_matmul": achieved / mm_rate})
 
     meta = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
             or platform.machine(), "threads": torch.get_num_threads(),
             "matmul_tflops": {k: v / 1e12 for k, v in rates.items()}, "batch_size": args.batch_size, "obs_frac": args.obs_frac,
-            "gradient_checkpointing": args.gradient_checkpointing, "memory": "cuda max allocated" if device == "cuda"
-            else "process max RSS"}
+            "gradient_checkpointing": args.gradient_checkpointing, "epochs": args.epochs, "spread": args.spread,
+            "memory": "cuda max allocated" if device == "cuda" else "process peak RSS during the round"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     print(f"{meta['model']} on {meta['device']} ({device}, {meta['threads']} threads); measured matmul TFLOP/s: "
           + ", ".join(f"{k} {v:.3f}" for k, v in meta["matmul_tflops"].items()))
-    head = ["dtype", "completion_len", "steps", "seconds", "pairs_per_s", "tokens_per_s", "peak_mem_gib", "model_tflops",
-            "mfu_vs_matmul"]
+    head = ["dtype", "variant", "batch", "grad_accumulation", "completion_len", "steps", "seconds", "pairs_per_s",
+            "tokens_per_s", "peak_mem_gib", "model_tflops", "mfu_vs_matmul"]
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in head))
-    by = {(r["dtype"], r["completion_len"]): r for r in rows}
-    for length in args.lengths:
-        if ("bfloat16", length) in by and ("float32", length) in by:
-            print(f"completion {length}: bf16 / fp32 training tokens/s = "
-                  f"{by['bfloat16', length]['tokens_per_s'] / by['float32', length]['tokens_per_s']:.2f}x")
+    by = {(r["dtype"], r["variant"], r["completion_len"]): r for r in rows}
+    for (dtype, variant, length), r in by.items():
+        if ("bfloat16", variant, length) in by and dtype == "float32":
+            print(f"{variant}, completion {length}: bf16 / fp32 training tokens/s = "
+                  f"{by['bfloat16', variant, length]['tokens_per_s'] / r['tokens_per_s']:.2f}x")
+        if variant != args.variants[0] and (dtype, args.variants[0], length) in by:
+            first = by[dtype, args.variants[0], length]
+            print(f"{dtype}, completion {length}: {variant} / {args.variants[0]} tokens/s = "
+                  f"{r['tokens_per_s'] / first['tokens_per_s']:.2f}x, peak memory "
+                  f"{r['peak_mem_gib']:.2f} vs {first['peak_mem_gib']:.2f} GiB")
     print(f"wrote {args.out}")
 
 
