@@ -44,6 +44,8 @@ def test_training_rounds_in_one_process_do_not_grow_memory(tmp_path):
     tok = AutoTokenizer.from_pretrained(model_path)
     pairs = [tool_pair(tok, "2+3", "5", "6"), tool_pair(tok, "4*5", "20", "9")]
     process = psutil.Process()
+    gc.collect()
+    before = process.memory_info().rss / MB
     adapter, rss, peaks = None, [], []
     for r in range(1, ROUNDS + 1):
         with PeakMemory() as peak:
@@ -54,8 +56,10 @@ def test_training_rounds_in_one_process_do_not_grow_memory(tmp_path):
         rss.append(process.memory_info().rss / MB)
         peaks.append(peak.metrics("train")["memory/train_peak_rss_mb"])
     print("RSS after each round (MB):", [round(x) for x in rss], "peaks (MB):", [round(x) for x in peaks])
-    # The model and trainer are in use while a round trains: each round's peak is well above what stays resident (the
-    # allocator keeps some freed memory, so RSS does not fall back to the start, but it does not grow).
-    assert all(p > x + 200 for p, x in zip(peaks, rss)), (peaks, rss)
+    # The peak is taken while the round trains: the first round's holds the model (~540 MB in fp32), which this process
+    # did not have before; no round ends above its peak. (The allocator keeps freed memory, so RSS does not fall back
+    # to the start, and later rounds reuse it: their peaks need not exceed what stays resident by a model's size.)
+    assert peaks[0] > before + 400, (before, peaks)
+    assert all(p >= x for p, x in zip(peaks, rss)), (peaks, rss)
     growth = (rss[-1] - rss[1]) / (ROUNDS - 2)
     assert growth < GROWTH_MB, f"RSS grew {growth:.0f} MB per round over rounds 3-{ROUNDS} (limit {GROWTH_MB}): {rss}"
