@@ -283,8 +283,10 @@ def test_divergence_reaches_trls_loss(model_path, pairs, tmp_path):
 
 
 def test_divergence_options_are_checked_at_config_load():
-    with pytest.raises(ValueError, match="divergence are DPO options"):
+    with pytest.raises(ValueError, match="divergence and precompute_ref_log_probs are DPO options"):
         TrainConfig(algorithm="kto", divergence="js_divergence")
+    with pytest.raises(ValueError, match="precompute_ref_log_probs are DPO options"):
+        TrainConfig(algorithm="kto", per_device_batch_size=2, precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="alpha_divergence_coef applies to divergence: alpha_divergence only"):
         TrainConfig(alpha_divergence_coef=0.3)
     with pytest.raises(ValueError, match="divergence"):
