@@ -118,8 +118,8 @@ def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = 
         return  # the trainer runs elsewhere (a Ray actor) or on a GPU: not this machine's memory
     t = cfg.train
     bf16 = t.bf16 is True or (t.bf16 == "native" and cpu_has_bf16())
-    per_pair = 2  # DPO: chosen + rejected; KTO: the sample + its KL completion
-    sequences = t.per_device_batch_size * per_pair + (t.per_device_batch_size if cfg.pairs.rehearsal else 0)
+    # DPO: chosen + rejected per pair; KTO: the sample + its KL completion; plus a rehearsal sequence per pair.
+    sequences = t.per_device_batch_size * (2 + bool(cfg.pairs.rehearsal))
     seq_len = min(t.max_length or cfg.engine.max_model_len, cfg.engine.max_model_len)
     need = train_memory.estimate(model_dir, sequences=sequences, seq_len=seq_len, bytes_per_value=2 if bf16 else 4,
                                  gradient_checkpointing=t.gradient_checkpointing)
