@@ -3,7 +3,7 @@
 Without a `cluster` section the loop runs in one process, as it always has, and nothing here imports Ray. With one,
 the flow process is the Ray driver (Prefect stays the orchestrator and MLflow logging stays in the driver):
 generation runs on `engines` vLLM replicas, each a Ray actor (loop/engine_pool.py), grading runs as Ray tasks
-(loop/ray_verify.py) and training in a Ray actor (loop/ray_train.py). No shared filesystem is assumed: adapters
+(loop/ray_verify.py) and training in `train_workers` Ray actors (loop/ray_train.py). No shared filesystem is assumed: adapters
 travel through Ray's object store as the bytes of their files (`pack_folder`, `unpack_folder`). The model itself
 is resolved on each node (`loop.models.resolve_model`): a built-in model or a hub id works anywhere, a local folder
 must exist at the same path on every node, and so must this project (installed at the same commit).
@@ -42,11 +42,14 @@ class ClusterConfig(BaseModel):
     verify_batch_size: int = 64
     """Trajectories per grading task."""
     train_workers: int = 1
-    """Training processes; data-parallel training on several is not built yet, so only 1 is accepted."""
+    """Training processes (Ray actors), data-parallel with torch.distributed (gloo on CPU, NCCL on GPU): each holds
+    the whole model, takes its share of every optimizer step's pairs, and the LoRA gradients are averaged. The pairs
+    per optimizer step are train.per_device_batch_size x train.grad_accumulation x train_workers, as with
+    `accelerate launch`: to keep a one-worker config's steps, divide its grad_accumulation by train_workers."""
     train_num_gpus: float = 0.0
-    """GPUs the training actor reserves (1 on a GPU cluster)."""
+    """GPUs each training worker reserves (1 on a GPU cluster)."""
     train_num_cpus: float = 1.0
-    """CPUs the training actor reserves; Ray sets its OMP_NUM_THREADS to that number, torch's thread count."""
+    """CPUs each training worker reserves; Ray sets its OMP_NUM_THREADS to that number, torch's thread count."""
 
     @model_validator(mode="after")
     def _check(self) -> "ClusterConfig":
@@ -57,13 +60,17 @@ class ClusterConfig(BaseModel):
             raise ValueError(f"cluster.engine_num_gpus: {self.engine_num_gpus} asks for tensor parallelism inside a "
                              "replica, which is not supported yet; set cluster.engine_num_gpus: 1 and raise "
                              "cluster.engines instead")
-        if self.train_workers != 1:
-            raise ValueError(f"cluster.train_workers: {self.train_workers}: data-parallel training on several workers "
-                             "is not supported yet; set cluster.train_workers: 1 (one training actor, with "
-                             "cluster.train_num_gpus GPUs)")
+        if self.train_workers < 1:
+            raise ValueError(f"cluster.train_workers must be at least 1 (got {self.train_workers})")
+        if self.train_workers > 1 and 0 < self.train_num_gpus < 1:
+            raise ValueError(f"cluster.train_num_gpus: {self.train_num_gpus} with {self.train_workers} workers: NCCL "
+                             "cannot run two ranks on one GPU; set cluster.train_num_gpus: 1")
         for key in ("engine_num_gpus", "engine_num_cpus", "train_num_gpus", "train_num_cpus"):
             if getattr(self, key) < 0:
                 raise ValueError(f"cluster.{key} must be >= 0 (got {getattr(self, key)})")
+        if self.train_num_cpus == 0 and self.train_num_gpus == 0:
+            raise ValueError("cluster.train_num_cpus and train_num_gpus are both 0: a training worker reserves CPUs "
+                             "or GPUs; set cluster.train_num_cpus: 1 (CPU) or cluster.train_num_gpus: 1")
         if self.engine_num_gpus == 0 and self.engine_num_cpus < 1:
             raise ValueError(f"cluster.engine_num_cpus: {self.engine_num_cpus} with engine_num_gpus 0: a vLLM-CPU "
                              "replica runs on whole CPUs; set cluster.engine_num_cpus: 1 or more")
@@ -109,13 +116,16 @@ def check_room(cfg: ClusterConfig) -> None:
     import ray
 
     free = ray.available_resources()
-    cpus, gpus = max(cfg.train_num_cpus, 1.0), cfg.train_num_gpus
+    n = cfg.train_workers
+    cpus, gpus = max(n * cfg.train_num_cpus, 1.0), n * cfg.train_num_gpus  # 1 CPU at least: a grading task
     if free.get("CPU", 0.0) < cpus or free.get("GPU", 0.0) < gpus:
         raise RuntimeError(
             f"beside the {cfg.engines} engine replica(s) the Ray cluster has {free.get('CPU', 0.0):g} CPU and "
-            f"{free.get('GPU', 0.0):g} GPU free; training needs {cfg.train_num_cpus:g} CPU and {gpus:g} GPU "
-            "(cluster.train_num_cpus, cluster.train_num_gpus) and grading 1 CPU per task. Lower cluster.engines or "
-            "the replicas' engine_num_cpus / engine_num_gpus (fractions share a GPU), lower the training's, or add "
+            f"{free.get('GPU', 0.0):g} GPU free; training needs {n * cfg.train_num_cpus:g} CPU and {gpus:g} GPU "
+            f"({n} worker(s) x cluster.train_num_cpus, cluster.train_num_gpus) and grading 1 CPU per task. Lower "
+            "cluster.engines or "
+            "the replicas' engine_num_cpus / engine_num_gpus (fractions share a GPU), lower cluster.train_workers or "
+            "the training's, or add "
             "nodes (`ray start --num-cpus N` sets the CPUs a node offers)")
 
 

@@ -111,8 +111,9 @@ def _cuda_vllm() -> str | None:
 
 def check_device(cfg: RunConfig) -> None:
     """A GPU config (`gpu_settings`) needs a visible CUDA device, and the CUDA vLLM a CUDA build of torch (vLLM
-    fails deep in its engine start otherwise). A CPU config on the CPU install imports nothing."""
-    asks, vllm_version = gpu_settings(cfg), _cuda_vllm()
+    fails deep in its engine start otherwise). A CPU config on the CPU install imports nothing. With `cluster:` the
+    GPUs are the Ray nodes' (the engine pool checks the cluster has them), not this driver's."""
+    asks, vllm_version = gpu_settings(cfg) if cfg.cluster is None else [], _cuda_vllm()
     if not asks and vllm_version is None:
         return
     import torch

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from peft import load_peft_weights, set_peft_model_state_dict
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from trl import DPOTrainer, KTOTrainer
 
@@ -84,8 +85,20 @@ class TokenDPOTrainer(DPOTrainer):
     def precompute_reference(self, batch_size: int) -> None:
         """The reference log-probs of every training row, once, before training (TRL's precompute_ref_log_probs),
         instead of a reference forward in every step of every epoch. Called after the "ref" adapter is loaded:
-        TRL's own precompute runs inside its constructor, before the caller can load one."""
-        self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
+        TRL's own precompute runs inside its constructor, before the caller can load one. TRL's loop, without its
+        cache file: for an in-memory dataset `datasets` names that file at random in a per-process temporary
+        folder, so under data-parallel training the other ranks look for a file only rank 0 wrote. Here every rank
+        gathers every row's values (in dataset order) and adds them as columns."""
+        loader = self.accelerator.prepare(DataLoader(
+            self.train_dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
+        chosen, rejected = [], []
+        for batch in loader:
+            c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(self.model, batch))
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+        self.train_dataset = self.train_dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist()) \
+            .add_column("ref_rejected_logps", torch.cat(rejected).tolist())
         self.precompute_ref_logps = True
 
     def compute_ref_log_probs(self, model, inputs):

@@ -176,6 +176,12 @@ def test_a_gpu_config_without_a_visible_gpu_is_refused(tmp_path: Path):
         line = refused(tmp_path, tiny_config(tmp_path, engine=engine), CUDA_VISIBLE_DEVICES="")
         assert f"error: {asks} for a GPU, but no CUDA device is visible (torch " in line, line
         assert "`make install EXTRAS=gpu,dev`" in line and "to run it on the CPU" in line, line
+    # On a cluster the GPUs are the Ray nodes': a driver without one is not refused for them.
+    from loop.config import load_config
+    from loop.preflight import check_device
+
+    check_device(load_config(tiny_config(tmp_path, engine={"gpu_memory_utilization": 0.4},
+                                         cluster={"engine_num_gpus": 1})))
 
 
 def test_only_settings_that_act_on_cuda_ask_for_a_gpu_and_a_cpu_config_imports_no_torch(tmp_path: Path):
