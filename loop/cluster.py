@@ -123,10 +123,9 @@ def check_room(cfg: ClusterConfig) -> None:
             f"beside the {cfg.engines} engine replica(s) the Ray cluster has {free.get('CPU', 0.0):g} CPU and "
             f"{free.get('GPU', 0.0):g} GPU free; training needs {n * cfg.train_num_cpus:g} CPU and {gpus:g} GPU "
             f"({n} worker(s) x cluster.train_num_cpus, cluster.train_num_gpus) and grading 1 CPU per task. Lower "
-            "cluster.engines or "
-            "the replicas' engine_num_cpus / engine_num_gpus (fractions share a GPU), lower cluster.train_workers or "
-            "the training's, or add "
-            "nodes (`ray start --num-cpus N` sets the CPUs a node offers)")
+            "cluster.engines or the replicas' engine_num_cpus / engine_num_gpus (fractions share a GPU), lower "
+            "cluster.train_workers or the training's, or add nodes (`ray start --num-cpus N` sets the CPUs a node "
+            "offers)")
 
 
 def pack_folder(path: Path) -> dict[str, bytes]:
