@@ -265,9 +265,9 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
 
 
 def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
+    from flows.self_improve import join_cluster, leave_cluster, start_engine
     from loop.console import say
     from loop.evaluate import evaluate_policy
-    from loop.engine import VLLMEngine
     from loop.models import resolve_model
     from loop.rundir import read_jsonl, write_json
     from loop.stats import detectable_change_note, format_estimate, round_statistics
@@ -280,17 +280,21 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
     model = resolve_model(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    say(f"starting vLLM on {cfg.model} ...")
-    engine = VLLMEngine(model.path, cfg.engine)
+    # With `cluster:` as `ratchet run` does it: the replicas sample and Ray tasks grade.
+    connected, on_ray = join_cluster(cfg) if cfg.cluster is not None else (False, {})
     try:
-        if adapter is not None:
-            engine.check_adapter_applied(adapter, adapter_id=1)
-        say(f"evaluating {len(tasks)} prompts x {cfg.eval.sampling.n} samples"
-            + (" + greedy" if cfg.eval.greedy else "") + f" (vLLM started in {time.perf_counter() - t0:.0f} s) ...")
-        summary = evaluate_policy(engine, tasks, cfg.eval, cfg.verify, out, adapter=adapter,
-                                  adapter_id=1 if adapter else None)
+        engine = start_engine(cfg, model, training=False)
+        try:
+            if adapter is not None:
+                engine.check_adapter_applied(adapter, adapter_id=1)
+            say(f"evaluating {len(tasks)} prompts x {cfg.eval.sampling.n} samples"
+                + (" + greedy" if cfg.eval.greedy else "") + f" (vLLM started in {time.perf_counter() - t0:.0f} s) ...")
+            summary = evaluate_policy(engine, tasks, cfg.eval, cfg.verify, out, adapter=adapter,
+                                      adapter_id=1 if adapter else None, grade=on_ray.get("grade"))
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        leave_cluster(connected)
     stats = round_statistics(list(read_jsonl(out / "eval_per_prompt.jsonl")))
     summary.update(stats)
     write_json(out / "eval_summary.json", summary)

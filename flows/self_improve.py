@@ -256,11 +256,11 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     if len(eval_tasks) >= 2:  # before vLLM starts: size the evaluation first
         progress(detectable_change_note(len(eval_tasks), cfg.eval.sampling.n))
     t0 = time.perf_counter()
-    connected, on_ray = _join_cluster(cfg) if cfg.cluster is not None else (False, {})
+    connected, on_ray = join_cluster(cfg) if cfg.cluster is not None else (False, {})
     try:
-        engine = _start_engine(cfg, model)
+        engine = start_engine(cfg, model)
     except BaseException:
-        _leave_cluster(connected)
+        leave_cluster(connected)
         raise
     tracker = None
     try:
@@ -279,14 +279,14 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
         if tracker is not None:
             tracker.finish("FAILED")
         engine.close()
-        _leave_cluster(connected)
+        leave_cluster(connected)
         raise
     progress(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment}); "
              f"vLLM started in {time.perf_counter() - t0:.0f} s")
     return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, engine, ray_connected=connected, **on_ray)
 
 
-def _join_cluster(cfg: RunConfig) -> tuple[bool, dict[str, Callable]]:
+def join_cluster(cfg: RunConfig) -> tuple[bool, dict[str, Callable]]:
     """Join the Ray cluster as its driver (loop/cluster.py); the Ray grader and trainer for the Loop."""
     from loop.cluster import connect
     from loop.ray_train import train_on_ray
@@ -297,16 +297,16 @@ def _join_cluster(cfg: RunConfig) -> tuple[bool, dict[str, Callable]]:
                        "trainer": functools.partial(train_on_ray, cluster=cfg.cluster)}
 
 
-def _leave_cluster(connected: bool) -> None:
+def leave_cluster(connected: bool) -> None:
     if connected:
         from loop.cluster import disconnect
 
         disconnect()
 
 
-def _start_engine(cfg: RunConfig, model: ResolvedModel):
-    """One VLLMEngine here, or with `cluster:` the pool of replicas on Ray (checked to leave room for training and
-    grading beside it)."""
+def start_engine(cfg: RunConfig, model: ResolvedModel, training: bool = True):
+    """One VLLMEngine here, or with `cluster:` the pool of replicas on Ray (checked to leave room for grading and,
+    when `training`, training beside it)."""
     if cfg.cluster is None:
         progress(f"starting vLLM on {cfg.model} ...")
         return VLLMEngine(model.path, cfg.engine)
@@ -316,7 +316,7 @@ def _start_engine(cfg: RunConfig, model: ResolvedModel):
     progress(f"starting {cfg.cluster.engines} vLLM replica(s) of {cfg.model} on Ray ...")
     pool = EnginePool(cfg.model, model.path, cfg.engine, cfg.cluster)
     try:
-        check_room(cfg.cluster)
+        check_room(cfg.cluster, training)
     except BaseException:
         pool.close()
         raise
@@ -429,5 +429,5 @@ def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, 
         raise
     finally:
         loop.engine.close()
-        _leave_cluster(loop.ray_connected)
+        leave_cluster(loop.ray_connected)
     return rows

@@ -110,19 +110,21 @@ def describe() -> dict[str, float]:
             "GPU": res.get("GPU", 0.0), "memory_gb": round(res.get("memory", 0.0) / 2 ** 30, 1)}
 
 
-def check_room(cfg: ClusterConfig) -> None:
-    """With the engine replicas started: is there room beside them for the training actor and a grading task? Ray
-    would leave either waiting for ever; this says so at the start, with the fix."""
+def check_room(cfg: ClusterConfig, training: bool = True) -> None:
+    """With the engine replicas started: is there room beside them for the training workers (unless `training` is
+    False: an evaluation) and a grading task? Ray would leave either waiting for ever; this says so at the start,
+    with the fix."""
     import ray
 
     free = ray.available_resources()
-    n = cfg.train_workers
+    n = cfg.train_workers if training else 0
     cpus, gpus = max(n * cfg.train_num_cpus, 1.0), n * cfg.train_num_gpus  # 1 CPU at least: a grading task
     if free.get("CPU", 0.0) < cpus or free.get("GPU", 0.0) < gpus:
+        need = (f"training needs {n * cfg.train_num_cpus:g} CPU and {gpus:g} GPU ({n} worker(s) x "
+                "cluster.train_num_cpus, cluster.train_num_gpus) and " if training else "")
         raise RuntimeError(
             f"beside the {cfg.engines} engine replica(s) the Ray cluster has {free.get('CPU', 0.0):g} CPU and "
-            f"{free.get('GPU', 0.0):g} GPU free; training needs {n * cfg.train_num_cpus:g} CPU and {gpus:g} GPU "
-            f"({n} worker(s) x cluster.train_num_cpus, cluster.train_num_gpus) and grading 1 CPU per task. Lower "
+            f"{free.get('GPU', 0.0):g} GPU free; {need}grading needs 1 CPU per task. Lower "
             "cluster.engines or the replicas' engine_num_cpus / engine_num_gpus (fractions share a GPU), lower "
             "cluster.train_workers or the training's, or add nodes (`ray start --num-cpus N` sets the CPUs a node "
             "offers)")

@@ -36,6 +36,20 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
+def test_ratchet_eval_sizes_the_set_first_and_writes_a_summary_its_per_problem_file_recomputes(tmp_path: Path):
+    cfg, out = tiny_config(tmp_path), tmp_path / "eval-out"
+    printed = finish(ratchet("eval", "--config", str(cfg), "--out", str(out), cwd=tmp_path), timeout=600)
+    log = (out / "eval.log").read_text()
+    assert "Smallest change of pass@1 detectable" in printed and "starting vLLM" in printed + log
+    assert printed.index("Smallest change") < printed.index("pass@1 ")  # before the results, sized first
+    rows = [json.loads(line) for line in (out / "eval_per_prompt.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert len(rows) == 4 and all(r["n"] == 2 for r in rows)  # the tiny config: 4 problems x 2 samples
+    assert summary["eval/pass@1"] == pytest.approx(sum(r["correct"] / r["n"] for r in rows) / len(rows))
+    assert summary["eval/pass@1_low"] <= summary["eval/pass@1"] <= summary["eval/pass@1_high"]
+    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 8
+
+
 def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
     cfg = tiny_config(tmp_path)
     run = tmp_path / "runs" / "e2e"

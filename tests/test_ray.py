@@ -150,6 +150,7 @@ def test_a_cluster_too_small_is_refused_before_anything_waits(ray_cluster, model
     with pytest.raises(RuntimeError, match=r"training needs 6 CPU and 0 GPU \(3 worker\(s\) x cluster.train_num_cpus"):
         check_room(ClusterConfig(train_workers=3, train_num_cpus=2))
     check_room(ClusterConfig(train_num_cpus=4))
+    check_room(ClusterConfig(train_workers=3, train_num_cpus=2), training=False)  # `ratchet eval`: grading only
     check_room(ClusterConfig(train_workers=2, train_num_cpus=2))
 
 
@@ -407,3 +408,23 @@ def test_two_rounds_of_the_flow_on_ray(tmp_path, ray_cluster, pool, reference):
     assert params["cluster.engines"] == "2" and params["cluster_runtime.replicas"] == "2"
     assert float(params["cluster_runtime.CPU"]) == 4.0 and float(params["cluster_runtime.nodes"]) == 1.0
     assert yaml.safe_load((run / "config.yaml").read_text())["cluster"]["engines"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ratchet_eval_on_ray_samples_what_one_engine_samples(tmp_path, ray_cluster, pool, reference):
+    pool.close()  # (closed already when the flow test ran first) its CPUs go to the evaluation's replicas
+    cfg = tiny_config(tmp_path, engine=ENGINE, cluster={"engines": 2})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "eval-out"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "eval", "--config", str(cfg), "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "starting 2 vLLM replica(s)" in proc.stdout + (out / "eval.log").read_text()
+    evaluated = [[json.loads(line)["trajectory"] for line in (out / name).read_text().splitlines()]
+                 for name in ("eval_samples.jsonl", "eval_greedy.jsonl")]
+    for got, want, what in zip(evaluated, reference["eval"], ("samples", "greedy")):
+        assert_same_draws(got, want, f"ratchet eval's {what}")
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert 0.0 <= summary["eval/pass@1_low"] <= summary["eval/pass@1"] <= summary["eval/pass@1_high"] <= 1.0
+    assert "pass@1" in proc.stdout
