@@ -140,59 +140,33 @@ def _preflight(check, *args):
         _fail(str(e))
 
 
-def _accuracy_columns(rows: list[dict]) -> list[str]:
-    """greedy_acc, pass@k (every k) and the largest maj@k, as logged under eval/."""
-    def ks(prefix: str) -> list[int]:
-        return sorted({int(k[len(prefix):]) for r in rows for k in r
-                       if k.startswith(prefix) and k[len(prefix):].isdigit()})
-    majs = ks("eval/maj@")
-    return (["eval/greedy_acc"] + [f"eval/pass@{k}" for k in ks("eval/pass@")]
-            + ([f"eval/maj@{majs[-1]}"] if majs else []))
-
-
 def rounds_table(rows: list[dict]) -> Table:
-    """Per round: every accuracy as mean ± standard error over problems, pairs, loss, time."""
-    from loop.stats import format_estimate
+    """Per round: every accuracy as mean ± standard error over problems, pairs, loss, time (loop/round_table.py)."""
+    from loop.round_table import round_cells
 
+    header, body = round_cells(rows)
     t = Table(title="rounds (held-out evaluation; accuracies: mean ± standard error over problems)")
-    acc = [c for c in _accuracy_columns(rows) if any(c in r for r in rows)]
-    other = [c for c in ("eval/distinct_answers", "pairs/pairs", "train/loss", "time/stages_s")
-             if any(c in r for r in rows)]
-    t.add_column("round")
-    for c in acc + other:
-        t.add_column(c.split("/", 1)[1], justify="right")
-    for r in rows:
-        cells = [format_estimate(r.get(c), r.get(f"{c}_se")) for c in acc] + [_fmt(r.get(c)) for c in other]
-        t.add_row(str(r["round"]), *cells)
+    for i, c in enumerate(header):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for cells in body:
+        t.add_row(*cells)
     return t
 
 
 def changes_table(rows: list[dict]) -> Table | None:
     """Per later round and accuracy: the paired change against round 0 and the previous round, with its 95%
     interval and p-value; None when no round has one."""
-    from loop.stats import format_change
+    from loop.round_table import CHANGE_HEADER, change_cells
 
-    acc = [c.split("/", 1)[1] for c in _accuracy_columns(rows)]
-    found = [(r, m) for r in rows for m in acc if f"vs_round0/{m}" in r or f"vs_prev/{m}" in r]
-    if not found:
+    body = change_cells(rows)
+    if not body:
         return None
     t = Table(title="paired change over the same problems [95% interval] (within noise: the interval holds 0)")
-    for c in ("round", "metric", "vs round 0", "p", "vs previous round", "p"):
+    for c in CHANGE_HEADER:
         t.add_column(c, justify="left" if c in ("round", "metric") else "right")
-    for r, m in found:
-        cells = []
-        for vs in ("vs_round0", "vs_prev"):
-            cells.append(format_change(r.get(f"{vs}/{m}"), r.get(f"{vs}/{m}_low"), r.get(f"{vs}/{m}_high")))
-            p = r.get(f"{vs}/{m}_p")
-            cells.append("-" if p is None else f"{p:.2g}")
-        t.add_row(str(r["round"]), m, *cells)
+    for cells in body:
+        t.add_row(*cells)
     return t
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else str(int(v)) if isinstance(v, float) else str(v)
 
 
 @app.command()
@@ -270,6 +244,7 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
     from loop.evaluate import evaluate_policy
     from loop.models import resolve_model
     from loop.rundir import read_jsonl, write_json
+    from loop.round_table import fmt
     from loop.stats import detectable_change_note, format_estimate, round_statistics
     from loop.tasks import load_tasks
 
@@ -309,7 +284,7 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
             t.add_row(k.removeprefix("eval/"), f"{format_estimate(v, stats[f'{k}_se'])} "
                                                f"[{stats[f'{k}_low']:.3f}, {stats[f'{k}_high']:.3f}]")
         else:
-            t.add_row(k.removeprefix("eval/"), _fmt(v))
+            t.add_row(k.removeprefix("eval/"), fmt(v))
     console.print(t)
     console.print(f"samples and summary written to {out}/")
 

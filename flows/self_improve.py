@@ -36,7 +36,8 @@ from loop.models import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, rehearsal_samples, save_pairs, select_samples
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
-from loop.stats import detectable_change_note, format_change, format_estimate, round_statistics_from_dirs
+from loop.round_table import markdown as round_markdown
+from loop.stats import detectable_change_note, round_statistics_from_dirs
 from loop.tasks import check_disjoint, load_tasks
 from loop.tasks.base import Task
 from loop.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
@@ -130,52 +131,6 @@ def evaluate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adap
 def log_round(tracker: Tracker, r: int, metrics: dict[str, float], round_dir: Path, adapter: Path | None) -> str:
     artifacts = {p.name: p for p in sorted(round_dir.glob("*.jsonl")) + [round_dir / "metrics.json"] if p.exists()}
     return tracker.log_round(r, metrics, artifacts, adapter)
-
-
-def _accuracies(rows: list[dict[str, Any]]) -> list[str]:
-    """pass@k (every k), maj@k (every k) and greedy_acc as logged (eval/...), in that order."""
-    names = {k[len("eval/"):] for r in rows for k in r
-             if k.startswith(("eval/pass@", "eval/maj@")) and k.split("@", 1)[1].isdigit()}
-    ordered = sorted(names, key=lambda s: (s.split("@")[0] != "pass", int(s.split("@")[1])))
-    return ordered + (["greedy_acc"] if any("eval/greedy_acc" in r for r in rows) else [])
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: every accuracy as mean ± SE per round, then the paired changes against round 0 and the
-    previous round with their 95% intervals and p-values."""
-    names = _accuracies(rows)
-    keys = [k for k in ("pairs/pairs", "train/loss", "time/stages_s") if any(k in r for r in rows)]
-    cols = ["round"] + [f"{n} (± SE)" for n in names] + keys
-    out = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    for r in rows:
-        cells = [str(r["round"])] + [_est(r, n) for n in names] + [_fmt(r.get(k)) for k in keys]
-        out += "| " + " | ".join(cells) + " |\n"
-    changes = [(r["round"], n, vs) for r in rows for n in names for vs in ("vs_round0", "vs_prev")
-               if f"{vs}/{n}" in r]
-    if changes:
-        by_round = {r["round"]: r for r in rows}
-        out += ("\nPaired changes over the same problems (95% interval; 'within noise' when it holds 0):\n\n"
-                "| round | metric | vs round 0 | p | vs previous round | p |\n|---|---|---|---|---|---|\n")
-        for rnd, n in dict.fromkeys((rnd, n) for rnd, n, _ in changes):
-            r = by_round[rnd]
-            cells = [str(rnd), n]
-            for vs in ("vs_round0", "vs_prev"):
-                cells += [format_change(r.get(f"{vs}/{n}"), r.get(f"{vs}/{n}_low"), r.get(f"{vs}/{n}_high")),
-                          _fmt_p(r.get(f"{vs}/{n}_p"))]
-            out += "| " + " | ".join(cells) + " |\n"
-    return out
-
-
-def _est(r: dict[str, Any], name: str) -> str:
-    return "" if r.get(f"eval/{name}") is None else format_estimate(r[f"eval/{name}"], r.get(f"eval/{name}_se"))
-
-
-def _fmt(v: Any) -> str:
-    return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def _fmt_p(v: float | None) -> str:
-    return "" if v is None else f"{v:.2g}"
 
 
 @flow(name="self-improve", log_prints=True)
@@ -403,7 +358,7 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
         write_json(metrics_path, metrics)
         trained = round_dir / "adapter"
         log_round(loop.tracker, r, metrics, round_dir, trained if trained.is_dir() else None)
-        create_markdown_artifact(key=f"round-{r}", markdown=_table([{"round": r, **metrics}]),
+        create_markdown_artifact(key=f"round-{r}", markdown=round_markdown([{"round": r, **metrics}]),
                                  description=f"{run.run_id} round {r}")
         run.mark_done(r, "log")
         timings["log"] = time.perf_counter() - t0
@@ -423,7 +378,7 @@ def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, 
             metrics, adapter, adapter_id = run_round(loop, r, adapter, adapter_id)
             rows.append({"round": r, **metrics})
         loop.tracker.finish()
-        create_markdown_artifact(key="loop-summary", markdown=_table(rows), description=f"{run.run_id}: all rounds")
+        create_markdown_artifact(key="loop-summary", markdown=round_markdown(rows), description=f"{run.run_id}: all rounds")
     except BaseException:
         loop.tracker.finish("FAILED")
         raise

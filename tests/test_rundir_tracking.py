@@ -155,7 +155,8 @@ _LOG_ROUNDS = """
 import json, sys
 from pathlib import Path
 from types import SimpleNamespace
-from flows.self_improve import Loop, _table, run_round
+from flows.self_improve import Loop, run_round
+from loop.round_table import markdown
 from loop.rundir import RunDir
 from loop.tracking import Tracker, TrackingConfig
 
@@ -170,7 +171,7 @@ loop = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(pat
             eval_tasks=[], tracker=tracker, engine=None)
 rows = [{"round": r, **run_round(loop, r, None, None)[0]} for r in range(3)]
 tracker.finish()
-(tmp / "table.md").write_text(_table(rows))
+(tmp / "table.md").write_text(markdown(rows))
 """
 
 
