@@ -153,15 +153,17 @@ def rounds_table(rows: list[dict]) -> Table:
     return t
 
 
-def changes_table(rows: list[dict]) -> Table | None:
-    """Per later round and accuracy: the paired change against round 0 and the previous round, with its 95%
-    interval and p-value; None when no round has one."""
-    from loop.round_table import CHANGE_HEADER, change_cells
+def changes_table(rows: list[dict], primary: str | None = None) -> Table | None:
+    """Per later round and accuracy: the paired change against round 0 and the previous evaluated round, with its
+    95% interval and p-value, the primary comparison marked; None when no round has one."""
+    from loop.round_table import CHANGE_HEADER, PRIMARY_NOTE, change_cells
 
-    body = change_cells(rows)
+    body = change_cells(rows, primary)
     if not body:
         return None
-    t = Table(title="paired change over the same problems [95% interval] (within noise: the interval holds 0)")
+    marked = any(cells[1].endswith("(primary)") for cells in body)
+    t = Table(title="paired change over the same problems [95% interval] (within noise: the interval holds 0)",
+              caption=PRIMARY_NOTE if marked else None)
     for c in CHANGE_HEADER:
         t.add_column(c, justify="left" if c in ("round", "metric") else "right")
     for cells in body:
@@ -187,7 +189,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (se
         rows = self_improve(str(config), rounds=rounds, run_id=run_id)
     if rows:
         console.print(rounds_table(rows))
-        changes = changes_table(rows)
+        changes = changes_table(rows, _load(config, rounds=rounds).eval.primary)
         if changes is not None:
             console.print(changes)
 
@@ -246,12 +248,12 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
     from loop.rundir import read_jsonl, write_json
     from loop.round_table import fmt
     from loop.stats import detectable_change_note, format_estimate, round_statistics
-    from loop.tasks import load_tasks
+    from loop.tasks import count_clusters, load_tasks
 
     cfg = _load(config)
     tasks = load_tasks(cfg.eval.tasks)
     if len(tasks) >= 2:  # before vLLM starts: size the evaluation first
-        console.print(detectable_change_note(len(tasks), cfg.eval.sampling.n))
+        console.print(detectable_change_note(len(tasks), cfg.eval.sampling.n, clusters=count_clusters(tasks)))
     model = resolve_model(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,9 +36,9 @@ from loop.models import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, rehearsal_samples, save_pairs, select_samples
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
-from loop.round_table import markdown as round_markdown
-from loop.stats import detectable_change_note, round_statistics_from_dirs
-from loop.tasks import check_disjoint, load_tasks
+from loop.round_table import markdown as round_markdown, primary_line
+from loop.stats import PER_PROMPT, detectable_change_note, round_statistics_from_dirs, training_statistics
+from loop.tasks import check_disjoint, count_clusters, load_round_tasks, load_tasks
 from loop.tasks.base import Task
 from loop.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.train import train_round
@@ -58,24 +58,49 @@ def _load_graded(path: Path) -> list[Graded]:
 @task(name="generate", cache_policy=NONE)
 def generate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
              adapter_id: int | None, out: Path) -> dict[str, float]:
+    """The round's samples (samples.jsonl). Finished trajectories are kept in a checkpoint as they end, so a stage
+    that fails or is stopped partway resumes with the rest (loop.rollout.generate_many)."""
     t0 = time.perf_counter()
-    trajs = rollout.generate(engine, tasks, cfg.sampling, round=r, adapter=adapter, adapter_id=adapter_id)
+    checkpoint = out.with_name("samples.partial.jsonl")
+    [trajs] = rollout.generate_many(engine, [(tasks, cfg.sampling)], round=r, adapter=adapter, adapter_id=adapter_id,
+                                    checkpoint=checkpoint)
     dt = time.perf_counter() - t0
     write_jsonl(out, (t.to_dict() for t in trajs))
+    checkpoint.unlink(missing_ok=True)
     tokens = sum(t.num_model_tokens for t in trajs)
-    return {"time/generate_s": dt, "generate/samples": len(trajs), "generate/tokens": tokens,
-            **({"generate/tokens_per_s": tokens / dt} if dt > 0 else {})}
+    out_metrics = {"time/generate_s": dt, "generate/samples": len(trajs), "generate/tokens": tokens,
+                   **({"generate/tokens_per_s": tokens / dt} if dt > 0 else {})}
+    if cfg.sampling.tools:
+        errors = [kind for t in trajs for kind in t.tool_errors]
+        out_metrics.update({"generate/tool_calls_per_sample": sum(t.num_tool_calls for t in trajs) / len(trajs),
+                            "generate/tool_use_frac": sum(t.num_tool_calls > 0 for t in trajs) / len(trajs),
+                            "generate/tool_errors": float(len(errors)),
+                            **{f"generate/tool_errors/{k}": float(errors.count(k)) for k in sorted(set(errors))}})
+    return out_metrics
 
 
 @task(name="verify", cache_policy=NONE)
-def verify(tasks_by_id: dict[str, Task], cfg: RunConfig, samples: Path, out: Path,
+def verify(tasks_by_id: dict[str, Task], cfg: RunConfig, samples: Path, out: Path, previous: Path | None,
            grade: Callable | None = None) -> dict[str, float]:
+    """The round's graded samples (graded.jsonl) and what they say about the policy on its training tasks: right
+    share, cut-off share, lengths, and (train_per_cluster.jsonl) the right share per cluster (gsm-symbolic
+    template), with the paired change against the previous round's clusters (`previous`: its graded.jsonl): with
+    fresh tasks every round, that is the near-transfer signal (new problems of the templates trained on)."""
     t0 = time.perf_counter()
     graded = (grade or grade_trajectories)(tasks_by_id, _load_trajectories(samples), cfg.verify)
     write_jsonl(out, (g.to_dict() for g in graded))
+    before = _load_graded(previous) if previous is not None and previous.exists() else None
+    per_cluster, summary = training_statistics(graded, tasks_by_id, before, _round_tasks_of(previous))
+    write_jsonl(out.with_name("train_per_cluster.jsonl"), per_cluster)
     return {"time/verify_s": time.perf_counter() - t0,
             "train_samples/correct": sum(g.correct for g in graded),
-            "train_samples/timeout": sum(g.status == "timeout" for g in graded)}
+            "train_samples/timeout": sum(g.status == "timeout" for g in graded), **summary}
+
+
+def _round_tasks_of(graded_path: Path | None) -> dict[str, Task] | None:
+    """The tasks of the round whose graded.jsonl is `graded_path` (its tasks.jsonl), by id; None if not recorded."""
+    path = None if graded_path is None else graded_path.with_name("tasks.jsonl")
+    return None if path is None or not path.exists() else {d["id"]: Task(**d) for d in read_jsonl(path)}
 
 
 @task(name="build-pairs", cache_policy=NONE)
@@ -123,8 +148,8 @@ def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path,
 @task(name="evaluate", cache_policy=NONE)
 def evaluate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
              adapter_id: int | None, out_dir: Path, grade: Callable | None = None) -> dict[str, float]:
-    return evaluate_policy(engine, tasks, cfg.eval, cfg.verify, out_dir, round=r, adapter=adapter,
-                           adapter_id=adapter_id, grade=grade)
+    return evaluate_policy(engine, tasks, cfg.eval, cfg.verify, out_dir, seed_round=0 if cfg.eval.common_seeds else r,
+                           adapter=adapter, adapter_id=adapter_id, grade=grade)
 
 
 @task(name="log-round", cache_policy=NONE, retries=2, retry_delay_seconds=5)
@@ -158,7 +183,6 @@ class Loop:
     cfg: RunConfig
     run: RunDir
     model: ResolvedModel
-    train_tasks: list[Task]
     eval_tasks: list[Task]
     tracker: Tracker
     engine: VLLMEngine
@@ -169,9 +193,19 @@ class Loop:
     ray_connected: bool = False
     """This flow run joined the Ray cluster (and leaves it at the end)."""
 
-    @functools.cached_property
-    def train_by_id(self) -> dict[str, Task]:
-        return {t.id: t for t in self.train_tasks}
+    def round_tasks(self, r: int) -> list[Task]:
+        """Round `r`'s training tasks: as recorded in its folder (tasks.jsonl), so a resumed round samples the very
+        tasks it started with; else drawn (loop.tasks.load_round_tasks: new ones each round with
+        train_tasks.fresh_per_round), checked against the evaluation set, and recorded."""
+        path = self.run.round(r) / "tasks.jsonl"
+        if path.exists():
+            return [Task(**d) for d in read_jsonl(path)]
+        tasks, note = load_round_tasks(self.cfg.train_tasks, r)
+        if note:
+            progress(f"round {r}/{self.cfg.rounds} · {note}")
+        check_disjoint(tasks, self.eval_tasks)
+        write_jsonl(path, (asdict(t) for t in tasks))
+        return tasks
 
 
 def progress(line: str) -> None:
@@ -205,11 +239,10 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
     new_run = run.check_config(config_dict, RunConfig)
     model = resolve_model(cfg.model)
     check_model(cfg, model.path)
-    train_tasks = load_tasks(cfg.train_tasks)
     eval_tasks = load_tasks(cfg.eval.tasks)
-    check_disjoint(train_tasks, eval_tasks)
+    check_disjoint(load_round_tasks(cfg.train_tasks, 1)[0], eval_tasks)  # each round's are checked when drawn
     if len(eval_tasks) >= 2:  # before vLLM starts: size the evaluation first
-        progress(detectable_change_note(len(eval_tasks), cfg.eval.sampling.n))
+        progress(detectable_change_note(len(eval_tasks), cfg.eval.sampling.n, clusters=count_clusters(eval_tasks)))
     t0 = time.perf_counter()
     connected, on_ray = join_cluster(cfg) if cfg.cluster is not None else (False, {})
     try:
@@ -238,7 +271,7 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
         raise
     progress(f"run {run.run_id}: {run.path}; MLflow {tracker.uri} (experiment {cfg.tracking.experiment}); "
              f"vLLM started in {time.perf_counter() - t0:.0f} s")
-    return Loop(cfg, run, model, train_tasks, eval_tasks, tracker, engine, ray_connected=connected, **on_ray)
+    return Loop(cfg, run, model, eval_tasks, tracker, engine, ray_connected=connected, **on_ray)
 
 
 def join_cluster(cfg: RunConfig) -> tuple[bool, dict[str, Callable]]:
@@ -324,9 +357,10 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
             progress(stage_line(r, cfg.rounds, name, metrics, timings[name]))
 
     if r > 0:
-        stage("generate", generate, engine, loop.train_tasks, cfg, r, adapter, adapter_id, round_dir / "samples.jsonl")
-        stage("verify", verify, loop.train_by_id, cfg, round_dir / "samples.jsonl", round_dir / "graded.jsonl",
-              loop.grade)
+        tasks = loop.round_tasks(r) if not run.done(r, "verify") else []  # the stages that read them are done
+        stage("generate", generate, engine, tasks, cfg, r, adapter, adapter_id, round_dir / "samples.jsonl")
+        stage("verify", verify, {t.id: t for t in tasks}, cfg, round_dir / "samples.jsonl", round_dir / "graded.jsonl",
+              run.round(r - 1) / "graded.jsonl" if r > 1 else None, loop.grade)
         stage("pairs", pairs, cfg, round_dir / "graded.jsonl", run.round(1) / "graded.jsonl", round_dir / "pairs.jsonl")
         # The current adapter: train_round starts from it (continue_adapter) and/or uses it as the reference.
         # vLLM sleeps while training runs (on CUDA with a sleep mode: its GPU memory goes to the trainer) and wakes
@@ -348,17 +382,20 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
             timings["check_adapter"] = time.perf_counter() - t0
             progress(f"round {r}/{cfg.rounds} · adapter check in vLLM: error {check.error:.3g} (tolerance "
                      f"{check.tolerance:.3g}) · {timings['check_adapter']:.1f} s")
-    stage("evaluate", evaluate, engine, loop.eval_tasks, cfg, r, adapter, adapter_id, round_dir, loop.grade)
+    if cfg.eval.evaluates(r, cfg.rounds):
+        stage("evaluate", evaluate, engine, loop.eval_tasks, cfg, r, adapter, adapter_id, round_dir, loop.grade)
     if not run.done(r, "log"):
         t0 = time.perf_counter()
         metrics["time/stages_s"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/stages_s")
-        # Intervals of every accuracy, and paired changes against round 0 and the previous round (loop/stats.py).
-        previous = (run.round(0), run.round(r - 1)) if r > 0 else (None, None)
-        metrics.update(round_statistics_from_dirs(round_dir, *previous))
+        # Intervals of every accuracy, and paired changes against round 0 and the last evaluated round before this
+        # one (loop/stats.py); a round the schedule did not evaluate has none.
+        evaluated = [q for q in range(r - 1, -1, -1) if (run.round(q) / PER_PROMPT).exists()]
+        metrics.update(round_statistics_from_dirs(round_dir, run.round(0) if r > 0 else None,
+                                                  run.round(evaluated[0]) if evaluated else None))
         write_json(metrics_path, metrics)
         trained = round_dir / "adapter"
         log_round(loop.tracker, r, metrics, round_dir, trained if trained.is_dir() else None)
-        create_markdown_artifact(key=f"round-{r}", markdown=round_markdown([{"round": r, **metrics}]),
+        create_markdown_artifact(key=f"round-{r}", markdown=round_markdown([{"round": r, **metrics}], cfg.eval.primary),
                                  description=f"{run.run_id} round {r}")
         run.mark_done(r, "log")
         timings["log"] = time.perf_counter() - t0
@@ -377,8 +414,13 @@ def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, 
         for r in range(0, cfg.rounds + 1):
             metrics, adapter, adapter_id = run_round(loop, r, adapter, adapter_id)
             rows.append({"round": r, **metrics})
+        verdict = primary_line(rows, cfg.eval.primary)
+        if verdict is not None:
+            progress(verdict)
+            loop.tracker.set_tag("primary_comparison", verdict)
         loop.tracker.finish()
-        create_markdown_artifact(key="loop-summary", markdown=round_markdown(rows), description=f"{run.run_id}: all rounds")
+        create_markdown_artifact(key="loop-summary", markdown=round_markdown(rows, cfg.eval.primary),
+                                 description=f"{run.run_id}: all rounds")
     except BaseException:
         loop.tracker.finish("FAILED")
         raise

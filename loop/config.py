@@ -8,8 +8,9 @@ weights, before the engine starts. Nothing here imports torch, vLLM or TRL.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import get_args
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,6 +38,35 @@ class EvalConfig(BaseModel):
     """n samples per held-out prompt for pass@k (k = 1, 2, 4, ... n)."""
     greedy: bool = True
     """Also decode each prompt greedily, for greedy accuracy."""
+    every: Annotated[int, Field(ge=1)] | Literal["last"] = 1
+    """Which rounds are evaluated: 1, every round; k, rounds 0, k, 2k, ... and the last; "last", round 0 and the last
+    round only. A round left out has no eval/ metrics; its successor is compared with the last evaluated round."""
+    common_seeds: bool = True
+    """Evaluate every round with the same sampling seeds (common random numbers: round r's sample i of a problem
+    starts from the same random draws as round 0's), which narrows the paired intervals at no cost. False: the
+    seeds change with the round."""
+    primary: str = "pass@1"
+    """The one comparison the run is judged by: this accuracy (pass@k, maj@k or greedy_acc), last evaluated round
+    against round 0. The round table marks it; its other changes are descriptive (among 20-30 paired tests one or
+    two fall below p 0.05 by chance)."""
+
+    @model_validator(mode="after")
+    def _primary_exists(self) -> "EvalConfig":
+        m = re.fullmatch(r"(pass|maj)@(\d+)|greedy_acc", self.primary)
+        if m is None:
+            raise ValueError(f"eval.primary: {self.primary!r} is not an accuracy the evaluation reports; use pass@k, "
+                             "maj@k (k up to eval.sampling.n) or greedy_acc")
+        if m.group(2) and not 1 <= int(m.group(2)) <= self.sampling.n:
+            raise ValueError(f"eval.primary: {self.primary} needs k <= eval.sampling.n ({self.sampling.n})")
+        if self.primary == "greedy_acc" and not self.greedy:
+            raise ValueError("eval.primary: greedy_acc needs eval.greedy: true")
+        return self
+
+    def evaluates(self, r: int, rounds: int) -> bool:
+        """Whether round `r` of a `rounds`-round loop is evaluated (round 0 and the last always are)."""
+        if r == 0 or r == rounds:
+            return True
+        return self.every != "last" and r % self.every == 0
 
 
 class RunConfig(BaseModel):
@@ -67,6 +97,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"train_tasks.split must be 'train' (got {self.train_tasks.split!r})")
         if self.eval.tasks.split != "eval":
             raise ValueError(f"eval.tasks.split must be 'eval' (got {self.eval.tasks.split!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _fresh_tasks(self) -> "RunConfig":
+        if self.train_tasks.fresh_per_round and self.pairs.rehearsal:
+            raise ValueError("pairs.rehearsal replays the base model's samples of round 1's prompts, which "
+                             "train_tasks.fresh_per_round replaces every round; use one of the two")
         return self
 
     @model_validator(mode="after")

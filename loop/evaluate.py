@@ -13,11 +13,17 @@ from loop.tasks.base import Task
 from loop.verify import VerifyConfig, grade_trajectories
 
 
+CHECKPOINT = "eval_samples.partial.jsonl"
+"""Trajectories finished so far (loop.rollout.generate_many's checkpoint): an evaluation that fails or is stopped
+partway keeps them, and the next attempt generates only the rest. Deleted once the evaluation's files are written."""
+
+
 def evaluate_policy(engine: VLLMEngine, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path, *,
-                    round: int = 0, adapter: Path | None = None, adapter_id: int | None = None,
+                    seed_round: int = 0, adapter: Path | None = None, adapter_id: int | None = None,
                     grade: Callable | None = None) -> dict[str, float]:
-    """Sample, grade and score `tasks`; write eval_*.jsonl and eval_summary.json to `out_dir`. `round` enters the
-    sampling seeds (loop.rollout.sample_seed); a standalone evaluation (`ratchet eval`) is round 0.
+    """Sample, grade and score `tasks`; write eval_*.jsonl and eval_summary.json to `out_dir`. `seed_round` enters
+    the sampling seeds (loop.rollout.sample_seed): the loop passes 0 in every round (common random numbers,
+    eval.common_seeds) unless told otherwise; a standalone evaluation (`ratchet eval`) is 0.
 
     Returns the aggregate metrics with keys prefixed `eval/` (pass@k, maj@k, greedy_acc, diversity). `grade`
     grades the samples (None: `grade_trajectories`, e.g. loop.ray_verify.grade_on_ray on a cluster).
@@ -27,7 +33,9 @@ def evaluate_policy(engine: VLLMEngine, tasks: list[Task], eval_cfg, verify_cfg:
     by_id = {t.id: t for t in tasks}
     # The greedy decode goes through the engine with the samples, not after them (rollout.generate_many).
     jobs = [(tasks, eval_cfg.sampling)] + ([(tasks, eval_cfg.sampling.greedy())] if eval_cfg.greedy else [])
-    sampled, *greedy_run = rollout.generate_many(engine, jobs, round=round, adapter=adapter, adapter_id=adapter_id)
+    checkpoint = out_dir / CHECKPOINT
+    sampled, *greedy_run = rollout.generate_many(engine, jobs, round=seed_round, adapter=adapter,
+                                                 adapter_id=adapter_id, checkpoint=checkpoint)
     graded = grade(by_id, sampled, verify_cfg)
     write_jsonl(out_dir / "eval_samples.jsonl", (g.to_dict() for g in graded))
     greedy = None
@@ -39,4 +47,5 @@ def evaluate_policy(engine: VLLMEngine, tasks: list[Task], eval_cfg, verify_cfg:
     out = {f"eval/{k}": v for k, v in summary.items()}
     out["time/evaluate_s"] = time.perf_counter() - t0
     write_json(out_dir / "eval_summary.json", out)
+    checkpoint.unlink(missing_ok=True)
     return out

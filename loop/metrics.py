@@ -28,8 +28,12 @@ Definitions:
   Chosen over self-BLEU: symmetric, in [0, 1], O(length) per pair, and without BLEU's brevity and
   smoothing choices, which dominate on short completions;
   nll_per_token: mean over samples of -cumulative_logprob / model tokens (an entropy proxy);
-  response_tokens, tool_calls: means over samples;
-  length_cutoff_frac, no_answer_frac, timeout_frac: fractions of samples.
+  response_tokens, tool_calls, tool_errors: means over samples;
+  cutoff_frac (cut off by any budget: tokens, context, tool calls), tool_use_frac (called the tool at least
+  once), no_answer_frac, timeout_frac: fractions of samples.
+- Pooled over all samples (in the aggregate only): finished_acc, the accuracy of the samples that were not cut
+  off; acc_with_tool and acc_without_tool, of the samples that did and did not call the tool; tool_errors/<kind>,
+  the count of failed tool calls of each kind (loop.envs.TOOL_ERROR_KINDS).
 """
 from __future__ import annotations
 
@@ -165,32 +169,22 @@ class AnswerVotes:
 def answer_votes(samples: Sequence[Graded]) -> AnswerVotes:
     """Cluster one math prompt's extracted answers by the math verifier's equivalence.
 
-    Correct samples are one answer (the gold), however written; a sample whose answer the verifier
-    normalises to the same text as a correct one's votes for it too (a comparison that timed out once).
-    Every other answer, incorrect or timed out, is clustered with verifiers.math.cluster_answers:
-    "1/2" and "0.5" are one wrong answer, so are "x = 2" and "2". Each comparison has
-    ANSWER_COMPARISON_TIMEOUT_S and all of a prompt's share ANSWER_CLUSTERING_BUDGET_S; one that
-    times out (or errs) counts as different and is counted in `undecided`. Samples without an answer
-    abstain.
+    The votes follow the verdicts, as pass@k does: correct samples are one answer (the gold), however written;
+    incorrect ones are clustered with verifiers.math.cluster_answers ("1/2" and "0.5" are one wrong answer, so are
+    "x = 2" and "2"); samples without a verdict (no answer, a verifier timeout) abstain, so maj@1 equals pass@1.
+    Each comparison has ANSWER_COMPARISON_TIMEOUT_S and all of a prompt's share ANSWER_CLUSTERING_BUDGET_S; one
+    that times out (or errs) counts as different and is counted in `undecided`.
     """
-    return _answer_votes(tuple((g.status, g.extracted) for g in samples))
+    return votes_of(tuple((g.status, g.extracted) for g in samples))
 
 
 # prompt_row asks twice (votes, distinct answers), and the verifier caches no timed-out comparison.
 @lru_cache(maxsize=256)
-def _answer_votes(samples: tuple[tuple[str, str | None], ...]) -> AnswerVotes:
-    gold_keys = {math_clusters.answer_key(x) for status, x in samples if status == "correct" and x is not None}
-    gold = abstain = 0
-    others: list[str] = []
-    for status, extracted in samples:
-        if status == "correct":
-            gold += 1
-        elif extracted is None or status == "no_answer":
-            abstain += 1
-        elif math_clusters.answer_key(extracted) in gold_keys:
-            gold += 1
-        else:
-            others.append(extracted)
+def votes_of(samples: tuple[tuple[str, str | None], ...]) -> AnswerVotes:
+    """`answer_votes` of (status, extracted answer) pairs."""
+    gold = sum(status == "correct" for status, _ in samples)
+    others = [x for status, x in samples if status == "incorrect" and x is not None]
+    abstain = len(samples) - gold - len(others)
     clusters = math_clusters.cluster_answers(others, timeout_s=ANSWER_COMPARISON_TIMEOUT_S,
                                              budget_s=ANSWER_CLUSTERING_BUDGET_S)
     if clusters.undecided:
@@ -212,7 +206,7 @@ def distinct_answers(task: Task, samples: Sequence[Graded]) -> float:
     if task.verifier == "math":
         return float(answer_votes(samples).distinct)
     return float(len({normalize_answer(g.extracted) for g in samples
-                      if g.extracted is not None and g.status != "no_answer"}))
+                      if g.extracted is not None and g.status in ("correct", "incorrect")}))
 
 
 # --- diversity ------------------------------------------------------------------------------------
@@ -242,7 +236,8 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 # --- per prompt and aggregate ---------------------------------------------------------------------
 
-_NOT_AGGREGATED = {"task_id", "family", "difficulty", "verifier", "n", "correct", "greedy_correct"}
+_NOT_AGGREGATED = {"task_id", "cluster", "family", "difficulty", "verifier", "n", "correct", "greedy_correct",
+                   "finished", "finished_correct"}
 
 
 def prompt_row(task: Task, samples: Sequence[Graded], ks: Sequence[int], greedy: Graded | None) -> dict:
@@ -251,8 +246,8 @@ def prompt_row(task: Task, samples: Sequence[Graded], ks: Sequence[int], greedy:
     c = sum(g.correct for g in samples)
     trajs = [g.trajectory for g in samples]
     texts = [t.model_text for t in trajs]
-    row: dict = {"task_id": task.id, "family": task.family, "difficulty": task.difficulty,
-                 "verifier": task.verifier, "n": n, "correct": c}
+    row: dict = {"task_id": task.id, "cluster": task.cluster or task.id, "family": task.family,
+                 "difficulty": task.difficulty, "verifier": task.verifier, "n": n, "correct": c}
     row.update({f"pass@{k}": pass_at_k(n, c, k) for k in ks})
     if task.verifier == "math":
         row.update({f"maj@{k}": v for k, v in maj_at_k(*vote_counts(samples), ks).items()})
@@ -265,7 +260,11 @@ def prompt_row(task: Task, samples: Sequence[Graded], ks: Sequence[int], greedy:
     row["nll_per_token"] = _mean(-t.cumulative_logprob / t.num_model_tokens for t in trajs if t.num_model_tokens)
     row["response_tokens"] = _mean(t.num_model_tokens for t in trajs)
     row["tool_calls"] = _mean(t.num_tool_calls for t in trajs)
-    row["length_cutoff_frac"] = _mean(float(t.finish_reason == "length") for t in trajs)
+    row["cutoff_frac"] = _mean(float(t.cut_off) for t in trajs)
+    finished = [g for g in samples if not g.trajectory.cut_off]
+    row["finished"], row["finished_correct"] = len(finished), sum(g.correct for g in finished)
+    row["tool_use_frac"] = _mean(float(t.num_tool_calls > 0) for t in trajs)
+    row["tool_errors"] = _mean(len(t.tool_errors) for t in trajs)
     row["no_answer_frac"] = _mean(float(g.status == "no_answer") for g in samples)
     row["timeout_frac"] = _mean(float(g.status == "timeout") for g in samples)
     return row
@@ -317,6 +316,20 @@ def breakdown(rows: Sequence[dict], by: str | Callable[[dict], str | None] = "di
     return out
 
 
+def pooled(graded: Sequence[Graded]) -> dict[str, float]:
+    """Accuracies over samples rather than prompts (the module doc); a share with no sample is left out."""
+    out: dict[str, float] = {}
+    for name, keep in (("finished_acc", lambda g: not g.trajectory.cut_off),
+                       ("acc_with_tool", lambda g: g.trajectory.num_tool_calls > 0),
+                       ("acc_without_tool", lambda g: g.trajectory.num_tool_calls == 0)):
+        kept = [g.correct for g in graded if keep(g)]
+        if kept and (name == "finished_acc" or any(g.trajectory.num_tool_calls for g in graded)):
+            out[name] = sum(kept) / len(kept)
+    kinds = Counter(kind for g in graded for kind in g.trajectory.tool_errors)
+    out.update({f"tool_errors/{kind}": float(count) for kind, count in sorted(kinds.items())})
+    return out
+
+
 def evaluate(tasks: Sequence[Task], graded: Sequence[Graded],
              greedy: Sequence[Graded] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Per-prompt rows and the aggregate of `graded` samples (and greedy samples, one per task).
@@ -349,6 +362,7 @@ def evaluate(tasks: Sequence[Task], graded: Sequence[Graded],
     ks = k_values(min(len(s) for s in by_task.values())) if by_task else []
     rows = [prompt_row(t, by_task[t.id], ks, greedy_by_task.get(t.id)) for t in tasks]
     summary = aggregate(rows)
+    summary.update(pooled(graded))
     for field in ("family", "difficulty"):
         if len({r[field] for r in rows if r[field] is not None}) > 1:
             summary.update(breakdown(rows, field))

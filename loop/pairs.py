@@ -4,10 +4,13 @@ Samples are grouped by task: a pair is a correct trajectory (chosen) and a wrong
 prompt, as in iterative M-DPO (Xiong et al. 2024, arXiv:2409.02392). A prompt whose usable samples are all
 correct or all wrong gives no pair: with a binary verifier there is no preference to learn there.
 
-Samples that carry no trustworthy verdict are left out before pairing: trajectories cut off by the token or
-turn budget (their "wrong" answer may only be unfinished) and verifier timeouts (no verdict), unless the
-config keeps them. Pairs keep the trajectories in token space, segments and all, so training sees exactly the
-tokens the policy sampled and can mask the tool observations.
+A trajectory cut off by the token, context or turn budget is never a chosen sample, whatever its verdict: it did
+not finish. It is a rejected candidate (the loop grades it incorrect, verify.cutoff_is_wrong), which is the only
+signal against answers that grow past the budget; `keep_truncated: false` leaves it out altogether. Verifier
+timeouts (no verdict) are left out unless `timeout_as_incorrect`. `chosen_needs_marker` keeps a chosen sample to
+those that state their answer explicitly ('####', \\boxed{}) rather than through the last-number fallback. Pairs
+keep the trajectories in token space, segments and all, so training sees exactly the tokens the policy sampled and
+can mask the tool observations.
 """
 from __future__ import annotations
 
@@ -21,8 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loop.records import Graded, Trajectory
 from loop.rundir import read_jsonl, write_jsonl
-
-TRUNCATED = frozenset({"length", "context", "max_turns"})
 
 
 class PairsConfig(BaseModel):
@@ -54,8 +55,12 @@ class PairsConfig(BaseModel):
     (a seeded choice of prompt and sample)."""
     seed: int = 0
     """Seeds the random choices; the same graded samples and seed give the same pairs."""
-    keep_truncated: bool = False
-    """Keep trajectories cut off by the budget (finish_reason length, context or max_turns)."""
+    keep_truncated: bool = True
+    """Keep trajectories cut off by the budget (finish_reason length, context or max_turns) as rejected candidates
+    (they are never chosen); false leaves them out of the pairs."""
+    chosen_needs_marker: bool = False
+    """A chosen sample must state its answer explicitly ('####' or \\boxed{}); one graded correct through the
+    last-number fallback may only be left out (math tasks; code answers are programs)."""
     timeout_as_incorrect: bool = False
     """Count a verifier timeout as a wrong answer (for code, usually an endless loop) instead of leaving the
     sample out."""
@@ -99,6 +104,8 @@ class PairStats:
     samples: int = 0
     samples_used: int = 0  # samples that took part in the pairing (after the drops below)
     dropped_truncated: int = 0
+    dropped_cut_off_correct: int = 0  # graded correct but cut off: not a finished answer, never chosen
+    dropped_unmarked_correct: int = 0  # chosen_needs_marker: correct through the last-number fallback only
     dropped_ungradeable: int = 0
     dropped_duplicates: int = 0
     dropped_conflicting: int = 0  # identical completions graded differently (e.g. a flaky timeout)
@@ -122,8 +129,12 @@ class _Usable:
 def _usable_samples(samples: list[Graded], cfg: PairsConfig, stats: PairStats) -> _Usable:
     kept: list[Graded] = []
     for g in samples:
-        if g.trajectory.finish_reason in TRUNCATED and not cfg.keep_truncated:
+        if g.trajectory.cut_off and not cfg.keep_truncated:
             stats.dropped_truncated += 1
+        elif g.trajectory.cut_off and g.correct:
+            stats.dropped_cut_off_correct += 1
+        elif cfg.chosen_needs_marker and g.correct and is_fallback(g):
+            stats.dropped_unmarked_correct += 1
         elif g.status == "timeout" and cfg.timeout_as_incorrect:
             kept.append(replace(g, status="incorrect", reason=f"verifier timeout counted as incorrect: {g.reason}"))
         elif not g.gradeable:
@@ -144,6 +155,12 @@ def _usable_samples(samples: list[Graded], cfg: PairsConfig, stats: PairStats) -
         (out.correct if group[0].correct else out.wrong).append(group[0])
     stats.samples_used += len(out.correct) + len(out.wrong)
     return out
+
+
+def is_fallback(g: Graded) -> bool:
+    """Whether a math verdict's answer came from the last-number fallback (verifiers.math names its rule in the
+    reason) rather than from an explicit '####' or \\boxed{}."""
+    return any(f"found by rule {rule};" in g.reason for rule in ("last_number", "last_math"))
 
 
 def _mean_logprob(g: Graded) -> float:

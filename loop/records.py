@@ -14,6 +14,8 @@ SegmentKind = Literal["model", "observation"]
 # context: the next turn would not fit in the model's context window.
 FinishReason = Literal["stop", "length", "max_turns", "context"]
 GradeStatus = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
+CUT_OFF = frozenset({"length", "context", "max_turns"})
+"""The finish reasons of a trajectory that did not end by itself: its answer may be unfinished."""
 
 
 @dataclass
@@ -34,6 +36,13 @@ class Trajectory:
     """Sum of the sampler's log-probs over the model-written tokens; None when not all of them were sampled by the
     engine (e.g. a hand-written prefix), so it is left out rather than summed over part of the tokens."""
     num_tool_calls: int = 0
+    tool_errors: list[str] = field(default_factory=list)
+    """The kind of every tool call that failed (loop.envs.TOOL_ERROR_KINDS), in order."""
+
+    @property
+    def cut_off(self) -> bool:
+        """Ended by a budget (tokens, context window, tool calls) rather than by the model."""
+        return self.finish_reason in CUT_OFF
 
     @property
     def text(self) -> str:

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from loop import stats
-from loop.metrics import normalize_answer
+from loop.metrics import normalize_answer, votes_of
 from loop.tracking import RUN_ID_TAG, ROUND_TAG, TrackingConfig, download_artifact, resolve_uri
 
 _PASS_KEY = re.compile(r"^eval/pass_at_(\d+)$")
@@ -82,9 +82,9 @@ def _metric_histories(client: MlflowClient, run: mlflow.entities.Run) -> pd.Data
     return df
 
 
-def _read_samples(path: Path, round_: int) -> list[dict]:
+def _read_samples(path: Path, round_: int, verifiers: dict[str, str]) -> list[dict]:
     """The fields of eval_samples.jsonl the report uses; token ids are dropped as lines are read, so
-    a large evaluation does not sit in memory."""
+    a large evaluation does not sit in memory. `verifiers`: task id -> its verifier (from eval_per_prompt)."""
     rows = []
     with open(path) as f:
         for line in f:
@@ -95,7 +95,8 @@ def _read_samples(path: Path, round_: int) -> list[dict]:
             answer = (normalize_answer(g["extracted"])
                       if g["extracted"] is not None and g["status"] != "no_answer" else None)
             rows.append({"round": round_, "task_id": t["task_id"], "sample": t["sample"], "status": g["status"],
-                         "answer": answer, "finish_reason": t["finish_reason"],
+                         "answer": answer, "extracted": g["extracted"], "verifier": verifiers.get(t["task_id"]),
+                         "finish_reason": t["finish_reason"],
                          "model_tokens": sum(len(s["token_ids"]) for s in t["segments"] if s["kind"] == "model")})
     return rows
 
@@ -120,7 +121,8 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
     `tracking_uri` None: $MLFLOW_TRACKING_URI or mlflow.db, as the loop itself resolves it; a relative SQLite path is
     relative to `base` (None: the working directory; the notebook passes the repository root).
     `run_id`: the loop's ratchet run id or its parent's MLflow run id; None: the most recent loop run.
-    Rounds whose nested run has not finished (a loop still logging) are left out with a warning.
+    Rounds whose nested run has not finished (a loop still logging) are left out with a warning, and rounds the
+    evaluation schedule did not evaluate are left out.
     """
     uri, client, exp = _open_experiment(tracking_uri, experiment, base)
     parent = find_loop_run(client, exp.experiment_id, run_id)
@@ -138,6 +140,9 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
         round_runs[rnd] = r.info.run_id
     if not round_runs:
         raise ValueError(f"loop {pid} has no finished rounds yet")
+    # Rounds the evaluation schedule skipped (eval.every) have no held-out figures: the report is about those.
+    round_runs = {rnd: rid for rnd, rid in round_runs.items()
+                  if any(k.startswith("eval/pass_at_") for k in runs[rid].data.metrics)}
 
     per_prompt, samples = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,8 +150,10 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
             dst = Path(tmp) / str(rnd)
             dst.mkdir()
             with open(download_artifact(uri, runs[rid].info.artifact_uri, "eval_per_prompt.jsonl", dst)) as f:
-                per_prompt += [{"round": rnd, **json.loads(line)} for line in f if line.strip()]
-            samples += _read_samples(download_artifact(uri, runs[rid].info.artifact_uri, "eval_samples.jsonl", dst), rnd)
+                rows = [{"round": rnd, **json.loads(line)} for line in f if line.strip()]
+            per_prompt += rows
+            samples += _read_samples(download_artifact(uri, runs[rid].info.artifact_uri, "eval_samples.jsonl", dst), rnd,
+                                     {r["task_id"]: r.get("verifier") for r in rows})
     metrics = _metric_histories(client, parent)
     return LoopData(tracking_uri=uri, experiment=experiment, parent_run_id=pid,
                     ratchet_run_id=parent.data.tags.get(RUN_ID_TAG, ""), round_run_ids=round_runs,
@@ -220,11 +227,18 @@ def coverage(per_prompt: pd.DataFrame, base: int = 0) -> pd.DataFrame:
 
 def top_answer_share(samples: pd.DataFrame) -> pd.DataFrame:
     """Per round and prompt: the share of samples giving the prompt's most common final answer (samples
-    without an answer count in the denominator only). 1.0 means every sample says the same thing."""
-    def share(answers: pd.Series) -> float:
-        counts = Counter(a for a in answers if a is not None)
-        return max(counts.values()) / len(answers) if counts else 0.0
-    return (samples.groupby(["round", "task_id"])["answer"].apply(share).rename("top_answer_share").reset_index())
+    without an answer count in the denominator only). 1.0 means every sample says the same thing. Math answers
+    are the same answer as maj@k and distinct_answers count them (loop.metrics.answer_votes: by the verifier's
+    equivalence and verdicts); code answers by normalised text."""
+    def share(group: pd.DataFrame) -> float:
+        if (group["verifier"] == "math").all():
+            votes = votes_of(tuple(zip(group["status"], group["extracted"])))
+            top = max([votes.gold, *votes.wrong])
+        else:
+            top = max(Counter(a for a in group["answer"] if a is not None).values(), default=0)
+        return top / len(group)
+    return (samples.groupby(["round", "task_id"])[["status", "extracted", "answer", "verifier"]].apply(share)
+            .rename("top_answer_share").reset_index())
 
 
 def group_field(per_prompt: pd.DataFrame) -> str | None:
@@ -257,7 +271,7 @@ def breakdown(per_prompt: pd.DataFrame, by: str) -> pd.DataFrame:
 
 def _group_interval(sub: pd.DataFrame, field: str) -> tuple[float, float]:
     """95% interval of a group's mean of `field` (loop.stats.estimate, clustered as the loop clusters)."""
-    clusters = stats.problem_clusters(sub[["task_id"]].to_dict("records"))
+    clusters = stats.problem_clusters(sub[[c for c in ("task_id", "cluster") if c in sub]].to_dict("records"))
     e = stats.estimate(sub[field].astype(float).to_numpy(), [clusters[t] for t in sub["task_id"]])
     return e.low, e.high
 
@@ -506,8 +520,8 @@ def plot_diversity(data: LoopData) -> Figure:
         ax.set_ylabel(label)
     a_nll.set_title("sampling entropy proxy")
     a_len.set_title("response length")
-    if "eval/length_cutoff_frac" in data.metrics:  # long answers that hit max_tokens explain length jumps
-        cut = data.metrics["eval/length_cutoff_frac"]
+    if "eval/cutoff_frac" in data.metrics:  # long answers cut off by a budget explain length jumps
+        cut = data.metrics["eval/cutoff_frac"]
         for rnd, frac in cut.items():
             if frac > 0:
                 a_len.annotate(f"{frac:.0%} cut off", (rnd, data.metrics.loc[rnd, "eval/response_tokens"]),

@@ -15,9 +15,13 @@ requests: re-running a round (a resumed run id) samples the same tokens, as far 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +31,16 @@ from loop.envs import Environment, PythonSession
 from loop.records import Segment, Trajectory
 from loop.tasks.base import Task
 
+log = logging.getLogger(__name__)
+
+MAX_SANDBOX_FAILURES = 16
+"""Tool calls in a row whose sandbox failed (loop.envs 'sandbox_failed') before the rollout stops: one failure is
+that trajectory's observation, a run of them means the sandbox cannot work on this machine."""
+
+
+class SandboxBroken(RuntimeError):
+    pass
+
 
 class SamplingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -35,7 +49,8 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(512, ge=1)
-    """Per model turn."""
+    """Model-written tokens per trajectory, all turns together (tool observations do not count): a trajectory that
+    reaches it ends with finish_reason 'length'."""
     seed: int = 0
     """Every sampled request's seed derives from it, the round, the task, the sample and the turn (`sample_seed`)."""
     tools: bool = False
@@ -44,6 +59,10 @@ class SamplingConfig(BaseModel):
     """Tool calls per trajectory; a trajectory that asks for one more ends with finish_reason 'max_turns'."""
     observation_max_chars: int = Field(1024, ge=16)
     tool_timeout_s: float = Field(10.0, gt=0)
+    max_live_sessions: int = Field(64, ge=1)
+    """With tools on: at most this many trajectories in flight at once, each holding its own sandboxed interpreter
+    (a Python process with its imports) until it ends or its tool budget is spent; the others wait their turn.
+    Memory grows with this number, not with n x prompts."""
     system_prompt: str | None = None
     """None: none for plain chain of thought, loop.envs.TOOL_SYSTEM_PROMPT when tools are on."""
 
@@ -73,13 +92,14 @@ def prompt_ids(tokenizer, task: Task, cfg: SamplingConfig) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-class _Live:
-    """A trajectory being generated, with its environment."""
+class _LiveTrajectory:
+    """A trajectory being generated, with its environment; `job`: its place among generate_many's jobs."""
 
-    def __init__(self, traj: Trajectory, cfg: SamplingConfig, round: int):
+    def __init__(self, traj: Trajectory, cfg: SamplingConfig, round: int, job: int = 0):
         self.traj = traj
         self.cfg = cfg
         self.round = round
+        self.job = job
         self.env = make_environment(cfg)
         if self.env is not None:
             self.env.reset(traj.task_id)
@@ -116,21 +136,70 @@ def generate(engine, tasks: list[Task], cfg: SamplingConfig, *, round: int, adap
 
 
 def generate_many(engine, jobs: list[tuple[list[Task], SamplingConfig]], *, round: int,
-                  adapter: Path | None = None, adapter_id: int | None = None) -> list[list[Trajectory]]:
+                  adapter: Path | None = None, adapter_id: int | None = None,
+                  checkpoint: Path | None = None) -> list[list[Trajectory]]:
     """Several `generate` calls in one pass through the engine (e.g. sampled and greedy evaluation).
 
     One batch keeps the engine full: separate calls each end in a tail where a few long answers decode
-    alone, which on CPU runs at a fraction of the batched speed."""
+    alone, which on CPU runs at a fraction of the batched speed.
+
+    `checkpoint`: a JSONL file that every finished trajectory is appended to as it ends. Trajectories already in
+    it (from a call that failed or was stopped partway) are taken from it instead of being generated again; the
+    others are generated as they would have been (each request's seed depends only on its task, sample and turn).
+    The caller deletes it once the stage's own output is written. A checkpoint written for other jobs, seeds or
+    adapter (its first line says which) is discarded, not mixed in."""
     lora = engine.lora_request(adapter, adapter_id)
-    sets = []
-    for tasks, cfg in jobs:
-        lives = []
+    key = hashlib.sha256(json.dumps([[[t.id for t in tasks], cfg.model_dump(mode="json")] for tasks, cfg in jobs]
+                                    + [round, str(adapter), adapter_id]).encode()).hexdigest()
+    done = _read_checkpoint(checkpoint, key) if checkpoint is not None else {}
+    sets: list[list[_LiveTrajectory | Trajectory]] = []
+    todo: list[_LiveTrajectory] = []
+    for j, (tasks, cfg) in enumerate(jobs):
+        row: list[_LiveTrajectory | Trajectory] = []
         for task in tasks:
-            ids = prompt_ids(engine.tokenizer, task, cfg)
-            lives += [_Live(Trajectory(task.id, s, ids, cumulative_logprob=0.0), cfg, round) for s in range(cfg.n)]
-        sets.append(lives)
-    _run(engine, [lv for lives in sets for lv in lives], lora)
-    return [[lv.traj for lv in lives] for lives in sets]
+            ids = None
+            for s in range(cfg.n):
+                kept = done.get((j, task.id, s))
+                if kept is not None:
+                    row.append(kept)
+                    continue
+                ids = ids or prompt_ids(engine.tokenizer, task, cfg)
+                lv = _LiveTrajectory(Trajectory(task.id, s, ids, cumulative_logprob=0.0), cfg, round, job=j)
+                row.append(lv)
+                todo.append(lv)
+        sets.append(row)
+    if done:
+        log.info("rollout: %d trajectories taken from %s, %d to generate", len(done), checkpoint, len(todo))
+    if checkpoint is not None and not done:
+        checkpoint.write_text(json.dumps({"checkpoint_of": key}) + "\n")
+    with open(checkpoint, "a") if checkpoint is not None else contextlib.nullcontext() as out:
+        def record(lv: _LiveTrajectory) -> None:
+            if out is not None:
+                out.write(json.dumps({"job": lv.job, "trajectory": lv.traj.to_dict()}) + "\n")
+                out.flush()
+
+        _run(engine, todo, lora, on_done=record)
+    return [[x.traj if isinstance(x, _LiveTrajectory) else x for x in row] for row in sets]
+
+
+def _read_checkpoint(path: Path, key: str) -> dict[tuple[int, str, int], Trajectory]:
+    """(job, task id, sample) -> trajectory of the lines of `path` that are whole (the last one may have been cut by
+    a kill mid-write); {} when `path` was written for another key."""
+    out: dict[tuple[int, str, int], Trajectory] = {}
+    if not path.exists():
+        return out
+    lines = path.read_text().splitlines()
+    if not lines or lines[0] != json.dumps({"checkpoint_of": key}):
+        log.warning("rollout: %s was written for other jobs, seeds or adapter; starting over", path)
+        return out
+    for line in lines[1:]:
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        t = Trajectory.from_dict(d["trajectory"])
+        out[(d["job"], t.task_id, t.sample)] = t
+    return out
 
 
 def continue_trajectories(engine, trajectories: list[Trajectory], cfg: SamplingConfig, *, round: int,
@@ -140,7 +209,7 @@ def continue_trajectories(engine, trajectories: list[Trajectory], cfg: SamplingC
     stays None."""
     live = []
     for t in trajectories:
-        lv = _Live(Trajectory.from_dict(t.to_dict()), cfg, round)
+        lv = _LiveTrajectory(Trajectory.from_dict(t.to_dict()), cfg, round)
         last_obs = max((i for i, s in enumerate(lv.traj.segments) if s.kind == "observation"), default=-1)
         lv.turn_text = "".join(s.text for s in lv.traj.segments[last_obs + 1:] if s.kind == "model")
         live.append(lv)
@@ -148,34 +217,56 @@ def continue_trajectories(engine, trajectories: list[Trajectory], cfg: SamplingC
     return [lv.traj for lv in live]
 
 
-def _run(engine, live: list[_Live], lora) -> None:
-    """Generate every trajectory in `live` to its end, in place; each follows its own SamplingConfig."""
+def _run(engine, live: list[_LiveTrajectory], lora, on_done: Callable[[_LiveTrajectory], None] | None = None) -> None:
+    """Generate every trajectory in `live` to its end, in place; each follows its own SamplingConfig. With tools on,
+    at most `max_live_sessions` of them are in flight at once (the rest wait in order); `on_done` sees each
+    trajectory as it ends."""
     from loop.engine import TurnRequest
 
-    everyone = list(live)
+    waiting = deque(live)
+    flight: list[_LiveTrajectory] = []  # admitted, ready for their next model turn
+    calls: list[tuple[_LiveTrajectory, str]] = []  # admitted, waiting for their environment's step
+    failures = [0]  # sandbox failures in a row (MAX_SANDBOX_FAILURES)
+
+    def end(lv: _LiveTrajectory) -> None:
+        if lv.env is not None:
+            lv.env.close()
+        if on_done is not None:
+            on_done(lv)
+
+    def admit() -> None:
+        while waiting and (waiting[0].env is None or len(flight) + len(calls) < waiting[0].cfg.max_live_sessions):
+            lv = waiting.popleft()
+            # A trajectory handed in ending with an action (a Python block) carries it out before generating.
+            action = lv.pending_action()
+            if action is not None:
+                calls.append((lv, action))
+            elif lv.traj.finish_reason == "max_turns":
+                end(lv)
+            else:
+                flight.append(lv)
+
     try:
-        # Trajectories handed in ending with an action (a Python block) carry it out before generating.
-        calls = [(lv, action) for lv in live if (action := lv.pending_action()) is not None]
-        live = [lv for lv in live if lv.traj.finish_reason != "max_turns" and all(lv is not c[0] for c in calls)]
-        while live or calls:
+        admit()
+        while flight or calls:
             if calls:
-                _step(engine, calls)
-                live += [lv for lv, _ in calls]
+                _step(engine, calls, failures)
+                flight += [lv for lv, _ in calls]
                 calls = []
             requests, active = [], []
-            for lv in live:
+            for lv in flight:
                 cfg = lv.cfg
-                budget = min(cfg.max_tokens, engine.max_model_len - len(lv.ids))
+                room = engine.max_model_len - len(lv.ids)
+                budget = min(cfg.max_tokens - lv.traj.num_model_tokens, room)
                 if budget < 1:
-                    lv.traj.finish_reason = "context"
+                    lv.traj.finish_reason = "context" if room < 1 else "length"
+                    end(lv)
                     continue
                 requests.append(TurnRequest(lv.ids, cfg.temperature, cfg.top_p, budget, lv.seed(),
                                             list(lv.env.stop) if lv.env is not None else None))
                 active.append(lv)
-            live = []
-            if not active:
-                break
-            for lv, out in zip(active, engine.generate(requests, lora)):
+            flight = []
+            for lv, out in zip(active, engine.generate(requests, lora) if active else []):
                 ids = out.token_ids
                 text = engine.tokenizer.decode(ids)
                 logprob = out.cumulative_logprob
@@ -188,24 +279,30 @@ def _run(engine, live: list[_Live], lora) -> None:
                     lv.traj.cumulative_logprob += logprob
                 lv.turn_text += text
                 if out.finish_reason == "length":
-                    # Cut by max_tokens, or by the context window when that was the tighter budget.
+                    # Cut by the token budget, or by the context window when that was the tighter one.
                     lv.traj.finish_reason = "context" if len(lv.ids) >= engine.max_model_len else "length"
+                    end(lv)
                 elif lv.env is not None and isinstance(out.stop_reason, str):
                     action = lv.pending_action()
                     if action is not None:
                         calls.append((lv, action))
-                    elif lv.traj.finish_reason != "max_turns":
-                        live.append(lv)  # a block closed that asks for nothing: let the model go on
+                    elif lv.traj.finish_reason == "max_turns":
+                        end(lv)
+                    else:
+                        flight.append(lv)  # a block closed that asks for nothing: let the model go on
                 else:
                     lv.traj.finish_reason = "stop"
+                    end(lv)
+            admit()
     finally:
-        for lv in everyone:
+        for lv in live:
             if lv.env is not None:
                 lv.env.close()
 
 
-def _step(engine, calls: list[tuple[_Live, str]]) -> None:
-    """Carry out every trajectory's action concurrently and append the observations (tokenised as they are)."""
+def _step(engine, calls: list[tuple[_LiveTrajectory, str]], failures: list[int]) -> None:
+    """Carry out every trajectory's action concurrently and append the observations (tokenised as they are). A
+    trajectory whose tool budget is now spent closes its environment: it cannot call the tool again."""
     with ThreadPoolExecutor(max_workers=min(16, len(calls))) as ex:
         observations = list(ex.map(lambda call: call[0].env.step(call[1]), calls))
     for (lv, _), obs in zip(calls, observations):
@@ -213,3 +310,13 @@ def _step(engine, calls: list[tuple[_Live, str]]) -> None:
         lv.traj.segments.append(Segment("observation", obs, obs_ids))
         lv.traj.num_tool_calls += 1
         lv.turn_text = ""
+        error = lv.env.last_error
+        if error is not None:
+            lv.traj.tool_errors.append(error)
+        failures[0] = failures[0] + 1 if error == "sandbox_failed" else 0
+        if failures[0] >= MAX_SANDBOX_FAILURES:
+            raise SandboxBroken(f"the Python sandbox failed {failures[0]} times in a row (last, task "
+                                f"{lv.traj.task_id}: {obs.strip()[:300]}); it cannot work on this machine as set up; "
+                                "the run's log has each failure (check bubblewrap and the cgroup delegation)")
+        if lv.traj.num_tool_calls >= lv.cfg.max_turns:
+            lv.env.close()

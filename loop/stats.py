@@ -57,7 +57,7 @@ written by loop/evaluate.py and logged to MLflow: everything here can be recompu
 
 __all__ = ["Estimate", "Change", "estimate", "paired_change", "pass_at_k_values", "pass_at_k_interval",
            "paired_difference", "detectable_change", "detectable_change_note", "round_statistics",
-           "round_statistics_from_dirs",
+           "round_statistics_from_dirs", "training_statistics",
            "accuracy_names", "problem_clusters", "format_estimate", "format_change"]
 
 
@@ -334,7 +334,7 @@ def paired_difference(correct_a, correct_b, n: int | Sequence[int], k: int, leve
 
 
 def detectable_change(num_problems: int, n: int, base_rate: float = 0.5, power: float = 0.8,
-                      alpha: float = 0.05, change_sd: float = 0.0) -> float:
+                      alpha: float = 0.05, change_sd: float = 0.0, clusters: int | None = None) -> float:
     """The smallest rise of pass@1 above `base_rate` that a paired comparison of two evaluations on the same
     `num_problems` problems with `n` samples each detects with probability `power` at two-sided level `alpha`:
     the delta with delta = (t_{1-alpha/2} + t_{power}) * sqrt(Var(d_i) / N), df = N - 1.
@@ -354,7 +354,7 @@ def detectable_change(num_problems: int, n: int, base_rate: float = 0.5, power: 
         raise ValueError(f"detectable change: base_rate must be in [0, 1), got {base_rate}")
     if not 0 < power < 1 or not 0 < alpha < 1:
         raise ValueError(f"detectable change: power and alpha must be in (0, 1), got power={power}, alpha={alpha}")
-    df = num_problems - 1
+    df = (clusters or num_problems) - 1
     q = float(_sp.t.ppf(1 - alpha / 2, df) + _sp.t.ppf(power, df))
 
     def gap(delta: float) -> float:
@@ -370,12 +370,30 @@ def detectable_change(num_problems: int, n: int, base_rate: float = 0.5, power: 
     return float(optimize.brentq(gap, 1e-12, top, xtol=1e-10))
 
 
-def detectable_change_note(num_problems: int, n: int, power: float = 0.8, alpha: float = 0.05) -> str:
-    """One line for users to size the evaluation before anything expensive runs."""
-    at = {p: detectable_change(num_problems, n, p, power, alpha) for p in (0.1, 0.5)}
-    return (f"evaluation set: {num_problems} problems x {n} samples. Smallest change of pass@1 detectable with "
-            f"{power:.0%} power at {alpha:.0%} (paired, every problem shifting alike): +{at[0.5]:.3f} at pass@1 "
-            f"0.5, +{at[0.1]:.3f} at 0.1; smaller changes between rounds will read as within noise")
+def detectable_change_note(num_problems: int, n: int, power: float = 0.8, alpha: float = 0.05,
+                           clusters: int | None = None) -> str:
+    """One line for users to size the evaluation before anything expensive runs. With `clusters` (fewer than the
+    problems: variants of shared templates), the headline counts the clusters, as the intervals do: the detectable
+    change if a cluster's problems behaved as one problem; the figure if every problem behaved on its own follows
+    in brackets. Which is nearer depends on how much a round's change differs between clusters (the intervals
+    measure it; nothing before the run does), so plan with the headline."""
+    def at(units: int, **kw) -> dict[float, float]:
+        return {p: detectable_change(units, n, p, power, alpha, **kw) for p in (0.1, 0.5)}
+
+    if clusters is None or clusters >= num_problems:
+        d = at(num_problems)
+        return (f"evaluation set: {num_problems} problems x {n} samples. Smallest change of pass@1 detectable with "
+                f"{power:.0%} power at {alpha:.0%} (paired, every problem shifting alike): +{d[0.5]:.3f} at pass@1 "
+                f"0.5, +{d[0.1]:.3f} at 0.1; smaller changes between rounds will read as within noise")
+    if clusters < 2:
+        return (f"evaluation set: {num_problems} problems in {clusters} cluster: the clustered intervals have no "
+                "spread to learn from; use tasks from more clusters (e.g. more templates)")
+    whole, apart = at(clusters), at(num_problems, clusters=clusters)
+    return (f"evaluation set: {num_problems} problems in {clusters} clusters x {n} samples. Smallest change of pass@1 "
+            f"detectable with {power:.0%} power at {alpha:.0%} (paired, clustered as the intervals are): "
+            f"+{whole[0.5]:.3f} at pass@1 0.5, +{whole[0.1]:.3f} at 0.1 counting the {clusters} clusters "
+            f"(+{apart[0.5]:.3f} / +{apart[0.1]:.3f} if every problem counted on its own); smaller changes between "
+            "rounds will read as within noise")
 
 
 # --- a round's statistics from its per-prompt rows ------------------------------------------------
@@ -399,11 +417,9 @@ def _values(rows: Sequence[Mapping], name: str) -> dict[str, float]:
 
 
 def problem_clusters(rows: Sequence[Mapping]) -> dict[str, str]:
-    """task id -> cluster id: the template for gsm-symbolic variants (loop.tasks.gsm_symbolic.template_of),
-    the task itself otherwise."""
-    from loop.tasks.gsm_symbolic import template_of
-
-    return {r["task_id"]: template_of(r["task_id"]) or r["task_id"] for r in rows}
+    """task id -> cluster id, from the rows' 'cluster' field (loop.tasks.base.Task.cluster: the template of
+    gsm-symbolic variants); a row without one is its own cluster."""
+    return {r["task_id"]: r.get("cluster") or r["task_id"] for r in rows}
 
 
 def round_statistics(rows: Sequence[Mapping], base: Sequence[Mapping] | None = None,
@@ -450,6 +466,58 @@ def round_statistics_from_dirs(round_dir: Path, base_dir: Path | None = None, pr
 
     current = rows(round_dir)
     return {} if current is None else round_statistics(current, rows(base_dir), rows(prev_dir), level)
+
+
+# --- the training samples of a round ---------------------------------------------------------------
+
+
+def _cluster_shares(graded: Sequence, tasks: Mapping[str, object]) -> dict[str, list[float]]:
+    """cluster id -> the per-sample 0/1 correctness of its samples."""
+    out: dict[str, list[float]] = {}
+    for g in graded:
+        task = tasks[g.trajectory.task_id]
+        out.setdefault(task.cluster or task.id, []).append(float(g.correct))
+    return out
+
+
+def training_statistics(graded: Sequence, tasks: Mapping[str, object], previous: Sequence | None = None,
+                        previous_tasks: Mapping[str, object] | None = None,
+                        level: float = 0.95) -> tuple[list[dict], dict[str, float]]:
+    """What a round's graded training samples (loop.records.Graded, of `tasks` by id) say about the policy that drew
+    them: per cluster (Task.cluster; the task itself without one) its samples, right ones and right share; and, under
+    train_samples/, the right share with its clustered interval, the cut-off share, the mean model tokens and the
+    right share among finished samples. With the previous round's samples (`previous`, of `previous_tasks`), the
+    paired change of the per-cluster right share over the clusters both rounds drew ('vs_prev_correct_frac'): with
+    fresh tasks every round these are new problems of the clusters trained on, so the change is near transfer, not
+    memory of the answers."""
+    if not graded:
+        return [], {}
+    shares = _cluster_shares(graded, tasks)
+    rows = [{"cluster": c, "samples": len(v), "correct": int(sum(v)), "correct_frac": sum(v) / len(v)}
+            for c, v in shares.items()]
+    per_task: dict[str, list[float]] = {}
+    for g in graded:
+        per_task.setdefault(g.trajectory.task_id, []).append(float(g.correct))
+    ids = list(per_task)
+    e = estimate([sum(per_task[t]) / len(per_task[t]) for t in ids],
+                 [getattr(tasks[t], "cluster", None) or t for t in ids], level)
+    finished = [g for g in graded if not g.trajectory.cut_off]
+    out = {"train_samples/correct_frac": sum(g.correct for g in graded) / len(graded),
+           "train_samples/correct_frac_low": e.low, "train_samples/correct_frac_high": e.high,
+           "train_samples/cutoff_frac": 1 - len(finished) / len(graded),
+           "train_samples/model_tokens_mean": sum(g.trajectory.num_model_tokens for g in graded) / len(graded)}
+    if finished:
+        out["train_samples/finished_acc"] = sum(g.correct for g in finished) / len(finished)
+    if previous and previous_tasks is not None:
+        before = _cluster_shares(previous, previous_tasks)
+        common = [c for c in shares if c in before]
+        if len(common) >= 2:
+            ch = paired_change([sum(before[c]) / len(before[c]) for c in common],
+                               [sum(shares[c]) / len(shares[c]) for c in common], None, level)
+            out.update({"train_samples/vs_prev_correct_frac": ch.delta, "train_samples/vs_prev_correct_frac_low": ch.low,
+                        "train_samples/vs_prev_correct_frac_high": ch.high,
+                        "train_samples/vs_prev_correct_frac_p": ch.p_value})
+    return rows, out
 
 
 # --- text -----------------------------------------------------------------------------------------

@@ -199,6 +199,10 @@ class Tracker:
         if changed:
             self.client.log_batch(rid, tags=changed)
 
+    def set_tag(self, key: str, value: str) -> None:
+        """A tag on the loop's parent run (tags, unlike params, may change when a resumed loop goes further)."""
+        self.client.set_tag(self.parent_id, key, value)
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Params of the loop's run beside its config (nested dicts flattened with dots, as the config's)."""
         self._log_params(self.parent_id, _params(params))

@@ -207,6 +207,11 @@ def _summarise(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, f
     if cfg.algorithm == "kto":
         per_step.pop("reward_accuracy", None)  # not logged by KTO; no pairs to rank
     m = {f"train/{k}": sum(v) / len(v) for k, v in per_step.items()}
+    # Policy minus reference log-prob of the chosen and rejected completions: a chosen shift that falls below 0
+    # while the margin grows is likelihood displacement (both sides pushed down, the rejected faster).
+    for side in ("chosen", "rejected"):
+        if f"train/logps_{side}" in m and f"train/ref_logps_{side}" in m:
+            m[f"train/{side}_logp_shift"] = m[f"train/logps_{side}"] - m[f"train/ref_logps_{side}"]
     m.update({"train/loss_first": steps[0]["loss"], "train/loss_last": steps[-1]["loss"],
               "train/steps": float(len(steps))})
     return m

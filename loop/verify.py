@@ -31,6 +31,10 @@ class VerifyConfig(BaseModel):
     fallback_last_number: bool = True
     """Accept the last number of a completion when it states no explicit answer (small models rarely
     write '####' or \\boxed{}); the verdict's reason says which rule extracted the answer."""
+    cutoff_is_wrong: bool = True
+    """Grade a trajectory cut off by a budget (max_tokens, the context window, max_turns) as incorrect, in training
+    and in evaluation alike, whatever its text states: it did not finish, and a last number that happens to be
+    right is not an answer. Off: cut-off samples are graded on their text (pairs never choose them either way)."""
 
 
 class VerifierCrash(RuntimeError):
@@ -104,7 +108,16 @@ def grade_each(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: Veri
     for g in graded:
         task = tasks[g.trajectory.task_id]
         g.prompt, g.gold = task.prompt, task.answer if task.verifier == "math" else task.tests
-    return graded
+    return [cut_off_as_incorrect(g) for g in graded] if cfg.cutoff_is_wrong else graded
+
+
+def cut_off_as_incorrect(g: Graded) -> Graded:
+    """`g` graded incorrect if its trajectory was cut off (verify.cutoff_is_wrong); a crash stays a crash."""
+    if not g.trajectory.cut_off or g.status == "error":
+        return g
+    return Graded(g.trajectory, "incorrect", g.extracted,
+                  f"cut off ({g.trajectory.finish_reason}): incorrect whatever it states; as graded: {g.status}, "
+                  f"{g.reason}", g.prompt, g.gold)
 
 
 def raise_on_crash(graded: list[Graded]) -> list[Graded]:

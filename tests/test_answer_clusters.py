@@ -41,9 +41,13 @@ def test_the_time_budget_bounds_the_whole_clustering():
     _warm_worker()
     start = time.monotonic()
     c = cluster_answers([TOWER, "5", "6", "7", "8", "9"], timeout_s=0.5, budget_s=1.0)
-    assert time.monotonic() - start < 2.0  # five worker comparisons at 0.5 s each would take 2.5 s
+    elapsed = time.monotonic() - start
     assert c.count == 6 and c.undecided == 5, c.notes
-    assert any("budget was spent" in n for n in c.notes), c.notes
+    # Five worker comparisons at 0.5 s each would take 2.5 s: the 1 s budget leaves room for two at most, and the
+    # rest are skipped (counted by what the notes say, not by the wall clock, which a loaded machine stretches).
+    skipped = sum("budget was spent" in n for n in c.notes)
+    assert skipped >= 3, c.notes
+    assert elapsed < 1.0 + 0.5 + 5.0  # the budget, one comparison running over it, and slack for a loaded machine
 
 
 def test_bad_arguments():
@@ -69,13 +73,14 @@ def test_votes_cluster_wrong_answers_by_equivalence():
     assert metrics.answer_votes(samples).distinct == 3
 
 
-def test_correct_spellings_are_one_answer_and_a_timeout_with_a_correct_text_votes_for_it():
+def test_correct_spellings_are_one_answer_and_a_timeout_abstains():
     samples = [_graded(0, "correct", "0.5"), _graded(1, "correct", r"\frac{1}{2}"), _graded(2, "timeout", "0.5"),
                _graded(3, "timeout", "1/2"), _graded(4, "incorrect", "x = 1/2 + 1")]
     votes = metrics.answer_votes(samples)
-    # the timeout written "0.5" is the correct text; "1/2" is not the same text: a comparison would be
-    # needed to join it, and the verifier already failed to compare it with the gold
-    assert (votes.gold, sorted(votes.wrong), votes.abstain) == (3, [1, 1], 0)
+    # A timeout has no verdict: pass@k does not count it as correct, so it is no vote for the gold answer either,
+    # even written as the correct text (that maj@1 could exceed pass@1 on the same samples).
+    assert (votes.gold, sorted(votes.wrong), votes.abstain) == (2, [1], 2)
+    assert metrics.maj_at_k(*metrics.vote_counts(samples), [1]) == {1: 2 / 5}
 
 
 def test_prompt_row_counts_distinct_answers_by_equivalence():

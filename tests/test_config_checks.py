@@ -41,6 +41,28 @@ def test_target_modules_the_model_lacks_are_refused_before_the_engine_starts(tmp
     check_model(load_config(tiny_config(tmp_path)), path)  # all-linear
 
 
+def test_evaluation_schedule_and_primary_comparison(tmp_path):
+    eval_ = {"tasks": {"family": "arithmetic", "split": "eval", "limit": 4, "difficulty": 1},
+             "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 48, "seed": 1}}
+    cfg = load_config(tiny_config(tmp_path, rounds=5, eval={**eval_, "every": 2}))
+    assert [r for r in range(6) if cfg.eval.evaluates(r, cfg.rounds)] == [0, 2, 4, 5]
+    cfg = load_config(tiny_config(tmp_path, rounds=5, eval={**eval_, "every": "last"}))
+    assert [r for r in range(6) if cfg.eval.evaluates(r, cfg.rounds)] == [0, 5]
+    assert cfg.eval.common_seeds and cfg.eval.primary == "pass@1"
+    assert "eval.primary: pass@4 needs k <= eval.sampling.n (2)" in refused(tmp_path, eval={**eval_, "primary": "pass@4"})
+    assert "not an accuracy" in refused(tmp_path, eval={**eval_, "primary": "accuracy"})
+    assert "greedy_acc needs eval.greedy" in refused(tmp_path, eval={**eval_, "primary": "greedy_acc", "greedy": False})
+    assert "eval.every" in refused(tmp_path, eval={**eval_, "every": 0})
+
+
+def test_fresh_training_tasks_exclude_rehearsal_and_stay_off_the_eval_set(tmp_path):
+    train = {"family": "arithmetic", "split": "train", "limit": 6, "difficulty": 1, "fresh_per_round": True}
+    assert load_config(tiny_config(tmp_path, train_tasks=train)).train_tasks.fresh_per_round
+    assert "use one of the two" in refused(tmp_path, train_tasks=train, pairs={"rehearsal": 0.5})
+    msg = refused(tmp_path, eval={"tasks": {"family": "arithmetic", "split": "eval", "fresh_per_round": True}})
+    assert "eval.tasks" in msg and "must stay the same in every round" in msg
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path):

@@ -199,8 +199,9 @@ def test_log_probs_are_summed_or_left_out(engine):
     start = Trajectory("t0", 0, t.prompt_token_ids, [Segment("model", text, engine.tokenizer(text, add_special_tokens=False)["input_ids"])])
     [cont] = rollout.continue_trajectories(engine, [start], SamplingConfig(max_tokens=4), round=0)
     assert cont.cumulative_logprob is None and len(cont.segments) == 2
-    [again] = rollout.continue_trajectories(engine, [t], SamplingConfig(max_tokens=4), round=0)
-    assert again.cumulative_logprob < t.cumulative_logprob
+    # max_tokens bounds the whole trajectory's model tokens: 8 written, 4 more allowed.
+    [again] = rollout.continue_trajectories(engine, [t], SamplingConfig(max_tokens=12), round=0)
+    assert again.cumulative_logprob < t.cumulative_logprob and again.num_model_tokens <= 12
 
 
 def test_tool_turn_runs_code_and_continues(engine):
@@ -230,3 +231,69 @@ def test_tool_budget_ends_trajectory(engine):
                        num_tool_calls=1)
     [t] = rollout.continue_trajectories(engine, [start], SamplingConfig(tools=True, max_turns=1, max_tokens=8), round=0)
     assert t.finish_reason == "max_turns" and [s.kind for s in t.segments] == ["model"]
+
+
+def _tool_prefix(engine, code: str, task: Task = TASKS[0]) -> Trajectory:
+    prompt = rollout.prompt_ids(engine.tokenizer, task, SamplingConfig(tools=True))
+    text = f"Let me run it.\n```python\n{code}```\n"
+    return Trajectory(task.id, 0, prompt, [Segment("model", text, engine.tokenizer(text, add_special_tokens=False)["input_ids"])])
+
+
+def test_a_tool_that_dies_is_an_observation_and_the_rollout_goes_on(engine):
+    # One cell kills its own interpreter, one runs it out of memory (the sandbox's 1 GiB): each trajectory gets an
+    # observation saying so, with its kind counted, and the rollout completes (issue 31: one killed session ended
+    # a whole evaluation). The third trajectory's tool works.
+    codes = {"killed": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+             "memory": "x = b'a' * (3 << 30)\nprint(len(x))\n",
+             None: "print(6 * 7)\n"}
+    starts = [_tool_prefix(engine, code) for code in codes.values()]
+    out = rollout.continue_trajectories(engine, starts, SamplingConfig(tools=True, max_turns=2, max_tokens=64, seed=1),
+                                        round=0)
+    for (kind, _), t in zip(codes.items(), out):
+        assert [s.kind for s in t.segments[:3]] == ["model", "observation", "model"], t.segments
+        assert t.finish_reason in ("stop", "length", "max_turns", "context")
+        observation = t.segments[1].text
+        if kind is None:
+            assert observation == "```output\n42\n```\n" and t.tool_errors[:1] == []
+        else:
+            assert t.tool_errors[0] == kind, (kind, observation)
+            assert "killed" in observation and (kind != "memory" or "memory" in observation)
+            if kind == "killed":
+                assert "restarted" in observation  # the model is told its earlier definitions are gone
+    from loop import metrics
+    from loop.records import Graded
+
+    summary = metrics.pooled([Graded(t, "incorrect", None, "") for t in out])
+    assert summary["tool_errors/killed"] >= 1 and summary["tool_errors/memory"] >= 1
+
+
+def test_a_stopped_generation_keeps_what_it_finished(engine, tmp_path):
+    # generate_many's checkpoint: trajectories are appended as they end; a call after an interruption takes the
+    # finished ones from it and generates only the others (issue 31: a late failure lost 10 minutes of samples).
+    cfg = SamplingConfig(n=3, temperature=1.0, max_tokens=12, seed=5)
+    ckpt = tmp_path / "samples.partial.jsonl"
+    [full] = rollout.generate_many(engine, [(TASKS, cfg)], round=1, checkpoint=ckpt)
+    lines = ckpt.read_text().splitlines()
+    assert len(lines) == 1 + 6 and json.loads(lines[0]).keys() == {"checkpoint_of"}
+    # As if killed after two trajectories, in the middle of writing a third.
+    ckpt.write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    kept = {(d["trajectory"]["task_id"], d["trajectory"]["sample"]) for d in map(json.loads, lines[1:3])}
+    asked = []
+    real = engine.generate
+
+    def counting(requests, lora=None):
+        asked.append(len(requests))
+        return real(requests, lora)
+
+    engine.generate = counting
+    try:
+        [again] = rollout.generate_many(engine, [(TASKS, cfg)], round=1, checkpoint=ckpt)
+        assert sum(asked) == 4  # the 4 not in the checkpoint, one turn each
+        assert [(t.task_id, t.sample) for t in again] == [(t.task_id, t.sample) for t in full]
+        assert all(a.to_dict() == b.to_dict() for a, b in zip(again, full) if (a.task_id, a.sample) in kept)
+        # A checkpoint written for other settings (another seed) is not mixed in.
+        asked.clear()
+        rollout.generate_many(engine, [(TASKS, cfg.model_copy(update={"seed": 6}))], round=1, checkpoint=ckpt)
+        assert sum(asked) == 6
+    finally:
+        del engine.generate

@@ -429,6 +429,20 @@ def test_model_written_text_keeps_consecutive_model_turns_intact():
     assert _grade_trajectories(t)[0].status == "correct"
 
 
+def test_a_cut_off_trajectory_is_graded_incorrect_whatever_it_states():
+    # A sample the budget cut off did not finish: a right last number in a ramble is not an answer (verify.
+    # cutoff_is_wrong, on by default, for training and evaluation alike); a crash is still reported as one.
+    finished = _trajectory(("model", "6 * 7 = 42"))
+    cut = Trajectory("t/1", 1, [1], [Segment("model", "6 * 7 = 42 and then", [7] * 5)], finish_reason="length")
+    turns = Trajectory("t/1", 2, [1], [Segment("model", "#### 42", [7])], finish_reason="max_turns")
+    graded = _grade_trajectories(finished, cut, turns)
+    assert [g.status for g in graded] == ["correct", "incorrect", "incorrect"]
+    assert graded[1].reason.startswith("cut off (length)") and graded[1].extracted == "42"
+    task = Task("t/1", "What is 6*7?", "math", "t", answer="42")
+    lenient = grade_trajectories({task.id: task}, [cut, turns], VerifyConfig(workers=1, cutoff_is_wrong=False))
+    assert [g.status for g in lenient] == ["correct", "correct"]
+
+
 # --- bounded, concurrent comparisons ---------------------------------------------------------------
 
 GRADED = [("#### 72", "72", "correct"), (r"so \boxed{\frac{\sqrt2}{2}}", r"\frac{1}{\sqrt{2}}", "correct"),

@@ -146,15 +146,19 @@ def test_evaluate_rows_and_summary():
     assert a["maj@4"] == 1.0  # gold 2 votes vs "3" 1 vote
     assert b["maj@4"] == 0.0
     assert a["distinct_answers"] == 2.0  # "0.5" = "1/2" (both correct: one answer), "3"; no-answer has none
-    assert b["distinct_answers"] == 3.0  # 6 = 6.0, 5, 8
+    assert b["distinct_answers"] == 2.0  # 6 = 6.0, 5; the timeout "8" has no verdict
     assert a["nll_per_token"] == pytest.approx((1.0 + 2.0 + 0.5 + 0.5) / 4)  # 3/3, 6/3, 1/2, 1/2
     assert a["response_tokens"] == pytest.approx((3 + 3 + 2 + 2) / 4)  # observation tokens excluded
     assert a["tool_calls"] == pytest.approx(0.5)
-    assert a["length_cutoff_frac"] == 0.25 and a["no_answer_frac"] == 0.25 and b["timeout_frac"] == 0.25
+    assert a["cutoff_frac"] == 0.25 and a["no_answer_frac"] == 0.25 and b["timeout_frac"] == 0.25
+    assert (a["finished"], a["finished_correct"]) == (3, 2) and a["tool_use_frac"] == 0.25
+    assert b["maj@1"] == b["pass@1"] == 0.0
     assert b["distinct_1"] == pytest.approx(4 / 16) and b["pairwise_jaccard"] == 1.0
     assert summary["num_prompts"] == 2.0 and summary["samples_per_prompt"] == 4.0
     assert summary["pass@1"] == pytest.approx(0.25)
     assert summary["greedy_acc"] == 0.5
+    assert summary["finished_acc"] == pytest.approx(2 / 7)  # pooled over the 7 samples not cut off
+    assert summary["acc_with_tool"] == 1.0 and summary["acc_without_tool"] == pytest.approx(1 / 7)
     assert summary["difficulty/L1/pass@1"] == pytest.approx(0.5)
     assert summary["difficulty/L2/num_prompts"] == 1.0
     assert not any(k.startswith("family/") for k in summary)  # one family: no breakdown

@@ -48,15 +48,35 @@ def test_random_pairs_one_correct_vs_one_wrong_per_mixed_prompt():
     assert all(isinstance(v, float) for v in s.values())
 
 
-def test_truncated_samples_dropped_unless_kept():
+def test_cut_off_samples_are_rejected_candidates_never_chosen():
     data = [graded("a", 0), graded("a", 1, "incorrect", finish="length"), graded("a", 2, "incorrect", finish="context"),
             graded("a", 3, "incorrect", finish="max_turns")]
-    pairs, stats = build_pairs(data, PairsConfig())
-    assert pairs == [] and stats.dropped_truncated == 3 and stats.prompts_all_correct == 1
-
-    pairs, stats = build_pairs(data, PairsConfig(strategy="all", keep_truncated=True))
+    pairs, stats = build_pairs(data, PairsConfig(strategy="all"))
     assert sorted(ids(pairs)) == [("a", 0, 1), ("a", 0, 2), ("a", 0, 3)]
     assert stats.dropped_truncated == 0
+
+    pairs, stats = build_pairs(data, PairsConfig(keep_truncated=False))
+    assert pairs == [] and stats.dropped_truncated == 3 and stats.prompts_all_correct == 1
+
+    # A cut-off sample the verifier still graded correct (e.g. verify.cutoff_is_wrong off, and a last number that
+    # happened to be right) did not finish: it is never a chosen sample, and not a rejected one either.
+    data = [graded("b", 0, finish="length"), graded("b", 1, "incorrect"), graded("b", 2, finish="max_turns")]
+    for strategy in ("random", "best_worst", "all"):
+        pairs, stats = build_pairs(data, PairsConfig(strategy=strategy))
+        assert pairs == [] and stats.dropped_cut_off_correct == 2 and stats.prompts_all_wrong == 1
+
+
+def test_chosen_needs_marker_leaves_out_answers_found_by_the_fallback():
+    def math(sample, status, rule):
+        g = graded("a", sample, status)
+        return Graded(g.trajectory, status, "4", f"answer '4' found by rule {rule}; gold '4'; equal")
+
+    data = [math(0, "correct", "last_number"), math(1, "correct", "gsm8k_hashes"), math(2, "incorrect", "last_math"),
+            math(3, "correct", "last_math")]
+    pairs, stats = build_pairs(data, PairsConfig(strategy="all", chosen_needs_marker=True))
+    assert ids(pairs) == [("a", 1, 2)] and stats.dropped_unmarked_correct == 2
+    pairs, _ = build_pairs(data, PairsConfig(strategy="all"))
+    assert sorted(ids(pairs)) == [("a", 0, 2), ("a", 1, 2), ("a", 3, 2)]
 
 
 def test_timeouts_left_out_or_counted_as_incorrect():
@@ -143,7 +163,7 @@ def test_save_load_round_trip_keeps_segments(tmp_path):
 def test_select_samples_for_kto_uses_the_same_drops():
     data = [graded("a", 0), graded("a", 1, "incorrect", finish="length"), graded("a", 2, "timeout"),
             graded("b", 0, "incorrect"), graded("b", 1, "incorrect", tokens=[100, 7])]  # b/1 duplicates b/0
-    kept, stats = select_samples(data, PairsConfig(timeout_as_incorrect=True))
+    kept, stats = select_samples(data, PairsConfig(timeout_as_incorrect=True, keep_truncated=False))
     assert [(g.trajectory.task_id, g.trajectory.sample, g.status) for g in kept] == [
         ("a", 0, "correct"), ("a", 2, "incorrect"), ("b", 0, "incorrect")]
     assert stats.dropped_truncated == 1 and stats.dropped_duplicates == 1 and stats.prompts_with_pairs == 1
@@ -234,7 +254,7 @@ def test_rehearsal_draws_base_model_correct_samples_of_prompts_solved_every_time
     # The base model's samples: a had two correct ones (and a wrong one), b only wrong or cut-off ones.
     base = ([graded("a", 0, "incorrect"), graded("a", 1), graded("a", 2)] + [graded("b", 0, "incorrect"),
             graded("b", 1, finish="length")] + [graded(t, 0) for t in "cde"])
-    cfg = PairsConfig(rehearsal=1.0)
+    cfg = PairsConfig(rehearsal=1.0, keep_truncated=False)
     picked = rehearsal_samples(now, base, 10, cfg)
     # a qualifies with a base correct sample; b has none usable; c, d are not solved every time; e's one usable
     # sample is correct (the cut-off one is dropped, as in pairing), so e qualifies too.
@@ -242,7 +262,7 @@ def test_rehearsal_draws_base_model_correct_samples_of_prompts_solved_every_time
     assert picked[0].trajectory.sample in (1, 2) and all(g in base for g in picked)
     assert rehearsal_samples(now, base, 10, cfg) == picked  # seeded
     # round(share x pairs) prompts at most: a seeded subset.
-    assert len(rehearsal_samples(now, base, 2, PairsConfig(rehearsal=0.5))) == 1
+    assert len(rehearsal_samples(now, base, 2, PairsConfig(rehearsal=0.5, keep_truncated=False))) == 1
     assert rehearsal_samples(now, base, 10, PairsConfig()) == []
     seen = {g.trajectory.sample for s in range(40) for g in rehearsal_samples(now, base, 1, PairsConfig(rehearsal=1, seed=s))
             if g.trajectory.task_id == "a"}

@@ -484,3 +484,37 @@ def test_unsafe_fallback_limits_time_scrubs_env_and_reaps_daemons(monkeypatch):
     assert r.status == "ok" and r.stdout == "parent done\n" and time.monotonic() - start < 3
     assert host_processes_with_argv(["sleep", marker]) == []  # killed through its cgroup
     assert own_cgroups() == []
+
+
+def test_a_session_outlives_the_threads_that_ran_its_cells():
+    # bwrap's --die-with-parent follows the thread that started the sandbox. A rollout opens sessions and runs
+    # cells in short-lived worker threads: the interpreter (and a replacement started after a crash) must survive
+    # them, or a trajectory's state is lost between turns and a dead replacement fails to start (issue 31).
+    from concurrent.futures import ThreadPoolExecutor
+
+    def in_thread(fn, *args):
+        with ThreadPoolExecutor(1) as ex:
+            return ex.submit(fn, *args).result()
+
+    def open_and_run(code):  # as loop.envs.PythonSession.step does: open the session and run its first cell
+        s = Session(timeout_s=20)
+        assert s.run(code).ok
+        return s
+
+    session = in_thread(open_and_run, "x = 41")
+    try:
+        r = in_thread(session.run, "print(x + 1)")
+        assert (r.stdout, r.reset, session.restarts) == ("42\n", False, 0)
+        crashed = in_thread(session.run, "import os\nos._exit(3)")
+        assert crashed.reset and session.restarts == 1
+        r = in_thread(session.run, "print('fresh')")  # the replacement, started in the previous thread
+        assert (r.status, r.stdout, r.reset) == ("ok", "fresh\n", False)
+        # An interpreter killed from outside between two cells is restarted, and the next cell says its state is
+        # gone (before, the restart was silent: the model saw a NameError it could not explain).
+        in_thread(session.run, "y = 1")
+        os.kill(session._interpreter._proc.pid, 9)
+        time.sleep(0.2)
+        r = in_thread(session.run, "print(y)")
+        assert r.reset and "stopped between cells" in r.stderr and session.restarts == 2
+    finally:
+        session.close()

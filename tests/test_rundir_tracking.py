@@ -161,18 +161,46 @@ from loop.rundir import RunDir
 from loop.tracking import Tracker, TrackingConfig
 
 tmp = Path(sys.argv[1])
+evaluated = json.loads(sys.argv[3])
 tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db", experiment="exp", registered_model=None),
                   "loop", json.loads(sys.argv[2]))
 # What run_round reads of a round whose stages are done: the settings it logs on the round's nested run.
 sampling = SimpleNamespace(n=4, temperature=1.0, max_tokens=16)
-cfg = SimpleNamespace(model="m", rounds=2, sampling=sampling, eval=SimpleNamespace(sampling=sampling),
+cfg = SimpleNamespace(model="m", rounds=2, sampling=sampling,
+                      eval=SimpleNamespace(sampling=sampling, primary="pass@1", evaluates=lambda r, n: r in evaluated),
                       train=SimpleNamespace(continue_adapter=True, algorithm="dpo", lr=1e-4, beta=0.1, epochs=1, lora_r=8))
-loop = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(path=None), train_tasks=[],
-            eval_tasks=[], tracker=tracker, engine=None)
+loop = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(path=None), eval_tasks=[],
+            tracker=tracker, engine=None)
 rows = [{"round": r, **run_round(loop, r, None, None)[0]} for r in range(3)]
 tracker.finish()
-(tmp / "table.md").write_text(markdown(rows))
+(tmp / "table.md").write_text(markdown(rows, "pass@1"))
 """
+
+
+def _log_rounds(tmp_path: Path, evaluated: list[int]) -> None:
+    """Write the rounds' per-problem files (of the `evaluated` rounds) as done stages, then run the flow's run_round
+    over them in a process of its own (Prefect's tasks and artifacts, with its own temporary server and home)."""
+    import json
+    import os
+
+    from loop.rundir import write_json, write_jsonl
+
+    run = RunDir(tmp_path / "runs", "loop")
+    for r, (correct, greedy) in ROUNDS.items():
+        rd = run.round(r)
+        if r in evaluated:
+            write_jsonl(rd / "eval_per_prompt.jsonl", _per_prompt(correct, greedy))
+            write_jsonl(rd / "eval_samples.jsonl", [])
+            write_json(rd / "metrics.json", {"eval/pass@1": sum(correct) / 4 / len(correct),
+                                             "eval/greedy_acc": sum(greedy) / len(greedy)})
+        for stage in ("generate", "verify", "pairs", "train", "evaluate"):
+            run.mark_done(r, stage)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    done = subprocess.run([sys.executable, "-c", _LOG_ROUNDS, str(tmp_path), json.dumps(TAGS), json.dumps(evaluated)],
+                          env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
@@ -181,25 +209,11 @@ def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
     nested round run and on the parent at step=round, and in the Prefect round table; the per-problem artifact
     recomputes them."""
     import json
-    import os
 
-    from loop.rundir import write_json, write_jsonl
     from loop.stats import paired_difference, pass_at_k_interval
 
     run = RunDir(tmp_path / "runs", "loop")
-    for r, (correct, greedy) in ROUNDS.items():
-        rd = run.round(r)
-        write_jsonl(rd / "eval_per_prompt.jsonl", _per_prompt(correct, greedy))
-        write_json(rd / "metrics.json", {"eval/pass@1": sum(correct) / 4 / len(correct),
-                                         "eval/greedy_acc": sum(greedy) / len(greedy)})
-        for stage in ("generate", "verify", "pairs", "train", "evaluate"):
-            run.mark_done(r, stage)
-    # Prefect (tasks, artifacts) runs in a process of its own with its own temporary server and home.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    done = subprocess.run([sys.executable, "-c", _LOG_ROUNDS, str(tmp_path), json.dumps(TAGS)], env=env,
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _log_rounds(tmp_path, [0, 1, 2])
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp",
                                      registered_model=None), "loop", TAGS)
 
@@ -243,6 +257,33 @@ def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
     md = (tmp_path / "table.md").read_text()
     assert f"{m2['eval/pass@1']:.3f} ± {m2['eval/pass@1_se']:.3f}" in md
     assert f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]" in md and "vs round 0" in md
+    assert "| 2 | pass@1 (primary) |" in md and "| 1 | pass@1 |" in md and "descriptive" in md
+
+
+def test_rounds_the_schedule_skips_leave_the_tables_mlflow_and_the_report_consistent(tmp_path: Path):
+    """eval.every: round 1 not evaluated. It has no held-out figures anywhere (metrics.json, MLflow, the table shows
+    '-'), round 2 is compared with round 0 both as 'vs round 0' and as 'vs previous evaluated round', and the
+    notebook's loader reads the evaluated rounds only."""
+    import json
+
+    from loop.report import load_loop
+    from loop.stats import paired_difference
+
+    run = RunDir(tmp_path / "runs", "loop")
+    _log_rounds(tmp_path, [0, 2])
+    m1 = json.loads((run.round(1) / "metrics.json").read_text())
+    m2 = json.loads((run.round(2) / "metrics.json").read_text())
+    assert not any(k.startswith(("eval/", "vs_")) for k in m1)
+    c0, c2 = ROUNDS[0][0], ROUNDS[2][0]
+    assert m2["vs_round0/pass@1"] == m2["vs_prev/pass@1"] == pytest.approx(paired_difference(c0, c2, 4, 1)[0])
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp",
+                                     registered_model=None), "loop", TAGS)
+    steps = {m.step for m in tracker.client.get_metric_history(tracker.parent_id, "eval/pass_at_1")}
+    assert steps == {0, 2}
+    md = (tmp_path / "table.md").read_text()
+    assert "| 1 | - |" in md and "| 2 | pass@1 (primary) |" in md
+    data = load_loop(f"sqlite:///{tmp_path}/mlflow.db", "exp", "loop")
+    assert sorted(data.round_run_ids) == [0, 2] and sorted(data.per_prompt["round"].unique()) == [0, 2]
 
 
 def test_a_setting_added_since_the_run_started_at_its_default_is_no_change(tmp_path: Path):

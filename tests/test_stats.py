@@ -211,6 +211,17 @@ def test_detectable_change_has_the_stated_power():
     assert "50 problems x 4 samples" in note and f"+{stats.detectable_change(50, 4):.3f}" in note
 
 
+def test_the_detectable_change_counts_the_clusters_the_intervals_use():
+    # 100 problems in 50 templates: the headline counts the 50 templates (as if a template's variants were one
+    # problem), the bracket the 100 problems with the intervals' 49 degrees of freedom (every problem on its own).
+    note = stats.detectable_change_note(100, 4, clusters=50)
+    whole, apart = stats.detectable_change(50, 4), stats.detectable_change(100, 4, clusters=50)
+    assert "100 problems in 50 clusters x 4 samples" in note
+    assert note.index(f"+{whole:.3f} at pass@1 0.5") < note.index(f"(+{apart:.3f}")
+    assert whole > apart > stats.detectable_change(100, 4)  # fewer units, fewer degrees of freedom
+    assert stats.detectable_change_note(100, 4, clusters=100) == stats.detectable_change_note(100, 4)
+
+
 # --- API and validation ---------------------------------------------------------------------------
 
 
@@ -280,7 +291,9 @@ def test_input_validation():
 def _rows(correct: list[int], n: int = 4, greedy: list[int] | None = None, family: str = "arithmetic",
           ids: list[str] | None = None) -> list[dict]:
     ids = ids or [f"t/{i}" for i in range(len(correct))]
-    return [{"task_id": t, "family": family, "n": n, "correct": c,
+    # gsm-symbolic rows carry their template as the cluster (loop.tasks.base.Task.cluster).
+    cluster = (lambda t: t.rsplit("/", 1)[0]) if family == "gsm-symbolic" else (lambda t: t)
+    return [{"task_id": t, "cluster": cluster(t), "family": family, "n": n, "correct": c,
              **{f"pass@{k}": pass_at_k(n, c, k) for k in (1, 2, 4)},
              "maj@1": pass_at_k(n, c, 1), "greedy_correct": None if greedy is None else float(greedy[i])}
             for i, (t, c) in enumerate(zip(ids, correct))]

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from loop.packages import fetch_wheel
-from loop.tasks import TaskSetConfig, check_disjoint, load_tasks
+from loop.tasks import TaskSetConfig, check_disjoint, count_clusters, load_round_tasks, load_tasks
 from loop.tasks.instructions import HASH_ANSWER
 from loop.tasks.jsonl import TaskFileError
 
@@ -207,6 +207,47 @@ def test_jsonl_train_eval_leak_is_caught(tmp_path):
     evaluation = load_tasks(TaskSetConfig(family="jsonl", split="eval", path=b))
     with pytest.raises(ValueError, match=r"1 evaluation prompt\(s\) also appear.*jsonl/train/1 = jsonl/eval/9"):
         check_disjoint(train, evaluation)
+
+
+# --- fresh tasks every round ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(family="gsm-symbolic", variants_per_template=1, limit=40, seed=2),
+                                dict(family="arithmetic", limit=30, difficulty=[1, 3], seed=1)])
+def test_generated_families_draw_new_problems_every_round(kw):
+    cfg = TaskSetConfig(split="train", fresh_per_round=True, **kw)
+    rounds = [load_round_tasks(cfg, r) for r in (1, 2, 3)]
+    assert all(note is None for _, note in rounds)
+    tasks = [t for r, _ in rounds for t in r]
+    # No problem (by text or id) in two rounds, each round the configured size, round 1 the set without the option.
+    assert len({t.prompt for t in tasks}) == len({t.id for t in tasks}) == len(tasks) == 3 * kw["limit"]
+    assert rounds[0][0] == load_tasks(cfg.model_copy(update={"fresh_per_round": False}))
+    assert load_round_tasks(cfg, 2)[0] == rounds[1][0]  # the same round draws the same tasks (a resumed run)
+    for r, _ in rounds:
+        check_disjoint(r, load(family=kw["family"], split="eval"))
+    if kw["family"] == "gsm-symbolic":
+        # Every round's draw spans the training templates, and variants of one template share its cluster.
+        assert all(len({t.cluster for t in r}) >= 35 for r, _ in rounds)
+        assert {t.cluster for t in tasks} <= {f"gsm-symbolic/{i:04d}" for i in range(50)}
+
+
+def test_a_fixed_family_takes_disjoint_slices_then_says_it_reuses():
+    cfg = TaskSetConfig(family="humaneval", split="train", limit=30, fresh_per_round=True, seed=4)
+    (r1, n1), (r2, n2), (r3, n3) = (load_round_tasks(cfg, r) for r in (1, 2, 3))
+    assert (len(r1), len(r2), len(r3)) == (30, 30, 30) and n1 is None and n2 is None
+    assert not {t.id for t in r1} & {t.id for t in r2}
+    # 82 tasks: round 3 has 22 new ones and 8 a previous round had, and says so.
+    assert len({t.id for t in r3} - {t.id for t in r1 + r2}) == 22
+    assert n3 is not None and "8 task(s) an earlier round already trained on" in n3
+    same = TaskSetConfig(family="humaneval", split="train", limit=30, seed=4)
+    assert load_round_tasks(same, 1) == load_round_tasks(same, 3) == (load_tasks(same), None)
+
+
+def test_fresh_tasks_are_for_training_only_and_clusters_are_counted():
+    with pytest.raises(ValidationError, match="evaluation set must stay the same"):
+        TaskSetConfig(family="arithmetic", split="eval", fresh_per_round=True)
+    evaluation = load(family="gsm-symbolic", split="eval", variants_per_template=1)
+    assert len(evaluation) == 100 and count_clusters(evaluation) == 50
+    assert count_clusters(load(family="humaneval", split="eval")) == 82
 
 
 # --- config ---------------------------------------------------------------------------------------

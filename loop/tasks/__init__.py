@@ -9,19 +9,26 @@
 | jsonl        | the whole file at `path`                | the whole file at `path`                 |
 
 Counts are the defaults; `limit` and the family options change them (see TaskSetConfig).
+
+Training tasks may be drawn afresh for every round (`fresh_per_round`, `load_round_tasks`), as the published
+iterative DPO loops do: a generated family (arithmetic, gsm-symbolic) draws round r's problems as the r-th block of
+its seeded streams, so no round sees a problem an earlier round trained on; a fixed family (jsonl, humaneval) takes
+the r-th disjoint slice of a seeded shuffle while it lasts, then reuses, and says so.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
 
+import random
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loop.tasks import arithmetic, champ, gsm_symbolic, humaneval, jsonl
 from loop.tasks.base import Task
-from loop.tasks.splits import check_disjoint, check_unique_ids, take_subset
+from loop.tasks.splits import check_disjoint, check_unique_ids, count_clusters, take_subset
 
-__all__ = ["Family", "TaskSetConfig", "Task", "load_tasks", "check_disjoint"]
+__all__ = ["Family", "TaskSetConfig", "Task", "load_tasks", "load_round_tasks", "check_disjoint", "count_clusters"]
 
 Family = Literal["arithmetic", "gsm-symbolic", "champ", "humaneval", "jsonl"]
 Level = Annotated[int, Field(ge=1, le=max(arithmetic.LEVELS))]
@@ -55,6 +62,10 @@ class TaskSetConfig(BaseModel):
     the 50 GSM8K originals are always included)."""
     path: Path | None = None
     """jsonl only: the task file (one JSON object a line; see loop/tasks/jsonl.py)."""
+    fresh_per_round: bool = False
+    """Training tasks only: every round draws new tasks (`load_round_tasks`) instead of sampling the same ones again.
+    Generated families: `limit` (or the default size) new problems a round, never one an earlier round saw; fixed
+    families: the next disjoint slice of `limit` tasks, reused from the start once the set is spent."""
 
     @model_validator(mode="after")
     def _check_family_options(self) -> "TaskSetConfig":
@@ -68,6 +79,9 @@ class TaskSetConfig(BaseModel):
                              "gsm-symbolic, humaneval or a jsonl file")
         if self.family == "gsm-symbolic" and self.split == "train" and self.variants_per_template == 0:
             raise ValueError("gsm-symbolic train tasks are template variants: variants_per_template must be >= 1")
+        if self.fresh_per_round and self.split != "train":
+            raise ValueError("fresh_per_round draws new training tasks each round; the evaluation set must stay the "
+                             "same in every round (so rounds compare on the same problems): remove it here")
         if isinstance(self.difficulty, list) and not self.difficulty:
             raise ValueError("'difficulty' is an empty list; give a level 1-5 or a list of levels")
         return self
@@ -79,16 +93,19 @@ class TaskSetConfig(BaseModel):
         return [self.difficulty] if isinstance(self.difficulty, int) else list(self.difficulty)
 
 
-def load_tasks(cfg: TaskSetConfig) -> list[Task]:
-    """The tasks `cfg` names, in a fixed order: the same config always gives the same list."""
+def load_tasks(cfg: TaskSetConfig, block: int = 1) -> list[Task]:
+    """The tasks `cfg` names, in a fixed order: the same config always gives the same list. `block` b > 1 (generated
+    families): the b-th draw of the same size from the same seeded streams, disjoint from blocks 1..b-1."""
     if cfg.family == "arithmetic":
         count = cfg.limit or arithmetic.DEFAULT_SIZE[cfg.split]
-        tasks = arithmetic.load(cfg.split, count, cfg.levels(), cfg.seed, cfg.instruction)
+        tasks = arithmetic.load(cfg.split, count, cfg.levels(), cfg.seed, cfg.instruction, block)
     else:
         if cfg.family == "gsm-symbolic":
             n = gsm_symbolic.DEFAULT_VARIANTS[cfg.split] if cfg.variants_per_template is None \
                 else cfg.variants_per_template
-            tasks = gsm_symbolic.load(cfg.split, n, cfg.seed, cfg.instruction)
+            tasks = gsm_symbolic.load(cfg.split, n, cfg.seed, cfg.instruction, block)
+        elif block > 1:
+            raise ValueError(f"family {cfg.family} is a fixed set: it has no block {block} (load_round_tasks slices it)")
         elif cfg.family == "champ":
             tasks = champ.load(cfg.instruction)
         elif cfg.family == "humaneval":
@@ -96,6 +113,36 @@ def load_tasks(cfg: TaskSetConfig) -> list[Task]:
         else:
             assert cfg.path is not None  # checked by the config
             tasks = jsonl.load(cfg.path, cfg.instruction)
-        tasks = take_subset(tasks, cfg.limit, cfg.seed)
+        tasks = take_subset(tasks, cfg.limit, cfg.seed if block == 1 else f"{cfg.seed}/block{block}")
     check_unique_ids(tasks, f"{cfg.family} ({cfg.split})")
     return tasks
+
+
+GENERATED = ("arithmetic", "gsm-symbolic")
+
+
+def load_round_tasks(cfg: TaskSetConfig, round: int) -> tuple[list[Task], str | None]:
+    """Round `round`'s training tasks (rounds count from 1) and a note when they repeat earlier rounds' tasks.
+
+    Without `fresh_per_round`: `load_tasks(cfg)` every round. With it: a generated family's block `round` (new
+    problems); a fixed family's `round`-th slice of `limit` tasks from a seeded shuffle of the whole set, continued
+    from the start once the set is spent (the note says how many tasks an earlier round had)."""
+    if round < 1:
+        raise ValueError(f"training rounds count from 1, got round {round}")
+    if not cfg.fresh_per_round:
+        return load_tasks(cfg), None
+    if cfg.family in GENERATED:
+        return load_tasks(cfg, block=round), None
+    everything = load_tasks(cfg.model_copy(update={"limit": None}))
+    order = list(range(len(everything)))
+    random.Random(f"fresh/{cfg.seed}").shuffle(order)
+    per = min(cfg.limit or len(everything), len(everything))
+    start = (round - 1) * per
+    picked = sorted((start + i) % len(everything) for i in range(per))  # positions in the shuffled order
+    tasks = [everything[i] for i in sorted(order[p] for p in picked)]
+    reused = max(0, start + per - len(everything)) if start < len(everything) else per
+    note = None
+    if reused:
+        note = (f"{cfg.family} has {len(everything)} training tasks and each round takes {per}: round {round} "
+                f"samples {reused} task(s) an earlier round already trained on (lower train_tasks.limit or add tasks)")
+    return tasks, note

@@ -107,8 +107,10 @@ def split_of(problem: str) -> str:
     return "eval" if stable_bucket(problem, EVAL_BUCKETS) == 0 else "train"
 
 
-def load(split: str, count: int, levels: list[int], seed: int, instruction: str | None) -> list[Task]:
-    """`count` distinct problems of `split`, spread evenly over `levels` (listed level by level)."""
+def load(split: str, count: int, levels: list[int], seed: int, instruction: str | None, block: int = 1) -> list[Task]:
+    """`count` distinct problems of `split`, spread evenly over `levels` (listed level by level). `block` b > 1: the
+    b-th `count` problems of the same seeded stream, none of which is among blocks 1..b-1 (fresh problems for each
+    round of a loop)."""
     unknown = [lv for lv in levels if lv not in LEVELS]
     if unknown:
         raise ValueError(f"arithmetic difficulty {unknown} does not exist; levels are {sorted(LEVELS)}")
@@ -119,15 +121,17 @@ def load(split: str, count: int, levels: list[int], seed: int, instruction: str 
         rng = random.Random(f"{FAMILY}/{split}/{seed}/L{level}")
         seen: set[str] = set()
         attempts = 0
-        while len(seen) < want:
+        while len(seen) < want * block:
             attempts += 1
-            if attempts > 100 * want + 1000:
-                raise ValueError(f"arithmetic level {level} has too few distinct {split} problems for {want}; "
-                                 f"lower `limit` or add levels")
+            if attempts > 100 * want * block + 1000:
+                raise ValueError(f"arithmetic level {level} has too few distinct {split} problems for {want * block}"
+                                 f"{f' ({block} rounds of {want})' if block > 1 else ''}; lower `limit` or add levels")
             problem, answer = make_problem(rng, level)
             if problem in seen or split_of(problem) != split:
                 continue
             seen.add(problem)
+            if len(seen) <= want * (block - 1):
+                continue  # an earlier block's problem
             tasks.append(Task(id=f"{FAMILY}/L{level}/{stable_digest(problem)[:12]}",
                               prompt=render_prompt(problem, FAMILY, "math", instruction),
                               verifier="math", family=FAMILY, answer=str(answer), difficulty=f"L{level}"))

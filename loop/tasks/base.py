@@ -17,3 +17,6 @@ class Task:
     tests: str | None = None  # test code defining check(candidate) (code)
     entry_point: str | None = None  # function under test (code)
     difficulty: str | None = None  # level or template group, for per-difficulty breakdowns
+    cluster: str | None = None
+    """Tasks that share a cluster are not independent draws (the variants of one gsm-symbolic template): the
+    intervals of loop/stats.py count clusters, not tasks. None: the task is its own cluster."""

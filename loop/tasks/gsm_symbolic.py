@@ -119,28 +119,25 @@ def generate_variants(template: Any, n: int, rng: random.Random) -> list[tuple[s
     return out
 
 
-def template_of(task_id: str) -> str | None:
-    """The template a gsm-symbolic task was made from ('gsm-symbolic/0042/v003' -> 'gsm-symbolic/0042'), the
-    cluster its variants share in loop/stats.py; None for a task of another family."""
-    parts = task_id.split("/")
-    return f"{FAMILY}/{parts[1]}" if len(parts) == 3 and parts[0] == FAMILY else None
-
-
 def _task(template: int, tag: str, question: str, solution: str, instruction: str | None) -> Task:
     where = f"gsm-symbolic template {template:04d} ({tag})"
     return Task(id=f"{FAMILY}/{template:04d}/{tag}", prompt=render_prompt(question, FAMILY, "math", instruction),
                 verifier="math", family=FAMILY, answer=gold_answer(solution, where),
-                difficulty=f"steps-{count_steps(solution)}")
+                difficulty=f"steps-{count_steps(solution)}", cluster=f"{FAMILY}/{template:04d}")
 
 
-def load(split: str, variants_per_template: int, seed: int, instruction: str | None) -> list[Task]:
+def load(split: str, variants_per_template: int, seed: int, instruction: str | None, block: int = 1) -> list[Task]:
+    """The split's tasks (module doc). `block` b > 1 (train): the b-th `variants_per_template` variants of each
+    template's seeded stream, none of which is among blocks 1..b-1 (fresh problems for each round of a loop)."""
     templates = load_templates()
     tasks: list[Task] = []
+    skip = variants_per_template * (block - 1)
     for i in (TRAIN_TEMPLATES if split == "train" else EVAL_TEMPLATES):
         t = templates[i]
         if split == "eval":
             tasks.append(_task(i, "orig", t.question, t.answer, instruction))
         rng = random.Random(f"{FAMILY}/{split}/{seed}/{i:04d}")
-        for j, (question, solution) in enumerate(generate_variants(t, variants_per_template, rng)):
-            tasks.append(_task(i, f"v{j:03d}", question, solution, instruction))
+        for j, (question, solution) in enumerate(generate_variants(t, skip + variants_per_template, rng)):
+            if j >= skip:
+                tasks.append(_task(i, f"v{j:03d}", question, solution, instruction))
     return tasks

@@ -18,7 +18,7 @@ def stable_bucket(text: str, buckets: int) -> int:
     return int(stable_digest(text)[:16], 16) % buckets
 
 
-def take_subset(tasks: list[Task], limit: int | None, seed: int) -> list[Task]:
+def take_subset(tasks: list[Task], limit: int | None, seed: int | str) -> list[Task]:
     """At most `limit` tasks, chosen by a seeded draw and kept in their original order.
 
     A draw rather than the first `limit`: the fixed datasets are ordered by category (CHAMP starts with
@@ -46,3 +46,8 @@ def check_disjoint(train: Iterable[Task], evaluation: Iterable[Task]) -> None:
         shown = ", ".join(f"{a} = {b}" for a, b in leaks[:5])
         raise ValueError(f"{len(leaks)} evaluation prompt(s) also appear in the training tasks ({shown}"
                          f"{', ...' if len(leaks) > 5 else ''}); use disjoint splits or files")
+
+
+def count_clusters(tasks: Iterable[Task]) -> int:
+    """How many clusters the tasks fall into (Task.cluster; a task without one is its own)."""
+    return len({t.cluster or t.id for t in tasks})

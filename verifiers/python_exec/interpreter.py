@@ -7,8 +7,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,7 +55,7 @@ class SandboxedInterpreter:
         request_read, self._request_fd = os.pipe()
         self._reply_fd, reply_write = os.pipe()
         try:
-            self._proc = self._launch(one_shot, request_read, reply_write)
+            self._proc = _spawn(self._launch, one_shot, request_read, reply_write)
         except BaseException:
             os.close(self._request_fd)
             os.close(self._reply_fd)
@@ -95,7 +97,8 @@ class SandboxedInterpreter:
 
     @property
     def alive(self) -> bool:
-        return not self._closed and self._proc.returncode is None
+        # poll(): a process that died while nobody waited on it (a kill, a limit) reads as dead at once.
+        return not self._closed and self._proc.poll() is None
 
     def execute(self, code: str, *, stdin: str, filename: str, echo: bool, final: bool, timeout_s: float,
                 proxies: dict[str, str] | None = None, report_callables: bool = False,
@@ -184,6 +187,33 @@ class SandboxedInterpreter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+# bwrap's --die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that started the sandbox ends, not the
+# process. Sandboxes started from short-lived worker threads (a rollout's tool calls, a grading pool) were
+# SIGKILLed as soon as that thread finished: a session's interpreter died between two cells, and a replacement
+# started in one turn's thread was dead before it ever reported ready. So every launch goes through one thread
+# that lives as long as the process.
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(launch: Callable, *args) -> subprocess.Popen:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawner")
+        spawner = _spawner
+    return spawner.submit(launch, *args).result()
+
+
+def _forget_spawner() -> None:
+    """In a forked child the parent's spawner thread does not exist: start a new one on first use."""
+    global _spawner, _spawner_lock
+    _spawner, _spawner_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
 
 
 def _kill_tree(proc: subprocess.Popen, cgroup: ExecCgroup | None) -> None:

@@ -24,6 +24,8 @@ from .result import ExecResult
 
 RESET_NOTE = ("[sandbox] The Python interpreter was restarted after this cell: variables, functions and "
               "imports from earlier cells are gone.")
+LOST_NOTE = ("[sandbox] The Python interpreter had stopped between cells and was restarted before this one: "
+             "variables, functions and imports from earlier cells are gone.")
 
 
 class Session:
@@ -37,6 +39,7 @@ class Session:
         self._lock = threading.Lock()  # one cell at a time: they share one interpreter
         self._closed = False
         self._interpreter: SandboxedInterpreter | None = SandboxedInterpreter(self.limits, one_shot=False)
+        self._cells_here = 0  # cells run in the current interpreter (its state)
 
     def run(self, code: str, *, stdin: str = "", timeout_s: float | None = None) -> ExecResult:
         """Execute one cell; its stdout (plus the trailing expression's repr), stderr and status."""
@@ -47,21 +50,29 @@ class Session:
         with self._lock:
             if self._closed:
                 raise SandboxError("Session.run() after close(): start a new Session")
+            lost = False  # the interpreter died while idle (killed from outside) with state in it: the cell says so
             if self._interpreter is None or not self._interpreter.alive:  # e.g. its start-up failed last time
                 if self._interpreter is not None:
+                    lost = self._cells_here > 0
                     self._interpreter.close()
                 self._interpreter = SandboxedInterpreter(self.limits, one_shot=False)
+                self._cells_here = 0
+                self.restarts += lost
             self.cells += 1
+            self._cells_here += 1
             interpreter = self._interpreter
             report = interpreter.execute(code, stdin=stdin, filename=f"<cell {self.cells}>", echo=self.echo,
                                          final=False, timeout_s=limits.timeout_s)
             result = classify(report, limits, via_bwrap=interpreter.via_bwrap)
+            if lost:
+                result = result.with_reset(LOST_NOTE)
             if not interpreter.alive:
                 self.restarts += 1
                 self._interpreter = None
                 interpreter.close()
                 # Start the replacement now, so its start-up overlaps whatever the caller does next.
                 self._interpreter = SandboxedInterpreter(self.limits, one_shot=False)
+                self._cells_here = 0
                 result = result.with_reset(RESET_NOTE)
             return result
 
