@@ -234,17 +234,21 @@ def _run(engine, live: list[_LiveTrajectory], lora, on_done: Callable[[_LiveTraj
         if on_done is not None:
             on_done(lv)
 
+    def route(lv: _LiveTrajectory) -> None:
+        """Carry out the environment's action that ends the model's text, end a trajectory whose tool budget is
+        spent, or let the model go on."""
+        action = lv.pending_action()
+        if action is not None:
+            calls.append((lv, action))
+        elif lv.traj.finish_reason == "max_turns":
+            end(lv)
+        else:
+            flight.append(lv)
+
     def admit() -> None:
+        # A trajectory handed in ending with an action (a Python block) carries it out before generating.
         while waiting and (waiting[0].env is None or len(flight) + len(calls) < waiting[0].cfg.max_live_sessions):
-            lv = waiting.popleft()
-            # A trajectory handed in ending with an action (a Python block) carries it out before generating.
-            action = lv.pending_action()
-            if action is not None:
-                calls.append((lv, action))
-            elif lv.traj.finish_reason == "max_turns":
-                end(lv)
-            else:
-                flight.append(lv)
+            route(waiting.popleft())
 
     try:
         admit()
@@ -283,13 +287,7 @@ def _run(engine, live: list[_LiveTrajectory], lora, on_done: Callable[[_LiveTraj
                     lv.traj.finish_reason = "context" if len(lv.ids) >= engine.max_model_len else "length"
                     end(lv)
                 elif lv.env is not None and isinstance(out.stop_reason, str):
-                    action = lv.pending_action()
-                    if action is not None:
-                        calls.append((lv, action))
-                    elif lv.traj.finish_reason == "max_turns":
-                        end(lv)
-                    else:
-                        flight.append(lv)  # a block closed that asks for nothing: let the model go on
+                    route(lv)  # a block closed: run it, or (asking for nothing) let the model go on
                 else:
                     lv.traj.finish_reason = "stop"
                     end(lv)
