@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict
 from loop.records import Graded, Trajectory
 from loop.tasks.base import Task
 
-_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
+# A fence's body, up to its closing fence or the end of the text (an answer whose closing fence never came).
+_CODE_BLOCK = re.compile(r"```(?:[Pp]ython3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+# Chat special tokens end a completion (the rollout decodes them with the text): nothing after one is the answer.
+_CHAT_TOKEN = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|end_of_text|start_header_id|end_header_id|user|"
+                         r"assistant|end)\|>|</s>|<end_of_turn>|<start_of_turn>")
 
 
 class VerifyConfig(BaseModel):
@@ -41,9 +45,17 @@ class VerifierCrash(RuntimeError):
     pass
 
 
-def extract_program(text: str) -> str:
-    """The program a code completion proposes: its last fenced code block, else the whole text."""
+def extract_program(text: str, entry_point: str | None = None) -> str:
+    """The program a code completion proposes, read as a user reading the answer would: the text up to its first
+    chat special token (an unfenced answer must not end in '<|im_end|>'); of its fenced blocks, the last one that
+    defines `entry_point` (a fix followed by a block of tests is graded on the fix), else the last block; without a
+    fenced block, the whole text."""
+    if m := _CHAT_TOKEN.search(text):
+        text = text[:m.start()]
     blocks = _CODE_BLOCK.findall(text)
+    if entry_point is not None:
+        defines = re.compile(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", re.M)
+        blocks = [b for b in blocks if defines.search(b)] or blocks
     return blocks[-1] if blocks else text
 
 
@@ -95,7 +107,7 @@ def grade_each(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: Veri
         def run_one(i: int) -> Graded:
             t = trajectories[i]
             task = tasks[t.task_id]
-            program = extract_program(t.model_text)
+            program = extract_program(t.model_text, task.entry_point)
             r = python_exec.run_tests(program, task.tests, entry_point=task.entry_point, timeout_s=cfg.code_timeout_s)
             status = {"ok": "correct", "timeout": "timeout"}.get(r.status, "incorrect")
             return Graded(t, status, program, f"tests {r.status}: {r.stderr.strip()[-300:]}")

@@ -6,6 +6,7 @@
 | gsm-symbolic | 20 variants of templates 0-49 (1000)    | GSM8K originals of templates 50-99 (50)  |
 | champ        | refused (held-out set)                  | all 270 problems                         |
 | humaneval    | odd task numbers (82)                   | even task numbers (82)                   |
+| python-debug | bugged solutions of odd task numbers    | bugged solutions of even task numbers    |
 | jsonl        | the whole file at `path`                | the whole file at `path`                 |
 
 Counts are the defaults; `limit` and the family options change them (see TaskSetConfig).
@@ -24,13 +25,13 @@ import random
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loop.tasks import arithmetic, champ, gsm_symbolic, humaneval, jsonl
+from loop.tasks import arithmetic, champ, gsm_symbolic, humaneval, jsonl, python_debug
 from loop.tasks.base import Task
 from loop.tasks.splits import check_disjoint, check_unique_ids, count_clusters, take_subset
 
 __all__ = ["Family", "TaskSetConfig", "Task", "load_tasks", "load_round_tasks", "check_disjoint", "count_clusters"]
 
-Family = Literal["arithmetic", "gsm-symbolic", "champ", "humaneval", "jsonl"]
+Family = Literal["arithmetic", "gsm-symbolic", "champ", "humaneval", "python-debug", "jsonl"]
 Level = Annotated[int, Field(ge=1, le=max(arithmetic.LEVELS))]
 
 # Options that only one family reads: setting one for another family is a mistake worth reporting.
@@ -44,7 +45,7 @@ class TaskSetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     family: Family
-    """arithmetic | gsm-symbolic | champ | humaneval | jsonl."""
+    """arithmetic | gsm-symbolic | champ | humaneval | python-debug | jsonl."""
     split: Literal["train", "eval"]
     """Which side of the family's fixed split (see the table in loop/tasks/__init__.py)."""
     limit: int | None = Field(None, ge=1)
@@ -110,6 +111,8 @@ def load_tasks(cfg: TaskSetConfig, block: int = 1) -> list[Task]:
             tasks = champ.load(cfg.instruction)
         elif cfg.family == "humaneval":
             tasks = humaneval.load(cfg.split, cfg.instruction)
+        elif cfg.family == "python-debug":
+            tasks = python_debug.load(cfg.split, cfg.instruction)
         else:
             assert cfg.path is not None  # checked by the config
             tasks = jsonl.load(cfg.path, cfg.instruction)

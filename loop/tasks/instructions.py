@@ -14,12 +14,14 @@ HASH_ANSWER = "Solve the problem step by step. Put the final answer after '####'
 BOXED_ANSWER = "Solve the problem step by step. Put the final answer in \\boxed{}, e.g. \\boxed{42}."
 CODE_ANSWER = ("Write the complete Python function (with its imports and signature) in a single "
                "```python code block.")
+FIX_ANSWER = "Answer with the whole fixed function (with its imports and signature) in a single ```python code block."
 
 _DEFAULTS: dict[tuple[str, VerifierKind], str] = {
     ("arithmetic", "math"): HASH_ANSWER,
     ("gsm-symbolic", "math"): HASH_ANSWER,
     ("champ", "math"): BOXED_ANSWER,
     ("humaneval", "code"): CODE_ANSWER,
+    ("python-debug", "code"): FIX_ANSWER,
     ("jsonl", "math"): HASH_ANSWER,
     ("jsonl", "code"): CODE_ANSWER,
 }
