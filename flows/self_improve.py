@@ -42,7 +42,7 @@ from loop.tasks import check_disjoint, load_tasks
 from loop.tasks.base import Task
 from loop.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.train import train_round
-from loop.verify import grade_trajectories
+from loop.verify import grade_trajectories, grading_counts
 
 STAGES = ("generate", "verify", "pairs", "train", "evaluate", "log")
 
@@ -75,7 +75,7 @@ def verify(tasks_by_id: dict[str, Task], cfg: RunConfig, samples: Path, out: Pat
     write_jsonl(out, (g.to_dict() for g in graded))
     return {"time/verify_s": time.perf_counter() - t0,
             "train_samples/correct": sum(g.correct for g in graded),
-            "train_samples/timeout": sum(g.status == "timeout" for g in graded)}
+            "train_samples/timeout": sum(g.status == "timeout" for g in graded), **grading_counts(graded)}
 
 
 @task(name="build-pairs", cache_policy=NONE)

@@ -538,4 +538,4 @@ def test_worker_maps_resource_exhaustion_and_crashes():
     crash = _handle({"pred": "1", "gold": "1"}, compare_raising(KeyError("boom")), GoldUnparseable)
     assert crash["kind"] == "error" and "KeyError" in crash["message"]
     bad_gold = _handle({"pred": "1", "gold": "1"}, compare_raising(GoldUnparseable("fix it")), GoldUnparseable)
-    assert bad_gold == {"kind": "error", "message": "fix it"}
+    assert bad_gold == {"kind": "error", "message": "fix it", "gold": True}

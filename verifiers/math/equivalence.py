@@ -36,6 +36,7 @@ class ComparisonError(Exception):
 class Judgement:
     outcome: Outcome
     how: str
+    gold: bool = False  # an error that is the gold answer's fault (data to fix), not the prediction's
 
 
 _cache: OrderedDict[tuple[str, str], Judgement] = OrderedDict()
@@ -80,7 +81,7 @@ def judge_in_worker(pred: str, gold: str, timeout_s: float) -> Judgement:
         return _remember(key, Judgement("equal" if reply["equal"] else "different", reply["how"]))
     if kind == "resource":
         return Judgement("timeout", f"comparing {pred!r} with {gold!r}: {reply['message']}")
-    return Judgement("error", reply["message"])
+    return Judgement("error", reply["message"], gold=reply.get("gold") is True)
 
 
 def _clock_time(s: str) -> tuple | None:

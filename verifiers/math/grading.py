@@ -19,6 +19,7 @@ class Verdict:
     status: GradeStatus  # "correct" | "incorrect" | "no_answer" | "timeout" | "error"
     extracted: str | None  # the answer the completion states, as written
     reason: str  # why, in words: which rule extracted the answer and how it was compared
+    gold_error: bool = False  # an "error" caused by the gold answer (unparseable): the data needs fixing
 
     @property
     def correct(self) -> bool:
@@ -29,7 +30,8 @@ _STATUS = {"equal": "correct", "different": "incorrect", "timeout": "timeout", "
 
 
 def _verdict(answer: str, rule: str, gold: str, j: Judgement) -> Verdict:
-    return Verdict(_STATUS[j.outcome], answer, f"answer {answer!r} found by rule {rule}; gold {gold!r}; {j.how}")
+    return Verdict(_STATUS[j.outcome], answer, f"answer {answer!r} found by rule {rule}; gold {gold!r}; {j.how}",
+                   gold_error=j.gold)
 
 
 def _check_gold(gold) -> None:
