@@ -24,7 +24,7 @@ Rules (each reads the last occurrence):
 """
 from __future__ import annotations
 
-import re
+from verifiers.math import deadline as re  # every pattern under the sample's deadline
 from dataclasses import dataclass
 
 from latex2sympy2_extended.math_normalization import extract_boxed_content
@@ -43,7 +43,8 @@ class Extraction:
 _CHAT_TOKEN = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|start_header_id|end_header_id|user|assistant|end)\|>"
                          r"|</s>|<end_of_turn>|<start_of_turn>")
 _FEW_SHOT = re.compile(r"\n[ \t]*(?:#+[ \t]*)?(?:Question|QUESTION|Problem|Human|User|Q)[ \t]*\d*[ \t]*:")
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+# An info string holds no backtick (CommonMark), which also keeps "```" * n from backtracking to each line end.
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n`]*\n(.*?)(?:```|\Z)", re.S)
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_WORD = re.compile(r"(?i)\banswer\b")
 # Inline $...$ may hold an escaped dollar ("$\\frac{1}{2} \\$ = \\frac{10}{9}$").
@@ -183,8 +184,11 @@ def _leading_math_run(s: str) -> list[str]:
     return parts
 
 
+_MAX_ANSWER_MENTIONS = 64  # the last ones; a text saying "answer" thousands of times is not worth reading each
+
+
 def _answer_phrase(text: str) -> Found | None:
-    for m in reversed(list(_ANSWER_WORD.finditer(text))):
+    for m in reversed(_ANSWER_WORD.finditer(text)[-_MAX_ANSWER_MENTIONS:]):
         if (found := _after_answer_word(text, m.end())) is not None:
             return found, m.start()
     return None
