@@ -59,7 +59,8 @@ hundred thousand million billion trillion negative positive approximately about 
 _TEXT_GROUP = re.compile(r"\\(?:text(?:rm|bf|it|normal)?|math(?:rm|it|bf)|mbox)\s*\{([^{}]*)\}")
 _CONNECTIVE = re.compile(r"\s*,?\s*(?:and|or)?\s*,?\s*")  # "x = 1 \text{ or } x = 2": the parser reads a list
 _UNIT_EXPONENT = re.compile(r"\s*(?:\^\s*\{?\s*\d\s*\}?)?\s*")
-_HEDGE_WORDS = _VALUE_WORDS | frozenset("if when unless otherwise else except where whether maybe perhaps or".split())
+_HEDGE_WORDS = _VALUE_WORDS | frozenset("""if when unless otherwise else except where whether maybe perhaps probably
+possibly likely roughly around approx assuming depending either guess""".split())
 
 
 def unparsed_remainder(answer: str) -> str | None:

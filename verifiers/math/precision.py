@@ -11,17 +11,18 @@ Two cases, by who wrote the decimal:
   integer (no rounding, in plain digits or in scientific notation: 1.2346e9 is not 1234567890), and any
   other exact value only by a decimal at full float precision: the value correctly rounded to at least
   FLOAT_DIGITS significant digits (the digits a double always keeps: 0.0833333333333333 for 1/12), or
-  a decimal that reads as the same double (Python's repr, 1.4142135623730951 for sqrt 2). A tool makes
-  a 4-digit rounding free to compute, so a rounding is not the answer an exact gold asks for.
+  a decimal of as many digits within one double ulp of it (what a program computing in doubles prints:
+  1.4142135623730951 for sqrt 2). A tool makes a 4-digit rounding free to compute, so a rounding is not
+  the answer an exact gold asks for.
 """
 from __future__ import annotations
 
-import math
 from verifiers.math import deadline as re  # every pattern under the sample's deadline
 from fractions import Fraction
 
 MIN_SIGNIFICANT_DIGITS = 4
 FLOAT_DIGITS = 15  # DBL_DIG: a decimal this precise is what printing a double gives
+_DOUBLE_ULP = Fraction(1, 2**52)  # relative spacing of doubles
 # Exponents beyond this are left to the bounded worker: 10**(10**9) must never be built in-process.
 MAX_EXPONENT = 1000
 MAX_DIGITS = 4000  # below CPython's int<->str conversion limit (4300)
@@ -65,12 +66,11 @@ def written_decimals(text: str) -> dict[Fraction, tuple[Fraction | None, int]]:
 
 def full_precision_match(pred: Fraction, pred_half_ulp: Fraction | None, pred_digits: int, gold) -> bool:
     """Whether decimal `pred` (its digits and half-ulp as written) is the exact non-integer value `gold` at full
-    float precision; `gold` is anything float() and abs() take (a Fraction, or a SymPy number evaluated to
-    well past double precision)."""
-    if pred_half_ulp is not None and pred_digits >= FLOAT_DIGITS and abs(gold - pred) <= pred_half_ulp:
-        return True
-    try:
-        g, p = float(gold), float(pred)
-    except (OverflowError, TypeError, ValueError):
+    float precision: at least FLOAT_DIGITS significant digits, and within its own rounding or one double
+    ulp of `gold` (what computing in doubles and printing the result gives: math.pi / 3 prints
+    1.0471975511965976, an ulp from pi/3). `gold` is a Fraction, or a SymPy number evaluated well past
+    double precision."""
+    if pred_digits < FLOAT_DIGITS or pred_half_ulp is None:
         return False
-    return math.isfinite(g) and g == p
+    distance = abs(gold - pred)
+    return bool(distance <= pred_half_ulp or distance <= abs(gold) * _DOUBLE_ULP)
