@@ -18,13 +18,16 @@ and frames. So `run_tests` uses two sandboxes that share nothing:
 The verdict is the checker's: ok only when its check cell ran to completion. Whatever the program does to
 its own interpreter (exits, atexit, excepthooks, trace hooks, signals, threads, writes to any file
 descriptor, forged reply frames) can only change the values it answers with, or end the grading as a
-failure. Exceptions the function raises reach the tests under their builtin name (ValueError, ...), except
-control-flow ones (StopIteration would silently end a test's map() or loop): those, and anything that is not
-a builtin exception, fail the grading.
+failure. Exceptions the function raises reach the tests as the nearest genuine builtin class they derive from
+(a program's own class named ValueError is not ValueError), except control-flow ones (StopIteration would
+silently end a test's map() or loop): those, and BaseException-only ones, fail the grading.
 
-What this gives up: results must be plain values (a generator or a custom object fails, as in EvalPlus), and
-arguments cross by value, so a test cannot see the function mutate them in place. All 164 HumanEval
-canonical solutions pass (tests/test_code_grading.py).
+Arguments cross by value, and what the call did to them comes back: the checker's proxy writes the arguments
+as the call left them into the tests' own objects, and a returned argument is the tests' own object, so
+mutation and `is` checks hold (runner.make_proxy). What this gives up: results must be plain values (a
+generator or a custom object fails, as in EvalPlus), and identity below the top level and aliasing between
+arguments are not carried (docs/verifiers.md). Output is capped once per grading, over all calls. All 164
+HumanEval canonical solutions pass (tests/test_code_grading.py).
 """
 from __future__ import annotations
 
