@@ -12,7 +12,7 @@ from verifiers.math import deadline as re  # every pattern under the sample's de
 
 from verifiers.math.number_words import leading_number_words, scale_word
 from verifiers.math.plain_numbers import parse_plain_number
-from verifiers.math.unicode_math import replace_unicode_math
+from verifiers.math.unicode_math import closing_paren, replace_unicode_math
 
 _WRAPPERS = [("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")]
 _BOXED_WHOLE = re.compile(r"^\\(?:boxed|fbox)\s*\{(.*)\}$", re.S)
@@ -111,19 +111,10 @@ def _balanced(s: str) -> bool:
     return depth == 0
 
 
-def _closing_paren(s: str, start: int) -> int:
-    depth = 0
-    for i in range(start, len(s)):
-        depth += {"(": 1, ")": -1}.get(s[i], 0)
-        if depth == 0:
-            return i
-    return -1
-
-
 def _python_sqrt(s: str) -> str:
     """sqrt(x+(1)) -> \\sqrt{x+(1)} (balanced; math-verify's own fix stops at the first ')')."""
     while m := _PY_SQRT.search(s):
-        end = _closing_paren(s, m.end() - 1)
+        end = closing_paren(s, m.end() - 1)
         if end < 0:
             break
         s = s[:m.start()] + "\\sqrt{" + s[m.end():end] + "}" + s[end + 1:]
