@@ -218,6 +218,8 @@ def adversarial_math_items() -> list[tuple[str, str]]:
             values = case.values if hasattr(case, "values") else case
             if isinstance(values, tuple) and len(values) == 2:
                 items.append((rf"\boxed{{{values[0]}}}", values[1]))
+            elif name == "test_a_rounded_large_integer_never_matches_an_integer_gold":
+                items.append((rf"\boxed{{{values}}}", "987654321"))  # the integer those roundings round
     return items
 
 

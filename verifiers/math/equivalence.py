@@ -107,13 +107,13 @@ def _nesting(s: str) -> int:
     return deepest
 
 
-def _not_an_answer_shape(p: str, g: str) -> str | None:
+def _not_an_answer_shape(p: str, g: str, slack: int = 1) -> str | None:
     """Why `p` is too long or too deeply nested to be a final answer (measured against the gold's own size,
     so a long gold keeps long answers comparable), or None. Such text would only run the worker into its
     deadline."""
-    if len(p) > max(MAX_ANSWER_CHARS, 2 * len(g)):
+    if len(p) > slack * max(MAX_ANSWER_CHARS, 2 * len(g)):
         return f"the answer is {len(p)} characters long: not a final answer"
-    if (depth := _nesting(p)) > max(MAX_NESTING, 2 * _nesting(g)):
+    if (depth := _nesting(p)) > slack * max(MAX_NESTING, 2 * _nesting(g)):
         return f"the answer nests brackets {depth} deep: not a final answer"
     return None
 
@@ -127,6 +127,10 @@ def decide_in_process(pred: str, gold: str) -> Judgement | tuple[str, str]:
     g = normalize_answer(gold)
     if not g:
         raise ValueError(f"the gold answer {gold!r} is empty; a math task needs a non-empty answer")
+    # Raw text first, at twice the limits (normalising removes spacing and \left/\right): text that deep or
+    # that long would spend the deadline in normalisation.
+    if why := _not_an_answer_shape(pred, gold, slack=2):
+        return Judgement("different", why)
     p = normalize_answer(pred)
     if not p:
         return Judgement("different", "the answer is empty")
