@@ -47,9 +47,12 @@ _FEW_SHOT = re.compile(r"\n[ \t]*(?:#+[ \t]*)?(?:Question|QUESTION|Problem|Human
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n`]*\n(.*?)(?:```|\Z)", re.S)
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_WORD = re.compile(r"(?i)\banswer\b")
-# Inline $...$ may hold an escaped dollar ("$\\frac{1}{2} \\$ = \\frac{10}{9}$").
-_MATH_SPAN = re.compile(r"\$\$.*?\$\$|(?<!\\)\$(?:\\\$|[^$\n])*\$|\\\(.*?\\\)|\\\[.*?\\\]", re.S)
-_LEADING_MATH = re.compile(r"\$\$(.*?)\$\$|\$((?:\\\$|[^$\n])*)\$|\\\((.*?)\\\)|\\\[(.*?)\\\]", re.S)
+# Inline $...$ may hold an escaped dollar ("$\\frac{1}{2} \\$ = \\frac{10}{9}$"). A \\( or \\[ span holds no
+# other \\( or \\[ (LaTeX does not nest them): a run of unclosed openers is then scanned once, not once each.
+_MATH_SPAN = re.compile(r"\$\$.*?\$\$|(?<!\\)\$(?:\\\$|[^$\n])*\$"
+                        r"|\\\((?:(?!\\[()]).)*?\\\)|\\\[(?:(?!\\[][]).)*?\\\]", re.S)
+_LEADING_MATH = re.compile(r"\$\$(.*?)\$\$|\$((?:\\\$|[^$\n])*)\$"
+                           r"|\\\(((?:(?!\\[()]).)*?)\\\)|\\\[((?:(?!\\[][]).)*?)\\\]", re.S)
 _QUOTES = re.compile(r"^(?:\\?[\"'])+|(?:\\?[\"'])+$")  # 'is "$12$ and $13$".' quotes the answer
 _MATH_JOINER = re.compile(r"\s*(?:,\s*and|,\s*or|,|and|or)\s*")
 _SEPARATOR = re.compile(r"(?i)\b(?:is|are|be|equals)\b|:")
@@ -61,7 +64,8 @@ _BOLD_NUMBER = re.compile(r"^[-+]?\s*(?:\\\$|\$)?\s*(?:\d|\.\d|\\d?frac|\\sqrt)"
 _NUMBER = re.compile(r"(?<![A-Za-z\d.,\\])-?(?:\d+ \d+/\d+"  # a mixed number, 4 4/9
                      r"|(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d{1,3}(?: \d{3})+(?![\d.])|\d+(?:\.\d+)?|\.\d+)"
                      r"(?:\s*/\s*\d+)?)(?:\s*\\?%)?|-?\\d?frac\{\d+\}\{\d+\}")
-_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$\n])+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$\n])+?)\$"
+                          r"|\\\(((?:(?!\\[()]).)+?)\\\)|\\\[((?:(?!\\[][]).)+?)\\\]", re.S)
 # Commands with their name-only arguments (\begin{pmatrix}, \text{cm}) are not prose words.
 _COMMAND = re.compile(r"\\[A-Za-z]+(?:\{[A-Za-z*]*\})*")
 _PROSE_WORD = re.compile(r"[A-Za-z]{2,}")

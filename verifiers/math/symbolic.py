@@ -204,8 +204,9 @@ def compare(pred: str, gold: str) -> Comparison:
         except (MemoryError, RecursionError):
             raise
         except Exception as self_error:  # noqa: BLE001
-            raise GoldUnparseable(f"the gold answer {gold!r} cannot be compared, even with itself "
-                                  f"({type(self_error).__name__}: {str(self_error)[:200]}); fix the task's answer") from e
+            detail = f"{type(self_error).__name__}: {str(self_error)[:200]}"
+            raise GoldUnparseable(f"the gold answer {gold!r} cannot be compared, even with itself ({detail}); "
+                                  "fix the task's answer") from e
         return Comparison(False, f"the comparison raised {type(e).__name__} on this answer "
                                  f"({str(e).splitlines()[0][:200] if str(e) else ''}): not an answer it can confirm")
     return Comparison(equal, "equal by math-verify (sound numeric step)" if equal

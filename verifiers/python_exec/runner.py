@@ -116,7 +116,8 @@ def update_in_place(old, new):
     agree (a list mutated inside a tuple or a dict stays the tests' list)."""
     if type(old) is list and type(new) is list and len(old) == len(new) or type(old) is tuple:
         for i, (a, b) in enumerate(zip(old, new)):
-            if type(a) is type(b) and type(a) in (list, dict, tuple, set) and (type(a) is not tuple or len(a) == len(b)):
+            same_shape = type(a) is type(b) and type(a) in (list, dict, tuple, set)
+            if same_shape and (type(a) is not tuple or len(a) == len(b)):
                 update_in_place(a, b)
             elif type(old) is list and (type(a) is not type(b) or a != b):
                 old[i] = b
