@@ -7,7 +7,11 @@ about half of them wrong), against the same items through math-verify called dir
 
 bench_sandbox: sandboxed executions/s at 1 and N workers against a bare, unisolated `python -c` subprocess.
 
-    .venv/bin/python bench/verifiers.py
+bench_adversarial: grading time per sample (p50, p99, max) on the project's adversarial set, the cases of
+tests/test_redteam_math.py and tests/test_redteam_code.py (read from those files, so the set is the tests').
+
+    .venv/bin/python bench/verifiers.py             # all
+    .venv/bin/python bench/verifiers.py adversarial # only the adversarial set
 """
 from __future__ import annotations
 
@@ -193,10 +197,92 @@ def bench_code_grading(n: int = 40, workers: int | None = None) -> dict:
     return {"rows": len(rows), "workers": workers, **{f"{k}_per_s": v for k, v in out.items()}}
 
 
+def _load_tests(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def adversarial_math_items() -> list[tuple[str, str]]:
+    """(completion, gold) pairs of the math red-team tests."""
+    red = _load_tests("test_redteam_math")
+    marks = {name: getattr(red, name).pytestmark[0].args[1] for name in dir(red)
+             if name.startswith("test_") and hasattr(getattr(red, name), "pytestmark")}
+    items = [(text, "5") for text in red.STALLS.values()]
+    for name, cases in marks.items():
+        for case in cases:
+            values = case.values if hasattr(case, "values") else case
+            if isinstance(values, tuple) and len(values) == 2:
+                items.append((rf"\boxed{{{values[0]}}}", values[1]))
+            elif name == "test_a_rounded_large_integer_never_matches_an_integer_gold":
+                items.append((rf"\boxed{{{values}}}", "987654321"))  # the integer those roundings round
+    return items
+
+
+def adversarial_code_items() -> list[tuple[str, str, str]]:
+    """(program, tests, entry point) triples of the code red-team tests."""
+    red = _load_tests("test_redteam_code")
+    items = [(red._FORGE + f"_forge({frame!r})\n" + red.RIGHT, red.ADD_TESTS, "add") for frame in red.FORGED.values()]
+    items.append((red.EXIT_AFTER_REPLY, "import time\ndef check(c):\n    assert c(2, 3) == 5\n    time.sleep(0.3)\n"
+                                        "    assert c(1, 1) == 2\n", "add"))
+    items += [(red.STORM + "def add(a, b):\n    return a - b\n", red.ADD_TESTS, "add")] * 3
+    items.append(("def add(a, b):\n    print('x' * 60000)\n    return a + b\n",
+                  "def check(c):\n    for i in range(300):\n        assert c(i, 1) == i + 1\n", "add"))
+    items.append(("def f(l):\n    return l\n", "def check(c):\n    x = [1]\n    assert c(x) is not x\n", "f"))
+    items.append(("class ValueError(Exception):\n    pass\ndef f(x):\n    raise ValueError()\n",
+                  "def check(c):\n    try:\n        c(1)\n    except ValueError:\n        pass\n", "f"))
+    return items
+
+
+def _percentiles(times: list[float]) -> dict:
+    ordered = sorted(times)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"n": len(ordered), "p50_s": at(0.50), "p99_s": at(0.99), "max_s": ordered[-1]}
+
+
+def bench_adversarial() -> dict:
+    """Grading time per sample on the adversarial set, one sample at a time (each must stay bounded)."""
+    from collections import Counter
+
+    from verifiers.math import grade
+    from verifiers.math.pool import default_pool
+    from verifiers.python_exec import run_tests
+
+    default_pool().warm_up()
+    math_times, math_status = [], Counter()
+    for completion, gold in adversarial_math_items():
+        start = time.perf_counter()
+        math_status[grade(completion, gold).status] += 1
+        math_times.append(time.perf_counter() - start)
+    code_times, code_status = [], Counter()
+    for program, tests, entry in adversarial_code_items():
+        start = time.perf_counter()
+        code_status[run_tests(program, tests, entry_point=entry, timeout_s=10, max_output_bytes=64 << 10).status] += 1
+        code_times.append(time.perf_counter() - start)
+    out = {"math": {**_percentiles(math_times), "statuses": dict(math_status)},
+           "code": {**_percentiles(code_times), "statuses": dict(code_status)}}
+    print(f"\nadversarial set, grading time per sample, {os.cpu_count()} CPUs")
+    for kind, r in out.items():
+        print(f"  {kind:4s}: {r['n']:3d} samples  p50 {r['p50_s']:6.3f} s  p99 {r['p99_s']:6.3f} s  "
+              f"max {r['max_s']:6.3f} s  verdicts {r['statuses']}")
+    return out
+
+
 def main() -> None:
+    if sys.argv[1:] == ["adversarial"]:
+        bench_adversarial()
+        return
     bench_math()
     bench_sandbox()
     bench_code_grading()
+    bench_adversarial()
 
 
 if __name__ == "__main__":

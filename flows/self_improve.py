@@ -42,7 +42,7 @@ from loop.tasks import check_disjoint, count_clusters, load_round_tasks, load_ta
 from loop.tasks.base import Task
 from loop.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.train import train_round
-from loop.verify import grade_trajectories
+from loop.verify import grade_trajectories, grading_counts
 
 STAGES = ("generate", "verify", "pairs", "train", "evaluate", "log")
 
@@ -94,7 +94,8 @@ def verify(tasks_by_id: dict[str, Task], cfg: RunConfig, samples: Path, out: Pat
     write_jsonl(out.with_name("train_per_cluster.jsonl"), per_cluster)
     return {"time/verify_s": time.perf_counter() - t0,
             "train_samples/correct": sum(g.correct for g in graded),
-            "train_samples/timeout": sum(g.status == "timeout" for g in graded), **summary}
+            "train_samples/timeout": sum(g.status == "timeout" for g in graded), **summary,
+            **grading_counts(graded)}
 
 
 def _round_tasks_of(graded_path: Path | None) -> dict[str, Task] | None:

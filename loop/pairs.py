@@ -62,8 +62,9 @@ class PairsConfig(BaseModel):
     """A chosen sample must state its answer explicitly ('####' or \\boxed{}); one graded correct through the
     last-number fallback may only be left out (math tasks; code answers are programs)."""
     timeout_as_incorrect: bool = False
-    """Count a verifier timeout as a wrong answer (for code, usually an endless loop) instead of leaving the
-    sample out."""
+    """Count a "timeout" verdict as a wrong answer instead of leaving the sample out. Code timeouts already come
+    graded incorrect (verify.code_timeout_is_incorrect), so this is about math timeouts: an answer the checker
+    could not compare in time, which is why it is off by default."""
 
 
 @dataclass

@@ -52,4 +52,4 @@ def grade_on_ray(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: Ve
                 ray.cancel(ref)
             raise
         slots.append(node)
-    return raise_on_crash([g for batch in results for g in batch])
+    return raise_on_crash([g for batch in results for g in batch], cfg.max_error_share)

@@ -119,7 +119,8 @@ def test_math_verify_newer_public_cases(pred, gold, expected):
     pytest.param(r"\frac{1+\sqrt{5}}{2}", "2", False, id="qwen/_test_math_equal[golden-ratio]"),
     pytest.param(r"\frac{34}{16}+\frac{\sqrt{1358}}{16}", "4", False, id="qwen/_test_math_equal[near-4]"),
     pytest.param("1", r"1\sqrt{19}", False, id="qwen/_test_math_equal[sqrt19]"),
-    pytest.param("(0.6,2.6667]", r"(\frac{3}{5},\frac{8}{3}]", True, id="qwen/_test_math_equal[interval-decimals]"),
+    # Qwen accepts a 5-digit rounding of 8/3; our convention (docs/verifiers.md) does not
+    pytest.param("(0.6,2.6667]", r"(\frac{3}{5},\frac{8}{3}]", False, id="qwen/_test_math_equal[interval-decimals]"),
     pytest.param("x+1", "x+2n+1", False, id="qwen/_test_math_equal[last]"),
 ])
 def test_qwen_grader_cases(pred, gold, expected):
@@ -143,6 +144,13 @@ def test_qwen_grader_cases(pred, gold, expected):
     pytest.param("0.46", "0.5", id="own/short-gold-decimal"),
     pytest.param("0.49999", "0.5", id="own/not-rounded-to-gold"),
     pytest.param("0.333", r"\frac{1}{3}", id="own/three-digits-too-few"),
+    pytest.param("0.3333", r"\frac{1}{3}", id="own/rounded-repeating"),
+    pytest.param("3.1416", r"\pi", id="own/rounded-pi"),
+    pytest.param("1.414", r"\sqrt{2}", id="own/rounded-root"),
+    pytest.param("2.718", "e", id="own/rounded-e"),
+    pytest.param(r"33.33\%", r"\frac13", id="own/rounded-percent"),
+    pytest.param("3.1415926535898", r"\pi", id="own/one-digit-short-of-a-double"),
+    pytest.param("0.08333333333333", r"\frac{1}{12}", id="own/fourteen-digits"),
     pytest.param("3.14", r"\pi", id="own/pi-three-digits"),
     pytest.param("1.415", r"\sqrt{2}", id="own/misrounded-root"),
     pytest.param("5 or 6", "5", id="own/two-answers"),
@@ -181,13 +189,15 @@ def test_rejects_false_positives(pred, gold):
     (r"\$1,000.50", "1000.5"), ("25 dollars", "25"), ("5 apples", "5"), (r"15\text{ cm}^2", "15"), (r"90^\circ", "90"),
     ("90 degrees", "90"), ("18 dollars per week", "18"),
     # percentages
-    ("28%", "28"), ("28", r"28\%"), ("28 percent", "0.28"), (r"12.5\%", r"\frac{1}{8}"), (r"33.33\%", r"\frac13"),
+    ("28%", "28"), ("28", r"28\%"), ("28 percent", "0.28"), (r"12.5\%", r"\frac{1}{8}"),
+    (r"33.33333333333333\%", r"\frac13"),
     # scientific notation
     ("1e-7", r"10^{-7}"), (r"6.02\times10^{23}", "6.02e23"), ("6.02 × 10^23", "602000000000000000000000"),
     ("1.0004e-7", "1.000e-7"), ("2.5E3", "2500"),
-    # decimals within the precision they state
-    ("0.3333", r"\frac{1}{3}"), ("0.6667", r"\frac{2}{3}"), ("3.1416", r"\pi"), ("1.414", r"\sqrt{2}"),
-    ("16386.169", "16386.17"), ("6.2832", r"2\pi"), ("2.718", "e"),
+    # a decimal gold states its rounding; an exact gold is matched by a decimal only at full float precision
+    ("16386.169", "16386.17"), ("3.14159", "3.1416"), ("0.3333333333333333", r"\frac{1}{3}"),
+    ("0.6666666666666666", r"\frac{2}{3}"), ("3.141592653589793", r"\pi"), ("1.4142135623730951", r"\sqrt{2}"),
+    ("6.283185307179586", r"2\pi"), ("2.718281828459045", "e"), ("3.14159265358979", r"\pi"),
     # x = 5 forms, equations, inequalities and their set forms
     ("x = 5", "5"), ("5", "k=5"), ("y = 2x + 1", "y = 1 + 2x"), ("x > 5", "5 < x"), ("x > 5", r"(5, \infty)"),
     (r"[5,\infty)", r"x \ge 5"), (r"-2 \le x \le 7", "[-2, 7]"), (r"x < 1", r"(-\infty, 1)"),
@@ -509,6 +519,7 @@ def test_pool_survives_a_killed_worker():
 def test_pool_reports_a_worker_killed_mid_comparison():
     pool = WorkerPool(1)
     try:
+        pool.warm_up()  # started and ready: the kill below lands in the comparison, not in a slow start-up
         outcome: list[BaseException | dict] = []
         caller = threading.Thread(target=lambda: outcome.append(_call(pool, "10^{10^{10^{10}}}", "5")))
         caller.start()
@@ -532,9 +543,11 @@ def _call(pool: WorkerPool, pred: str, gold: str):
         return e
 
 
-def test_recursion_bound_is_reported_as_timeout():
+def test_an_answer_long_enough_to_exhaust_the_parser_is_rejected_in_process():
+    # It used to reach a worker and end in RecursionError (a timeout); a final answer is never that long.
+    # The worker's mapping of RecursionError is tested below.
     v = grade(r"\boxed{" + "x+" * 3000 + "1}", "5", timeout_s=20)
-    assert v.status == "timeout" and "RecursionError" in v.reason, v.reason
+    assert v.status == "incorrect" and "characters long" in v.reason, v.reason
 
 
 def test_worker_maps_resource_exhaustion_and_crashes():
@@ -552,4 +565,4 @@ def test_worker_maps_resource_exhaustion_and_crashes():
     crash = _handle({"pred": "1", "gold": "1"}, compare_raising(KeyError("boom")), GoldUnparseable)
     assert crash["kind"] == "error" and "KeyError" in crash["message"]
     bad_gold = _handle({"pred": "1", "gold": "1"}, compare_raising(GoldUnparseable("fix it")), GoldUnparseable)
-    assert bad_gold == {"kind": "error", "message": "fix it"}
+    assert bad_gold == {"kind": "error", "message": "fix it", "gold": True}

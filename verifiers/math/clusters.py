@@ -12,7 +12,8 @@ Bounded: each worker comparison has `timeout_s`, and all of one call's worker co
 because the budget is spent counts as *different* (so undecided answers are never merged: the count of
 distinct answers can only be too high, never too low), and is counted in `undecided` with the reason
 in `notes`, so the caller can report it. A worker pool that cannot start at all (a broken
-environment, WorkerStartupError) raises: that is no verdict on the answers.
+environment, WorkerStartupError) raises: that is no verdict on the answers. Reading each answer runs
+under the grader's per-sample deadline (deadline.py): an answer that runs past it is one of a kind.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from verifiers.math.deadline import GradingTimeout, within
 from verifiers.math.equivalence import Judgement, decide_in_process, judge_in_worker
+from verifiers.math.grading import IN_PROCESS_BUDGET_S
 from verifiers.math.normalize import normalize_answer
 
 
@@ -53,10 +56,10 @@ def cluster_answers(answers: Sequence[str], *, timeout_s: float, budget_s: float
     if not budget_s >= 0:
         raise ValueError(f"budget_s must be >= 0, got {budget_s}")
     deadline = time.monotonic() + budget_s
-    keys = [answer_key(a) for a in answers]
+    notes: list[str] = []
+    keys = [_key(a, i, notes) for i, a in enumerate(answers)]
     cluster_of_key: dict[str, int] = {}
     representatives: list[str] = []  # the first (normalised) answer of each cluster
-    notes: list[str] = []
     labels = []
     for key in keys:
         if key not in cluster_of_key:
@@ -65,6 +68,15 @@ def cluster_answers(answers: Sequence[str], *, timeout_s: float, budget_s: float
                 representatives.append(key)
         labels.append(cluster_of_key[key])
     return Clusters(labels, len(notes), notes)
+
+
+def _key(answer: str, index: int, notes: list[str]) -> str:
+    try:
+        with within(IN_PROCESS_BUDGET_S):
+            return answer_key(answer)
+    except GradingTimeout:
+        notes.append(f"answer {index} ({len(answer)} characters): reading it ran past the deadline")
+        return f"\0unread {index}"  # a key no normalised answer has: one of a kind
 
 
 def _place(key: str, representatives: list[str], deadline: float, timeout_s: float, notes: list[str]) -> int:
@@ -81,7 +93,13 @@ def _place(key: str, representatives: list[str], deadline: float, timeout_s: flo
 
 
 def _compare(pred: str, reference: str, deadline: float, timeout_s: float) -> Judgement:
-    decided = decide_in_process(pred, reference)
+    if pred.startswith("\0") or reference.startswith("\0"):
+        return Judgement("timeout", "an answer that could not be read in time")
+    try:
+        with within(IN_PROCESS_BUDGET_S):
+            decided = decide_in_process(pred, reference)
+    except GradingTimeout as e:
+        return Judgement("timeout", str(e))
     if isinstance(decided, Judgement):
         return decided
     remaining = deadline - time.monotonic()

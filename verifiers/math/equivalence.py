@@ -7,14 +7,14 @@ answer.
 """
 from __future__ import annotations
 
-import re
+from verifiers.math import deadline as re  # every pattern under the sample's deadline
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
 from verifiers.math.magnitude import magnitudes_apart
-from verifiers.math.normalize import normalize_answer
+from verifiers.math.normalize import normalize_answer, unparsed_remainder
 from verifiers.math.plain_numbers import compare_plain
 from verifiers.math.pool import WorkerCrashed, WorkerTimeout, default_pool
 
@@ -36,6 +36,7 @@ class ComparisonError(Exception):
 class Judgement:
     outcome: Outcome
     how: str
+    gold: bool = False  # an error that is the gold answer's fault (data to fix), not the prediction's
 
 
 _cache: OrderedDict[tuple[str, str], Judgement] = OrderedDict()
@@ -80,7 +81,7 @@ def judge_in_worker(pred: str, gold: str, timeout_s: float) -> Judgement:
         return _remember(key, Judgement("equal" if reply["equal"] else "different", reply["how"]))
     if kind == "resource":
         return Judgement("timeout", f"comparing {pred!r} with {gold!r}: {reply['message']}")
-    return Judgement("error", reply["message"])
+    return Judgement("error", reply["message"], gold=reply.get("gold") is True)
 
 
 def _clock_time(s: str) -> tuple | None:
@@ -89,6 +90,32 @@ def _clock_time(s: str) -> tuple | None:
     if m is None or int(m[1]) > 24:
         return None
     return int(m[1]), m[2], m[3], (m[4] or "").lower()
+
+
+MAX_ANSWER_CHARS = 1000  # a matrix or a long list fits; a page of text is not a final answer
+MAX_NESTING = 50  # brackets within brackets: what no final answer needs and what stalls the parser
+
+
+def _nesting(s: str) -> int:
+    depth = deepest = 0
+    for c in s:
+        if c in "({[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")}]":
+            depth -= 1
+    return deepest
+
+
+def _not_an_answer_shape(p: str, g: str, slack: int = 1) -> str | None:
+    """Why `p` is too long or too deeply nested to be a final answer (measured against the gold's own size,
+    so a long gold keeps long answers comparable), or None. Such text would only run the worker into its
+    deadline."""
+    if len(p) > slack * max(MAX_ANSWER_CHARS, 2 * len(g)):
+        return f"the answer is {len(p)} characters long: not a final answer"
+    if (depth := _nesting(p)) > slack * max(MAX_NESTING, 2 * _nesting(g)):
+        return f"the answer nests brackets {depth} deep: not a final answer"
+    return None
 
 
 def decide_in_process(pred: str, gold: str) -> Judgement | tuple[str, str]:
@@ -100,11 +127,19 @@ def decide_in_process(pred: str, gold: str) -> Judgement | tuple[str, str]:
     g = normalize_answer(gold)
     if not g:
         raise ValueError(f"the gold answer {gold!r} is empty; a math task needs a non-empty answer")
+    # Raw text first, at twice the limits (normalising removes spacing and \left/\right): text that deep or
+    # that long would spend the deadline in normalisation.
+    if why := _not_an_answer_shape(pred, gold, slack=2):
+        return Judgement("different", why)
     p = normalize_answer(pred)
     if not p:
         return Judgement("different", "the answer is empty")
     if p == g:
         return Judgement("equal", "identical after normalisation")
+    if why := unparsed_remainder(p):
+        return Judgement("different", why)
+    if why := _not_an_answer_shape(p, g):
+        return Judgement("different", why)
     if bool(_ELLIPSIS.search(p)) != bool(_ELLIPSIS.search(g)):
         return Judgement("different", "only one side continues with an ellipsis")
     # Two times of day: "12:00" is not the ratio 12/0 the parser would read. A ratio that looks

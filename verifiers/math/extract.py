@@ -24,7 +24,7 @@ Rules (each reads the last occurrence):
 """
 from __future__ import annotations
 
-import re
+from verifiers.math import deadline as re  # every pattern under the sample's deadline
 from dataclasses import dataclass
 
 from latex2sympy2_extended.math_normalization import extract_boxed_content
@@ -43,12 +43,16 @@ class Extraction:
 _CHAT_TOKEN = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|start_header_id|end_header_id|user|assistant|end)\|>"
                          r"|</s>|<end_of_turn>|<start_of_turn>")
 _FEW_SHOT = re.compile(r"\n[ \t]*(?:#+[ \t]*)?(?:Question|QUESTION|Problem|Human|User|Q)[ \t]*\d*[ \t]*:")
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+# An info string holds no backtick (CommonMark), which also keeps "```" * n from backtracking to each line end.
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n`]*\n(.*?)(?:```|\Z)", re.S)
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_WORD = re.compile(r"(?i)\banswer\b")
-# Inline $...$ may hold an escaped dollar ("$\\frac{1}{2} \\$ = \\frac{10}{9}$").
-_MATH_SPAN = re.compile(r"\$\$.*?\$\$|(?<!\\)\$(?:\\\$|[^$\n])*\$|\\\(.*?\\\)|\\\[.*?\\\]", re.S)
-_LEADING_MATH = re.compile(r"\$\$(.*?)\$\$|\$((?:\\\$|[^$\n])*)\$|\\\((.*?)\\\)|\\\[(.*?)\\\]", re.S)
+# Inline $...$ may hold an escaped dollar ("$\\frac{1}{2} \\$ = \\frac{10}{9}$"). A \\( or \\[ span holds no
+# other \\( or \\[ (LaTeX does not nest them): a run of unclosed openers is then scanned once, not once each.
+_MATH_SPAN = re.compile(r"\$\$.*?\$\$|(?<!\\)\$(?:\\\$|[^$\n])*\$"
+                        r"|\\\((?:(?!\\[()]).)*?\\\)|\\\[(?:(?!\\[][]).)*?\\\]", re.S)
+_LEADING_MATH = re.compile(r"\$\$(.*?)\$\$|\$((?:\\\$|[^$\n])*)\$"
+                           r"|\\\(((?:(?!\\[()]).)*?)\\\)|\\\[((?:(?!\\[][]).)*?)\\\]", re.S)
 _QUOTES = re.compile(r"^(?:\\?[\"'])+|(?:\\?[\"'])+$")  # 'is "$12$ and $13$".' quotes the answer
 _MATH_JOINER = re.compile(r"\s*(?:,\s*and|,\s*or|,|and|or)\s*")
 _SEPARATOR = re.compile(r"(?i)\b(?:is|are|be|equals)\b|:")
@@ -60,7 +64,8 @@ _BOLD_NUMBER = re.compile(r"^[-+]?\s*(?:\\\$|\$)?\s*(?:\d|\.\d|\\d?frac|\\sqrt)"
 _NUMBER = re.compile(r"(?<![A-Za-z\d.,\\])-?(?:\d+ \d+/\d+"  # a mixed number, 4 4/9
                      r"|(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d{1,3}(?: \d{3})+(?![\d.])|\d+(?:\.\d+)?|\.\d+)"
                      r"(?:\s*/\s*\d+)?)(?:\s*\\?%)?|-?\\d?frac\{\d+\}\{\d+\}")
-_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$\n])+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$\n])+?)\$"
+                          r"|\\\(((?:(?!\\[()]).)+?)\\\)|\\\[((?:(?!\\[][]).)+?)\\\]", re.S)
 # Commands with their name-only arguments (\begin{pmatrix}, \text{cm}) are not prose words.
 _COMMAND = re.compile(r"\\[A-Za-z]+(?:\{[A-Za-z*]*\})*")
 _PROSE_WORD = re.compile(r"[A-Za-z]{2,}")
@@ -183,8 +188,11 @@ def _leading_math_run(s: str) -> list[str]:
     return parts
 
 
+_MAX_ANSWER_MENTIONS = 64  # the last ones; a text saying "answer" thousands of times is not worth reading each
+
+
 def _answer_phrase(text: str) -> Found | None:
-    for m in reversed(list(_ANSWER_WORD.finditer(text))):
+    for m in reversed(_ANSWER_WORD.finditer(text)[-_MAX_ANSWER_MENTIONS:]):
         if (found := _after_answer_word(text, m.end())) is not None:
             return found, m.start()
     return None

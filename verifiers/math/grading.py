@@ -5,8 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from verifiers.math.equivalence import Judgement, decide_in_process, judge, judge_in_worker
-from verifiers.math.extract import find_answer
+from verifiers.math.deadline import GradingTimeout, within
+from verifiers.math.equivalence import Judgement, decide_in_process, judge_in_worker
+from verifiers.math.extract import Extraction, find_answer
 from verifiers.math.pool import DEFAULT_SIZE, default_pool
 
 
@@ -19,6 +20,7 @@ class Verdict:
     status: GradeStatus  # "correct" | "incorrect" | "no_answer" | "timeout" | "error"
     extracted: str | None  # the answer the completion states, as written
     reason: str  # why, in words: which rule extracted the answer and how it was compared
+    gold_error: bool = False  # an "error" caused by the gold answer (unparseable): the data needs fixing
 
     @property
     def correct(self) -> bool:
@@ -26,10 +28,14 @@ class Verdict:
 
 
 _STATUS = {"equal": "correct", "different": "incorrect", "timeout": "timeout", "error": "error"}
+# The in-process steps (extraction, normalisation, the fast paths) of one sample take milliseconds; their
+# budget only stops text built to make a pattern backtrack. A hit is a "timeout" verdict, counted as such.
+IN_PROCESS_BUDGET_S = 2.0
 
 
 def _verdict(answer: str, rule: str, gold: str, j: Judgement) -> Verdict:
-    return Verdict(_STATUS[j.outcome], answer, f"answer {answer!r} found by rule {rule}; gold {gold!r}; {j.how}")
+    return Verdict(_STATUS[j.outcome], answer, f"answer {answer!r} found by rule {rule}; gold {gold!r}; {j.how}",
+                   gold_error=j.gold)
 
 
 def _check_gold(gold) -> None:
@@ -45,10 +51,30 @@ def grade(completion: str, gold: str, *, timeout_s: float = 5.0, fallback_last_n
     A timeout or crash is reported as such, never as "incorrect".
     """
     _check_gold(gold)
-    found = find_answer(completion, fallback_last_number=fallback_last_number)
-    if found.answer is None:
-        return Verdict("no_answer", None, found.rule)
-    return _verdict(found.answer, found.rule, gold, judge(found.answer, gold, timeout_s=timeout_s))
+    found, decided = _in_process(completion, gold, fallback_last_number, timeout_s)
+    if isinstance(decided, Verdict):
+        return decided
+    if isinstance(decided, Judgement):
+        return _verdict(found.answer, found.rule, gold, decided)
+    return _verdict(found.answer, found.rule, gold, judge_in_worker(*decided, timeout_s))
+
+
+def _in_process(completion: str, gold: str, fallback_last_number: bool, timeout_s: float
+                ) -> tuple[Extraction | None, Verdict | Judgement | tuple[str, str]]:
+    """Extraction and the in-process decision for one sample, under its deadline: a final Verdict, a
+    Judgement, or the normalised pair a worker must compare."""
+    if not isinstance(completion, str):
+        raise TypeError(f"a completion must be a str, got {type(completion).__name__}")
+    budget = min(IN_PROCESS_BUDGET_S, timeout_s)
+    try:
+        with within(budget):
+            found = find_answer(completion, fallback_last_number=fallback_last_number)
+            if found.answer is None:
+                return found, Verdict("no_answer", None, found.rule)
+            return found, decide_in_process(found.answer, gold)
+    except GradingTimeout:
+        return None, Verdict("timeout", None, f"reading the completion ran past its {budget:g}s deadline "
+                                              f"({len(completion)} characters): text built to stall the grader")
 
 
 def grade_many(items: list[tuple[str, str]], *, workers: int = DEFAULT_SIZE, timeout_s: float = 5.0,
@@ -65,12 +91,10 @@ def grade_many(items: list[tuple[str, str]], *, workers: int = DEFAULT_SIZE, tim
     pending: list[tuple[int, str, str, str, tuple[str, str]]] = []
     for i, (completion, gold) in enumerate(items):
         _check_gold(gold)
-        found = find_answer(completion, fallback_last_number=fallback_last_number)
-        if found.answer is None:
-            verdicts[i] = Verdict("no_answer", None, found.rule)
-            continue
-        decided = decide_in_process(found.answer, gold)
-        if isinstance(decided, Judgement):
+        found, decided = _in_process(completion, gold, fallback_last_number, timeout_s)
+        if isinstance(decided, Verdict):
+            verdicts[i] = decided
+        elif isinstance(decided, Judgement):
             verdicts[i] = _verdict(found.answer, found.rule, gold, decided)
         else:
             pending.append((i, found.answer, found.rule, gold, decided))

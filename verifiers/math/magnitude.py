@@ -20,7 +20,7 @@ number or a bracketed group, ( ) { } \\left( \\right) groups. Ambiguous spelling
 from __future__ import annotations
 
 import math
-import re
+from verifiers.math import deadline as re  # every pattern under the sample's deadline
 from dataclasses import dataclass
 from fractions import Fraction
 

@@ -8,11 +8,11 @@ dropped only when none of them could change the value ("5 or 6", "5 squared", "3
 """
 from __future__ import annotations
 
-import re
+from verifiers.math import deadline as re  # every pattern under the sample's deadline
 
 from verifiers.math.number_words import leading_number_words, scale_word
 from verifiers.math.plain_numbers import parse_plain_number
-from verifiers.math.unicode_math import replace_unicode_math
+from verifiers.math.unicode_math import closing_paren, replace_unicode_math
 
 _WRAPPERS = [("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")]
 _BOXED_WHOLE = re.compile(r"^\\(?:boxed|fbox)\s*\{(.*)\}$", re.S)
@@ -20,11 +20,10 @@ _TEXT_WHOLE = re.compile(r"^\\(?:text|textrm|textbf|mathrm|mbox)\s*\{([^{}]*)\}$
 _BOLD_WHOLE = re.compile(r"^\*\*(.*)\*\*$", re.S)
 _SPACING = re.compile(r"(?<!\\)\\[,;: ]|~|\\q?quad(?![A-Za-z])")  # not the "\\" of a matrix row
 _THOUSANDS_BRACE = re.compile(r"\{,\}")
-# A single sentence period goes, an ellipsis stays ("1, 2, 3, ..." is not "1, 2, 3"); "5!" keeps its "!".
-_TRAILING_PUNCT = re.compile(r"(?:\s|[,;:?]|(?<![.\\])\.(?!\.)|\\\.)+$")
 _LEADING_CURRENCY = re.compile(r"^(?P<sign>[+-]?)\s*(?:\\\$|\$|US\$|USD|EUR|GBP|Rs\.?|€|£|¥|₹)\s*(?=[\d.])")
 _TRAILING_CURRENCY = re.compile(r"(?<=\d)\s*(?:\\\$|\$|€|£|¥|₹|USD|EUR|GBP)$")
-_PERCENT_WORD = re.compile(r"\s*\b(?:percentage|percent|pct)\b")
+# (?<!\s): a whitespace run is scanned once, from its start, not again from each of its positions.
+_PERCENT_WORD = re.compile(r"(?<!\s)\s*\b(?:percentage|percent|pct)\b")
 _BARE_PERCENT = re.compile(r"(?<!\\)%")
 _PY_POWER = re.compile(r"\*\*\s*(\d+)|\*\*")
 _PY_PI = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])")
@@ -43,8 +42,8 @@ _FRAC_DIGITS = re.compile(r"\\frac(\d)(\d)")
 _GROUPED_NUMBER = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d,])")
 _SPACE_GROUPED = re.compile(r"^([+-]?\d{1,3}(?: \d{3})+)(\.\d+)?$")
 _MIXED_SLASH = re.compile(r"^([+-]?)(\d+)\s+(\d+)\s*/\s*(\d+)(\s*\\%)?$")
-_DEGREES = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\text\{\s*degrees?\s*\})$")
-_TEXT_UNIT = re.compile(r"\s*\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}(?:\s*\^\s*\{?\d\}?)?$")
+_DEGREES = re.compile(r"(?<!\s)\s*(?:\^\s*\{?\s*\\circ\s*\}?|\\circ|\\text\{\s*degrees?\s*\})$")
+_TEXT_UNIT = re.compile(r"(?<!\s)\s*\\(?:text|textrm|textnormal|mathrm|mbox)\s*\{([^{}]*)\}(?:\s*\^\s*\{?\d\}?)?$")
 _TRAILING_WORDS = re.compile(r"^(.*?\d)\s+([A-Za-z][A-Za-z .'/-]*)$")
 
 # Words after a number that change (or may change) which value the answer states.
@@ -55,6 +54,34 @@ quarter quarters fourth fourths fifth fifths sixth sixths seventh sevenths eight
 tenth tenths hundredth hundredths thousandth thousandths millionth millionths e i pi x y z n k or/and
 hundred thousand million billion trillion negative positive approximately about nearly almost
 """.split())
+
+
+_TEXT_GROUP = re.compile(r"\\(?:text(?:rm|bf|it|normal)?|math(?:rm|it|bf)|mbox)\s*\{([^{}]*)\}")
+_CONNECTIVE = re.compile(r"\s*,?\s*(?:and|or)?\s*,?\s*")  # "x = 1 \text{ or } x = 2": the parser reads a list
+_UNIT_EXPONENT = re.compile(r"\s*(?:\^\s*\{?\s*\d\s*\}?)?\s*")
+_HEDGE_WORDS = _VALUE_WORDS | frozenset("""if when unless otherwise else except where whether maybe perhaps probably
+possibly likely roughly around approx assuming depending either guess""".split())
+
+
+def unparsed_remainder(answer: str) -> str | None:
+    """Why a normalised answer is not a clean statement of one value, or None when it is.
+
+    math-verify's unit stripping deletes everything after the first \\text{ of an answer, so "3 \\text{ or 4
+    if n is odd}" would read as 3. A text group is accepted only as the whole answer (\\text{Evelyn}), as a
+    connective the parser reads (\\text{ or }), or as a last group of unit words after the value
+    (15 \\text{cm}^2); anything else leaves part of the answer unread, and the answer is not a commitment."""
+    groups = [m for m in _TEXT_GROUP.finditer(answer) if not _CONNECTIVE.fullmatch(m.group(1))]
+    if not groups:
+        return None
+    first = groups[0]
+    if first.start() == 0 and first.end() == len(answer):
+        return None
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+", first.group(1))}
+    if (_UNIT_EXPONENT.fullmatch(answer, first.end()) and first.start() > 0 and not words & _HEDGE_WORDS
+            and not re.search(r"\d", first.group(1))):
+        return None
+    return (f"the answer goes on in text the checker would not read ({answer[first.start():][:80]!r}): "
+            "not a clean statement of one answer")
 
 
 def _unwrap(s: str) -> str:
@@ -84,19 +111,10 @@ def _balanced(s: str) -> bool:
     return depth == 0
 
 
-def _closing_paren(s: str, start: int) -> int:
-    depth = 0
-    for i in range(start, len(s)):
-        depth += {"(": 1, ")": -1}.get(s[i], 0)
-        if depth == 0:
-            return i
-    return -1
-
-
 def _python_sqrt(s: str) -> str:
     """sqrt(x+(1)) -> \\sqrt{x+(1)} (balanced; math-verify's own fix stops at the first ')')."""
     while m := _PY_SQRT.search(s):
-        end = _closing_paren(s, m.end() - 1)
+        end = closing_paren(s, m.end() - 1)
         if end < 0:
             break
         s = s[:m.start()] + "\\sqrt{" + s[m.end():end] + "}" + s[end + 1:]
@@ -163,10 +181,28 @@ def _mixed_number(s: str) -> str:
     return s
 
 
+def _strip_trailing_punct(s: str) -> str:
+    """s without its trailing spaces and sentence punctuation: a single period goes, an ellipsis stays
+    ("1, 2, 3, ..." is not "1, 2, 3"), "5!" keeps its "!". A scan from the end: linear, where a regex
+    ending in (...)+$ backtracks quadratically over a long whitespace run."""
+    end = len(s)
+    while end > 0:
+        c = s[end - 1]
+        if c.isspace() or c in ",;:?":
+            end -= 1
+        elif c == "." and end >= 2 and s[end - 2] == "\\":
+            end -= 2  # "\."
+        elif c == "." and (end < 2 or s[end - 2] != "."):
+            end -= 1
+        else:
+            break
+    return s[:end]
+
+
 def strip_delimiters(answer: str) -> str:
     """The answer without the delimiters, bold markers and sentence punctuation around it."""
     s = _unwrap(answer)
-    s = _TRAILING_PUNCT.sub("", s)
+    s = _strip_trailing_punct(s)
     return _unwrap(s)
 
 
@@ -178,7 +214,7 @@ def normalize_answer(answer: str) -> str:
     s = _THOUSANDS_BRACE.sub(",", s)
     s = _SPACING.sub(" ", s)
     s = re.sub(r"\s+", " ", s).strip()
-    s = _TRAILING_PUNCT.sub("", s)
+    s = _strip_trailing_punct(s)
     s = _unwrap(s)
     s = _LEADING_CURRENCY.sub(lambda m: m.group("sign"), s)
     s = _TRAILING_CURRENCY.sub("", s)

@@ -1,7 +1,7 @@
 """Cardinal numbers written in English words ("twenty-one", "one hundred and five", "3 million")."""
 from __future__ import annotations
 
-import re
+from verifiers.math import deadline as re  # every pattern under the sample's deadline
 
 _SMALL = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "

@@ -8,11 +8,11 @@ The strings are expected to have been through normalize.normalize_answer.
 """
 from __future__ import annotations
 
-import re
+from verifiers.math import deadline as re  # every pattern under the sample's deadline
 from dataclasses import dataclass
 from fractions import Fraction
 
-from verifiers.math.precision import MAX_DIGITS, MAX_EXPONENT, decimal_value, tolerance
+from verifiers.math.precision import MAX_DIGITS, MAX_EXPONENT, decimal_value, full_precision_match, significant_digits
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class PlainNumber:
     value: Fraction  # as written, before any percent sign
     half_ulp: Fraction | None  # tolerance the digits state (see precision.py); None: exact
     percent: bool
+    decimal: bool = False  # written with a decimal point: a rounded value, unless it is exactly the other side
+    digits: int = 0  # significant digits, for a decimal
 
 
 _PERCENT = r"(?P<pct>\s*\\%)?"
@@ -50,7 +52,8 @@ def parse_plain_number(text: str) -> PlainNumber | None:
             value, half_ulp = Fraction(int(integer)) * Fraction(10) ** exp, None
         else:
             value, half_ulp = decimal_value(integer, fraction, exp)
-        return PlainNumber(-value if m["sign"] == "-" else value, half_ulp, bool(m["pct"]))
+        return PlainNumber(-value if m["sign"] == "-" else value, half_ulp, bool(m["pct"]), bool(fraction),
+                           significant_digits(integer, fraction or ""))
     for pattern in (_SLASH, _FRAC):
         if m := pattern.match(s):
             if _too_long(m["num"], m["den"]) or int(m["den"]) == 0:
@@ -76,12 +79,16 @@ def _readings(n: PlainNumber, other_has_percent: bool) -> list[tuple[Fraction, F
 
 
 def plain_numbers_equal(pred: PlainNumber, gold: PlainNumber) -> bool:
+    """Equal values, or a match under the decimal convention of precision.py."""
     for g_value, g_ulp in _readings(gold, pred.percent):
         for p_value, p_ulp in _readings(pred, gold.percent):
             if g_value == p_value:
                 return True
-            tol = tolerance(g_ulp, p_ulp)
-            if tol is not None and abs(g_value - p_value) <= tol:
+            if g_ulp is not None:
+                if abs(g_value - p_value) <= g_ulp:
+                    return True
+            elif (pred.decimal and g_value.denominator != 1
+                  and full_precision_match(p_value, p_ulp, pred.digits, g_value)):
                 return True
     return False
 

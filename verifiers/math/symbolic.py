@@ -5,29 +5,30 @@ comparison (relations and their set forms, intervals, tuples, unordered sets, ma
 forms, text answers) is math-verify's sympy_expr_eq. Its numeric step is replaced: math-verify
 rounds floats to 6 places and evaluates differences with chop=True, so 1/2004! equals 1/2006! and
 1e-7 equals 4e-7. Here decimals are parsed exactly, exact values are compared exactly, and a
-decimal is accepted only within the precision its digits state (precision.py).
+decimal matches under the convention of precision.py. The numeric step is replaced in a private copy of
+math-verify's grader module (_own_grader), not in math_verify.grader itself.
 
 This module may hang or exhaust memory on hostile input (10^10^10^10): only import it in a worker.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-import math_verify.grader as mv_grader
 import sympy
 from latex2sympy2_extended.latex2sympy2 import NormalizationConfig, normalize_latex
 from latex2sympy2_extended.logic import And as OrderedAnd
 from latex2sympy2_extended.sets import FiniteSet as OrderedFiniteSet
-from math_verify.grader import get_pct_val, should_treat_as_complex, verify
+from math_verify.grader import get_pct_val, should_treat_as_complex
 from math_verify.parser import parse_latex_cached
 from sympy import Float, I, MatrixBase, Rational, Symbol
 from sympy.core.relational import Relational
 from sympy.matrices.expressions import MatrixExpr
 
-from verifiers.math.precision import tolerance, written_decimals
+from verifiers.math.precision import full_precision_match, written_decimals
 
 # math-verify warns once per process that we disabled its SIGALRM timeouts: the worker is the timeout.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -38,7 +39,8 @@ _NORMALIZATION = NormalizationConfig(basic_latex=True, units=True, malformed_ope
 
 
 class GoldUnparseable(ValueError):
-    """The gold answer is not math the parser reads: a data problem, reported as an error."""
+    """The gold answer is not math the parser reads (or cannot be compared even with itself): a data problem,
+    reported as an error."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,10 @@ def parse_math(text: str):
     return _exact_decimals(parse_latex_cached(normalize_latex(text, _NORMALIZATION)))
 
 
-# Tolerances of the decimals written in the answers under comparison (exact value -> half-ulp). The
-# worker compares one pair at a time, so plain module state is enough.
-_gold_decimals: dict[Rational, Rational] = {}
-_pred_decimals: dict[Rational, Rational] = {}
+# The decimals written in the answers under comparison (exact value -> half-ulp or None, significant digits).
+# The worker compares one pair at a time, so plain module state is enough.
+_gold_decimals: dict[Rational, tuple[Rational | None, int]] = {}
+_pred_decimals: dict[Rational, tuple[Rational | None, int]] = {}
 
 
 def _readings(expr, other_is_percent: bool):
@@ -87,23 +89,30 @@ def _readings(expr, other_is_percent: bool):
     return [(inner, 1), (inner / 100, Rational(1, 100))]
 
 
-def _half_ulp(value, table: dict, scale):
-    if isinstance(value, Rational) and value in table:
-        return table[value] * scale
-    return None
+def _written(value, table: dict, scale) -> tuple[Rational | None, int] | None:
+    """(half-ulp, significant digits) when `value` is a decimal written on that side (a percentage reading is
+    scaled), else None."""
+    if not isinstance(value, Rational) or (key := value / scale) not in table:
+        return None
+    half_ulp, digits = table[key]
+    return (None if half_ulp is None else half_ulp * scale), digits
 
 
 def _numbers_match(gold, pred, gold_scale, pred_scale) -> bool:
+    """The decimal convention of precision.py on two numbers."""
     if not (getattr(gold, "is_number", False) and getattr(pred, "is_number", False)):
         return False  # expressions with symbols are left to math-verify's symbolic step
     g, p = gold.doit(), pred.doit()
     if g == p:
         return True
-    tol = tolerance(_half_ulp(g, _gold_decimals, gold_scale), _half_ulp(p, _pred_decimals, pred_scale))
-    if tol is None:
-        return False  # exact values that differ structurally: math-verify's simplify() decides
-    distance = sympy.N(sympy.Abs(g - p), 30)
-    return bool(distance.is_real and distance <= tol)
+    gold_decimal = _written(g, _gold_decimals, gold_scale)
+    if gold_decimal is not None and gold_decimal[0] is not None:
+        distance = sympy.N(sympy.Abs(g - p), 30)
+        return bool(distance.is_real and distance <= gold_decimal[0])
+    pred_decimal = _written(p, _pred_decimals, pred_scale)
+    if pred_decimal is not None and gold_decimal is None and g.is_integer is False and g.is_real:
+        return full_precision_match(p, pred_decimal[0], pred_decimal[1], sympy.N(g, 40))
+    return False  # exact values that differ structurally: math-verify's simplify() decides
 
 
 def sound_numeric_eq(gold, pred, float_rounding: int, numeric_precision: int) -> bool:
@@ -121,10 +130,21 @@ def sound_numeric_eq(gold, pred, float_rounding: int, numeric_precision: int) ->
                for p, ps in _readings(pred, gold_is_pct))
 
 
-# sympy_expr_eq looks sympy_numeric_eq up as a module global, so replacing it there is enough.
-assert callable(getattr(mv_grader, "sympy_numeric_eq", None)), \
-    "math_verify.grader.sympy_numeric_eq is gone: this math-verify release is not supported"
-mv_grader.sympy_numeric_eq = sound_numeric_eq
+def _own_grader():
+    """A private copy of math_verify.grader whose numeric step is sound_numeric_eq. Its sympy_expr_eq looks
+    sympy_numeric_eq up as a module global, so the copy's global is replaced; math_verify.grader itself, which
+    other code in the process may use, is left as it is."""
+    spec = importlib.util.find_spec("math_verify.grader")
+    own = importlib.util.spec_from_file_location("verifiers.math._math_verify_grader", spec.origin)
+    module = importlib.util.module_from_spec(own)
+    own.loader.exec_module(module)
+    if not callable(getattr(module, "sympy_numeric_eq", None)):
+        raise ImportError("math_verify.grader.sympy_numeric_eq is gone: this math-verify release is not supported")
+    module.sympy_numeric_eq = sound_numeric_eq
+    return module
+
+
+verify = _own_grader().verify
 
 
 # math-verify's complex_number_pattern looks for a standalone "i" (\\bi\\b), which misses an i with a
@@ -144,8 +164,9 @@ def _imaginary_unit(expr):
     return expr
 
 
-def _as_table(decimals: dict[Fraction, Fraction]) -> dict[Rational, Rational]:
-    return {Rational(k.numerator, k.denominator): Rational(v.numerator, v.denominator) for k, v in decimals.items()}
+def _as_table(decimals: dict[Fraction, tuple[Fraction | None, int]]) -> dict[Rational, tuple[Rational | None, int]]:
+    return {Rational(k.numerator, k.denominator): (None if v is None else Rational(v.numerator, v.denominator), d)
+            for k, (v, d) in decimals.items()}
 
 
 def compare(pred: str, gold: str) -> Comparison:
@@ -170,9 +191,30 @@ def compare(pred: str, gold: str) -> Comparison:
     if _looks_complex(gold) or _looks_complex(pred):
         gold_expr, pred_expr = _imaginary_unit(gold_expr), _imaginary_unit(pred_expr)
     _gold_decimals, _pred_decimals = _as_table(written_decimals(gold)), _as_table(written_decimals(pred))
-    # timeout_seconds=None: math-verify's own timeout is SIGALRM (main thread only); the worker
-    # process is killed from outside instead. raise_on_error: a comparison crash is an error.
-    equal = verify(gold_expr, pred_expr, strict=True, allow_set_relation_comp=True,
-                   timeout_seconds=None, raise_on_error=True)
+    try:
+        equal = _verify(gold_expr, pred_expr)
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whose fault it is decides the verdict, below
+        # A comparison that raises on this prediction (chained relations of other lengths, a relation against
+        # a gold written with \neq) is a failed grading of the prediction, not of the grader: the answer is
+        # not one the checker can confirm. Only when the gold cannot be compared even with itself is it an error.
+        try:
+            _verify(gold_expr, gold_expr)
+        except (MemoryError, RecursionError):
+            raise
+        except Exception as self_error:  # noqa: BLE001
+            detail = f"{type(self_error).__name__}: {str(self_error)[:200]}"
+            raise GoldUnparseable(f"the gold answer {gold!r} cannot be compared, even with itself ({detail}); "
+                                  "fix the task's answer") from e
+        return Comparison(False, f"the comparison raised {type(e).__name__} on this answer "
+                                 f"({str(e).splitlines()[0][:200] if str(e) else ''}): not an answer it can confirm")
     return Comparison(equal, "equal by math-verify (sound numeric step)" if equal
                       else "different by math-verify (sound numeric step)")
+
+
+def _verify(gold_expr, pred_expr) -> bool:
+    # timeout_seconds=None: math-verify's own timeout is SIGALRM (main thread only); the worker
+    # process is killed from outside instead. raise_on_error: a crash is seen, and judged by compare().
+    return verify(gold_expr, pred_expr, strict=True, allow_set_relation_comp=True,
+                  timeout_seconds=None, raise_on_error=True)

@@ -1,7 +1,7 @@
 """Unicode math written by models (½ √2 ∞ 90° −3 x² π) rewritten as the LaTeX the parser reads."""
 from __future__ import annotations
 
-import re
+from verifiers.math import deadline as re  # every pattern under the sample's deadline
 import unicodedata
 
 _SYMBOLS = {
@@ -44,7 +44,8 @@ def _vulgar_fraction(m: re.Match) -> str:
     return f"{m.group(1)}\\frac{{{num}}}{{{den}}}"
 
 
-def _closing_paren(s: str, start: int) -> int:
+def closing_paren(s: str, start: int) -> int:
+    """The index of the ')' that closes the '(' at `start`, or -1."""
     depth = 0
     for i in range(start, len(s)):
         depth += {"(": 1, ")": -1}.get(s[i], 0)
@@ -60,7 +61,7 @@ def _square_roots(s: str) -> str:
     while (j := s.find(_ROOT, i)) >= 0:
         out.append(s[i:j])
         k = j + 1
-        if k < len(s) and s[k] == "(" and (end := _closing_paren(s, k)) > 0:
+        if k < len(s) and s[k] == "(" and (end := closing_paren(s, k)) > 0:
             out.append("\\sqrt{" + s[k + 1:end] + "}")
             i = end + 1
         elif k < len(s) and s[k] == "{":

@@ -4,7 +4,7 @@ Protocol: one JSON object per line. The worker first writes {"ready": true}; the
 {"pred": str, "gold": str} on stdin, exactly one reply on stdout:
   {"kind": "ok", "equal": bool, "how": str}
   {"kind": "resource", "message": str, "recycle": true}  memory or recursion bound hit
-  {"kind": "error", "message": str}                      bad gold answer, or a comparison crash
+  {"kind": "error", "message": str, "gold": bool}        a comparison crash, or (gold: true) a bad gold answer
 The parent enforces the deadline by killing this process; its address space is capped with
 RLIMIT_AS so that a runaway comparison ends in MemoryError instead of swapping the machine.
 The worker exits when stdin closes or its parent process is gone (a watchdog thread checks, since
@@ -32,7 +32,7 @@ def _handle(request: dict, compare, gold_unparseable) -> dict:
     try:
         result = compare(request["pred"], request["gold"])
     except gold_unparseable as e:
-        return {"kind": "error", "message": str(e)}
+        return {"kind": "error", "message": str(e), "gold": True}
     except (MemoryError, RecursionError) as e:
         # The interpreter may be left fragmented after this: the parent replaces the worker.
         return {"kind": "resource", "recycle": True,

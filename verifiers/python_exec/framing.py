@@ -51,3 +51,25 @@ class FrameReader:
                 raise ProtocolViolation(f"the sandbox sent a reply that is not an object: {frame!r:.100}")
             frames.append(frame)
         return frames
+
+
+# What runner.serve answers to a cell. The program shares the runner's process, so it can find the request's
+# id and write a frame of its own: every field is checked here, and a frame that runner.py would never send
+# is a protocol violation (the grading fails), never a KeyError or TypeError in the host.
+CELL_KINDS = frozenset({"ok", "exit", "exception", "memory"})
+CALL_KINDS = frozenset({"value", "raised", "invalid"})
+
+
+def malformed_reply(frame: dict, *, call: bool, callables: bool) -> str | None:
+    """Why `frame` (a reply carrying the request's id) is not one runner.py sends, or None when it is."""
+    kind = frame.get("kind")
+    if call:
+        return None if type(kind) is str and kind in CALL_KINDS else f"a call reply of kind {kind!r:.40}"
+    if not (type(kind) is str and kind in CELL_KINDS):
+        return f"a cell reply of kind {kind!r:.40}"
+    code = frame.get("exit_code")
+    if type(code) is not int or not -(1 << 31) <= code < 1 << 31:
+        return f"a cell reply with exit code {code!r:.40}"
+    if callables and type(frame.get("callables")) is not list:
+        return "a cell reply without the list of the program's functions"
+    return None

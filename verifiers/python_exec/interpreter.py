@@ -16,7 +16,7 @@ from typing import Callable
 
 from .cgroups import ExecCgroup
 from .errors import SandboxError
-from .framing import MAX_REPLY_BYTES, encode
+from .framing import MAX_REPLY_BYTES, encode, malformed_reply
 from .isolation import Isolation, require_isolation
 from .launch import (HOST_ENV, SANDBOX_ENV, WORKDIR, bwrap_command, enter_cgroups, host_interpreter,
                      rlimits_for, runner_args)
@@ -102,14 +102,16 @@ class SandboxedInterpreter:
 
     def execute(self, code: str, *, stdin: str, filename: str, echo: bool, final: bool, timeout_s: float,
                 proxies: dict[str, str] | None = None, report_callables: bool = False,
-                on_call: Callable[[dict], dict] | None = None, fresh: bool = False) -> CellReport:
+                on_call: Callable[[dict], dict] | None = None, fresh: bool = False,
+                output_room: tuple[int, int] | None = None) -> CellReport:
         """Run one cell under a wall-clock limit. The process is killed if it times out, floods its output
         or breaks the protocol; check `alive` afterwards.
 
         Code grading only: `proxies` binds names in the cell's namespace to proxies of another sandbox's
         functions, whose call frames `on_call` answers (a dict: {"value": v} or {"raised": name,
         "message": m}) while the cell runs; `report_callables` asks for the namespace's function names;
-        `fresh` starts the cell in a new, empty namespace."""
+        `fresh` starts the cell in a new, empty namespace; `output_room` (stdout, stderr bytes) replaces the
+        per-stream output cap, so that one grading's many cells and calls share one cap."""
         request = {"code": code, "stdin": stdin, "filename": filename, "echo": echo, "final": final}
         if fresh:
             request["fresh"] = True
@@ -117,16 +119,25 @@ class SandboxedInterpreter:
             request["proxies"] = proxies
         if report_callables:
             request["report_callables"] = True
-        return self._request(request, final=final, timeout_s=timeout_s, on_call=on_call)
+        return self._request(request, final=final, timeout_s=timeout_s, on_call=on_call, output_room=output_room)
 
-    def call(self, name: str, args: tuple, kwargs: dict, *, timeout_s: float) -> CellReport:
+    def call(self, name: str, args: tuple, kwargs: dict, *, timeout_s: float,
+             output_room: tuple[int, int] | None = None) -> CellReport:
         """Call the function `name` of the namespace; the reply carries its result (runner.call_function)."""
-        return self._request({"call": name, "args": args, "kwargs": kwargs}, final=False, timeout_s=timeout_s)
+        return self._request({"call": name, "args": args, "kwargs": kwargs}, final=False, timeout_s=timeout_s,
+                             output_room=output_room)
 
     def _request(self, request: dict, *, final: bool, timeout_s: float,
-                 on_call: Callable[[dict], dict] | None = None) -> CellReport:
-        if not self.alive:
-            raise SandboxError("this sandboxed interpreter has ended; start a new one")
+                 on_call: Callable[[dict], dict] | None = None,
+                 output_room: tuple[int, int] | None = None) -> CellReport:
+        if self._closed:
+            raise SandboxError("this sandboxed interpreter was closed; start a new one")
+        if self._proc.poll() is not None:
+            # The program ended its own process after an earlier reply (os._exit from a thread, a signal
+            # handler): that is the program's failure, reported like any exit, not an error of the host.
+            got = Collected(exited=True, ended_before=True)
+            oom = self._cgroup is not None and self._cgroup.oom_killed()
+            return CellReport(got, None, self._proc.returncode, oom, 0.0)
         if not self._ready:
             self._wait_until_ready()
         start = time.monotonic()
@@ -142,7 +153,7 @@ class SandboxedInterpreter:
 
         # A final cell also waits for the process to end (atexit handlers, non-daemon threads), like python.
         done = (lambda got: False) if final else answered
-        got = self._pump.exchange(encode(request), done, deadline)
+        got = self._pump.exchange(encode(request), done, deadline, room=output_room)
         while on_call is not None and not (got.timed_out or got.output_exceeded or got.violation or got.exited):
             calls = [f for f in got.frames if "call" in f]
             if not calls or replied(got):
@@ -157,6 +168,10 @@ class SandboxedInterpreter:
         reply = next((f for f in got.frames if f.get("id") == request_id), None)
         if reply is None and got.frames and not got.violation:
             got.violation = f"unexpected reply frames {got.frames!r:.200}"
+        if reply is not None and not got.violation:
+            why = malformed_reply(reply, call="call" in request, callables=bool(request.get("report_callables")))
+            if why is not None:
+                got.violation, reply = f"a forged reply frame ({why})", None
         if got.timed_out or got.output_exceeded or got.violation:
             self._kill()
         elif got.exited:

@@ -18,13 +18,16 @@ and frames. So `run_tests` uses two sandboxes that share nothing:
 The verdict is the checker's: ok only when its check cell ran to completion. Whatever the program does to
 its own interpreter (exits, atexit, excepthooks, trace hooks, signals, threads, writes to any file
 descriptor, forged reply frames) can only change the values it answers with, or end the grading as a
-failure. Exceptions the function raises reach the tests under their builtin name (ValueError, ...), except
-control-flow ones (StopIteration would silently end a test's map() or loop): those, and anything that is not
-a builtin exception, fail the grading.
+failure. Exceptions the function raises reach the tests as the nearest genuine builtin class they derive from
+(a program's own class named ValueError is not ValueError), except control-flow ones (StopIteration would
+silently end a test's map() or loop): those, and BaseException-only ones, fail the grading.
 
-What this gives up: results must be plain values (a generator or a custom object fails, as in EvalPlus), and
-arguments cross by value, so a test cannot see the function mutate them in place. All 164 HumanEval
-canonical solutions pass (tests/test_code_grading.py).
+Arguments cross by value, and what the call did to them comes back: the checker's proxy writes the arguments
+as the call left them into the tests' own objects, and a returned argument is the tests' own object, so
+mutation and `is` checks hold (runner.make_proxy). What this gives up: results must be plain values (a
+generator or a custom object fails, as in EvalPlus), and identity below the top level and aliasing between
+arguments are not carried (docs/verifiers.md). Output is capped once per grading, over all calls. All 164
+HumanEval canonical solutions pass (tests/test_code_grading.py).
 """
 from __future__ import annotations
 
@@ -73,13 +76,24 @@ def run_tests(program: str, tests: str, *, entry_point: str | None = None, timeo
         return blocked
     deadline = time.monotonic() + timeout_s
     results: list[ExecResult] = []
+    # One output cap per stream for the whole grading, not per call: a program whose many calls each print
+    # just under the cap must not make the host hold hundreds of megabytes.
+    used = [0, 0]
 
     def remaining() -> float:
         return max(deadline - time.monotonic(), 0.001)
 
+    def room() -> tuple[int, int]:
+        return max(limits.max_output_bytes - used[0], 0), max(limits.max_output_bytes - used[1], 0)
+
+    def spent(report) -> None:
+        used[0] += len(report.collected.stdout)
+        used[1] += len(report.collected.stderr)
+
     with _CHECKERS.lend(limits) as checker, SandboxedInterpreter(limits, one_shot=False) as solution:
         report = solution.execute(program, stdin="", filename="solution.py", echo=False, final=False,
                                   timeout_s=remaining(), report_callables=True)
+        spent(report)
         result = classify(report, limits, via_bwrap=solution.via_bwrap)
         results.append(result)
         if not (result.ok and report.reply is not None and report.reply["kind"] == "ok"):
@@ -91,8 +105,9 @@ def run_tests(program: str, tests: str, *, entry_point: str | None = None, timeo
 
         def on_call(frame: dict) -> dict:
             name, args, kwargs = _checked_call(frame, set(proxies.values()))
-            report = solution.call(name, args, kwargs, timeout_s=remaining())
-            answer, failure = _answer(report, limits, solution.via_bwrap)
+            report = solution.call(name, args, kwargs, timeout_s=remaining(), output_room=room())
+            spent(report)
+            answer, failure = _answer(report, limits, solution.via_bwrap, args, kwargs)
             if failure is not None:
                 results.append(failure)
                 raise _CandidateFailed(_failure(failure, "program"))
@@ -109,9 +124,10 @@ def run_tests(program: str, tests: str, *, entry_point: str | None = None, timeo
             try:
                 report = checker.execute(code, stdin="", filename=filename, echo=False, final=False,
                                          timeout_s=remaining(), proxies=bind, on_call=on_call,
-                                         fresh=filename == "tests.py")
+                                         fresh=filename == "tests.py", output_room=room())
             except _CandidateFailed as failed:
                 return _combine(results, failed.verdict, limits)
+            spent(report)
             result = classify(report, limits, via_bwrap=checker.via_bwrap)
             results.append(result)
             if not (result.ok and report.reply is not None and report.reply["kind"] == "ok"):
@@ -205,11 +221,15 @@ def _checked_call(frame: dict, allowed: set[str]) -> tuple[str, tuple, dict]:
     return name, args, kwargs
 
 
-def _answer(report, limits: Limits, via_bwrap: bool) -> tuple[dict | None, ExecResult | None]:
+def _answer(report, limits: Limits, via_bwrap: bool, args: tuple = (), kwargs: dict | None = None
+            ) -> tuple[dict | None, ExecResult | None]:
     """The checker's answer to one call, or the result that ends the grading (the solution died, timed out,
-    sent something that is not a plain value, or raised something the tests must not see)."""
-    reply = report.reply
-    if reply is None:
+    sent something that is not a plain value, or raised something the tests must not see). With it go the
+    arguments as the call left them and which argument the function returned, if it returned one: the
+    checker's proxy applies both to the tests' own objects (runner.make_proxy)."""
+    kwargs = {} if kwargs is None else kwargs
+    reply, got = report.reply, report.collected
+    if reply is None or got.timed_out or got.output_exceeded or got.violation:  # a reply, but the process was killed
         return None, classify(report, limits, via_bwrap=via_bwrap)
     stdout, stderr = _text(report.collected.stdout), _text(report.collected.stderr)
 
@@ -218,7 +238,21 @@ def _answer(report, limits: Limits, via_bwrap: bool) -> tuple[dict | None, ExecR
 
     if reply.get("kind") == "value":
         try:
-            return {"value": values.decode(reply.get("value"))}, None
+            answer = {"value": values.decode(reply.get("value"))}
+            if "args_after" in reply:
+                after, kw_after = values.decode(reply.get("args_after")), values.decode(reply.get("kwargs_after"))
+                if not (type(after) is tuple and len(after) == len(args) and type(kw_after) is dict
+                        and kw_after.keys() == kwargs.keys()):
+                    raise values.NotPlainValue("the arguments after the call do not match the call")
+                answer.update(args_after=after, kwargs_after=kw_after)
+            same = reply.get("same_as")
+            if same is not None:
+                target = (args[same] if type(same) is int and 0 <= same < len(args)
+                          else kwargs.get(same) if type(same) is str else None)
+                if type(target) not in (list, dict, set):
+                    raise values.NotPlainValue(f"the returned argument {same!r:.40} is not a mutable argument")
+                answer["same_as"] = same
+            return answer, None
         except values.NotPlainValue as exc:
             return fail(f"the program's reply is not a plain value: {exc}")
     if reply.get("kind") == "raised" and type(reply.get("message")) is str:

@@ -17,6 +17,9 @@ def classify(report: CellReport, limits: Limits, *, via_bwrap: bool) -> ExecResu
     def result(status, exit_code, reason="", truncated=False) -> ExecResult:
         return ExecResult(status, stdout, stderr, report.duration_s, exit_code, truncated, reason)
 
+    if got.ended_before:
+        return result("error", report.returncode, "the interpreter had ended before this request "
+                      "(the program's earlier code ended its own process)")
     if got.timed_out:
         return result("timeout", None, f"timed out after {limits.timeout_s:g}s")
     if got.output_exceeded:

@@ -30,6 +30,8 @@ class Collected:
     timed_out: bool = False
     output_exceeded: bool = False
     violation: str = ""
+    ended_before: bool = False  # the process had ended before this exchange began: nothing was sent
+    room: tuple[int, int] | None = None  # bytes stdout and stderr may still hold (None: the pump's cap each)
 
 
 class Pump:
@@ -47,10 +49,11 @@ class Pump:
             os.set_blocking(fd, False)
 
     def exchange(self, payload: bytes, done: Callable[[Collected], bool], deadline: float,
-                 got: Collected | None = None) -> Collected:
+                 got: Collected | None = None, room: tuple[int, int] | None = None) -> Collected:
         """Send `payload`, then collect until done(collected) or the process exits; stops at the deadline.
-        `got` continues an earlier exchange of the same cell (output caps count over both)."""
-        got = Collected() if got is None else got
+        `got` continues an earlier exchange of the same cell (output caps count over both); `room` is
+        what is left of a cap shared with earlier exchanges (stdout, stderr bytes)."""
+        got = Collected(room=room) if got is None else got
         with selectors.DefaultSelector() as selector:
             for fd in self._open:
                 selector.register(fd, selectors.EVENT_READ)
@@ -103,8 +106,10 @@ class Pump:
             except ProtocolViolation as exc:
                 got.violation = str(exc)
             return True
-        buffer = got.stdout if self._streams[fd] == "stdout" else got.stderr
-        room = self._cap - len(buffer)
+        stream = self._streams[fd]
+        buffer = got.stdout if stream == "stdout" else got.stderr
+        cap = self._cap if got.room is None else got.room[stream == "stderr"]
+        room = max(cap - len(buffer), 0)
         buffer += data[:room]
         if len(data) > room:
             got.output_exceeded = True

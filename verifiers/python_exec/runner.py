@@ -24,6 +24,11 @@ import resource
 import sys
 
 _PIPE_CAPACITY = 65536  # stdin up to this size is written in one go, without a feeder thread
+# The builtin exception classes, taken before any program runs: a program's own class named ValueError is
+# not ValueError, and a test catching ValueError must not catch it.
+_BUILTIN_EXCEPTIONS = {name: value for name, value in vars(builtins).items()
+                       if isinstance(value, type) and issubclass(value, BaseException)}
+_MUTABLE = (list, dict, set)
 
 
 def read_frame(fd):
@@ -91,11 +96,56 @@ def make_proxy(target, request_fd, reply_fd):
         if answer is None:
             raise EOFError("the host closed the request pipe during a call")
         if "value" in answer:
+            # Arguments cross by value: what the solution did to its copies is done to the tests' own
+            # objects, and a returned argument is the tests' own object, so `is` and mutation checks hold.
+            if "args_after" in answer:
+                update_in_place(args, answer["args_after"])
+                update_in_place(kwargs, answer["kwargs_after"])
+            same = answer.get("same_as")
+            if same is not None:
+                return args[same] if type(same) is int else kwargs[same]
             return answer["value"]
         raise getattr(builtins, answer["raised"])(answer["message"])
 
     proxy.__name__ = proxy.__qualname__ = target
     return proxy
+
+
+def update_in_place(old, new):
+    """Make the containers of `old` hold what `new` holds, keeping the objects of `old` where the shapes
+    agree (a list mutated inside a tuple or a dict stays the tests' list)."""
+    if type(old) is list and type(new) is list and len(old) == len(new) or type(old) is tuple:
+        for i, (a, b) in enumerate(zip(old, new)):
+            same_shape = type(a) is type(b) and type(a) in (list, dict, tuple, set)
+            if same_shape and (type(a) is not tuple or len(a) == len(b)):
+                update_in_place(a, b)
+            elif type(old) is list and (type(a) is not type(b) or a != b):
+                old[i] = b
+    elif type(old) is list:
+        old[:] = new
+    elif type(old) is dict and type(new) is dict:
+        if list(old) == list(new):
+            for k in old:
+                a, b = old[k], new[k]
+                if type(a) is type(b) and type(a) in (list, dict, tuple, set):
+                    update_in_place(a, b)
+                elif type(a) is not type(b) or a != b:
+                    old[k] = b
+        else:
+            old.clear()
+            old.update(new)
+    elif type(old) is set and type(new) is set and old != new:
+        old.clear()
+        old.update(new)
+
+
+def _holds_mutable(value, depth=0):
+    kind = type(value)
+    if kind in _MUTABLE:
+        return True
+    if kind is tuple and depth < 100:
+        return any(_holds_mutable(item, depth + 1) for item in value)
+    return False
 
 
 def call_function(namespace, request):
@@ -104,13 +154,23 @@ def call_function(namespace, request):
 
     _stdin_from_devnull()
     reply = {"id": request["id"]}
+    args, kwargs = request["args"], request["kwargs"]
     try:
-        value = namespace[request["call"]](*request["args"], **request["kwargs"])
+        value = namespace[request["call"]](*args, **kwargs)
     except BaseException as exc:  # the solution's exception is its answer; the host decides what it means
-        reply.update(kind="raised", type=type(exc).__name__, message=_safe_str(exc))
+        # Named by the nearest genuine builtin class it derives from: `class ValueError(Exception)` is an
+        # Exception, and `class Bad(ValueError)` is caught by `except ValueError`.
+        genuine = next((c.__name__ for c in type(exc).__mro__ if _BUILTIN_EXCEPTIONS.get(c.__name__) is c),
+                       "BaseException")
+        reply.update(kind="raised", type=genuine, message=_safe_str(exc))
     else:
         try:
             reply.update(kind="value", value=encode_value(value))
+            if _holds_mutable((args, kwargs)):
+                reply.update(args_after=encode_value(args), kwargs_after=encode_value(kwargs))
+                same = [i for i, a in enumerate(args) if a is value] + [k for k, a in kwargs.items() if a is value]
+                if same and type(value) in _MUTABLE:
+                    reply.update(same_as=same[0])
         except BaseException as exc:
             reply.update(kind="invalid", message=_safe_str(exc))
     restore_stdio()
