@@ -69,9 +69,9 @@ def test_through_the_flows_verify_task(tmp_path):
         cfg = types.SimpleNamespace(verify=VerifyConfig(workers=1))  # the task reads cfg.verify only
         if stops:
             with pytest.raises(VerifierCrash):
-                verify.fn(tasks, cfg, samples, out)
+                verify.fn(tasks, cfg, samples, out, None)
             continue
-        metrics = verify.fn(tasks, cfg, samples, out)
+        metrics = verify.fn(tasks, cfg, samples, out, None)
         assert metrics["verify/errors"] == 1 and metrics["verify/code_timeouts"] == 0
         assert len(out.read_text().splitlines()) == 200
 
