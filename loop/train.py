@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     """DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023; TRL normalises it per model token)."""
     beta: float = Field(0.1, gt=0)
-    """Strength of the pull towards the reference policy (IPO: its tau)."""
+    """Strength of the pull towards the reference policy (IPO: its tau); sft has no reference and ignores it."""
     nll_coef: float = Field(0.0, ge=0)
     """Weight of an NLL term on the chosen completions' model tokens (RPO, Pang et al. 2024); 0 = off. DPO only."""
     divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
