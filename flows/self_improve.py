@@ -33,7 +33,7 @@ from loop.engine import VLLMEngine
 from loop.evaluate import evaluate_policy
 from loop.memory import PeakMemory
 from loop.models import ResolvedModel, resolve_model
-from loop.pairs import build_pairs, load_pairs, rehearsal_samples, save_pairs, select_samples
+from loop.pairs import build_pairs, load_pairs, rehearsal_samples, rft_samples, save_pairs, select_samples
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
 from loop.round_table import markdown as round_markdown, primary_line
@@ -128,12 +128,15 @@ def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path,
           out: Path, trainer: Callable | None = None) -> dict[str, float]:
     logger = get_run_logger()
     # KTO trains on the samples pairing would use (loop.pairs.select_samples: cut-off samples, duplicates and
-    # verifier timeouts follow the same `pairs` rules), unpaired.
+    # verifier timeouts follow the same `pairs` rules), unpaired; SFT (RFT) on one correct sample per prompt of those.
     if cfg.train.algorithm == "dpo":
         data, why = load_pairs(pairs_path), "no preference pairs (every prompt all-correct or all-wrong)"
-    else:
+    elif cfg.train.algorithm == "kto":
         data, _ = select_samples(_load_graded(graded_path), cfg.pairs)
         why = "no usable graded sample (all cut off, timed out or conflicting)"
+    else:
+        data = rft_samples(_load_graded(graded_path), cfg.pairs, cfg.train.sft_pick or "shortest")
+        why = "no usable correct sample (every prompt wrong, cut off, timed out or conflicting)"
     if not data:
         logger.warning(f"round has {why}: skipping training; the previous adapter stays current")
         return {"train/skipped": 1.0}

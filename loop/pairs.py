@@ -291,3 +291,24 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     if not path.is_file():
         raise FileNotFoundError(f"no pairs file at {path} (the round's 'pairs' stage writes it)")
     return [PreferencePair.from_dict(d) for d in read_jsonl(path)]
+
+
+def rft_samples(graded: list[Graded], cfg: PairsConfig,
+                pick: Literal["shortest", "random"] = "shortest") -> list[Graded]:
+    """One correct sample per prompt, the data of an RFT round (train.algorithm: sft), in the order the tasks first
+    appear; a prompt without a usable correct sample gives none. The same drops as pairing (`_usable_by_task`:
+    ungradeable, conflicting, duplicates; cut-off unless `keep_truncated`). shortest: the fewest model-written tokens
+    (ties: the earlier sample); random: a coin seeded by (seed, task), so a prompt's pick does not depend on the others.
+    A cut-off sample is never picked, even with `keep_truncated`: like a pair's chosen side, an imitation target
+    must be finished."""
+    if pick not in ("shortest", "random"):
+        raise ValueError(f"unknown RFT pick {pick!r} (train.sft_pick): use shortest or random")
+    usable, _ = _usable_by_task(graded, cfg)
+    picked = []
+    for task_id, u in usable.items():
+        correct = [g for g in u.correct if g.trajectory.finish_reason not in TRUNCATED]
+        if correct and pick == "shortest":
+            picked.append(min(correct, key=lambda g: g.trajectory.num_model_tokens))
+        elif correct:
+            picked.append(random.Random(f"{cfg.seed}:{task_id}:rft").choice(correct))
+    return picked

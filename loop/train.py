@@ -1,9 +1,12 @@
-"""One round's update of the LoRA adapter: multi-turn DPO on preference pairs (or KTO on graded samples).
+"""One round's update of the LoRA adapter: multi-turn DPO on preference pairs (or KTO on graded samples, or RFT:
+SFT on one correct sample per prompt).
 
-TRL's DPOTrainer/KTOTrainer do the optimisation on a frozen base with a peft LoRA adapter. What this module adds:
+TRL's DPOTrainer/KTOTrainer/SFTTrainer do the optimisation on a frozen base with a peft LoRA adapter. What this
+module adds:
 - token-space rows with tool observations masked out of the policy and reference log-probs (loop/train_data.py);
   TRL 1.16's DPO/KTO trainers only take text datasets, so a two-line subclass (loop/train_trl.py) skips their tokenisation step
-  (`_prepare_dataset`), and the masked rows reach TRL's loss through its `data_collator` argument;
+  (`_prepare_dataset`), and the masked rows reach TRL's loss through its `data_collator` argument; its SFTTrainer
+  takes token rows as they are and turns their `completion_mask` into the labels (-100 on prompt and observations);
 - the reference policy: the base model (adapter disabled, TRL's default for a fresh adapter) or the previous
   round's adapter, loaded frozen as the "ref" adapter that TRL's DPO/KTO look for;
 - the start point: the previous round's adapter weights (continue_adapter) or a fresh adapter. The two choices are
@@ -41,12 +44,19 @@ log = logging.getLogger(__name__)
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: Literal["dpo", "kto"] = "dpo"
-    """dpo: preference pairs (M-DPO); kto: every usable graded sample, desirable when correct (multi-turn KTO)."""
+    algorithm: Literal["dpo", "kto", "sft"] = "dpo"
+    """dpo: preference pairs (M-DPO); kto: every usable graded sample, desirable when correct (multi-turn KTO);
+    sft: rejection-sampling fine-tuning (RFT, Yuan et al. 2023, arXiv:2308.01825), the mean NLL of the model-written
+    tokens of one correct sample per prompt (`sft_pick`), with no reference model: the baseline that DPO's pairs
+    should beat."""
+    sft_pick: Literal["shortest", "random"] | None = None
+    """sft only: which correct sample of a prompt is trained on (loop.pairs.rft_samples). shortest: the fewest
+    model-written tokens (ties: the earlier sample); random: a coin seeded by pairs.seed and the task. None:
+    shortest."""
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     """DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023; TRL normalises it per model token)."""
     beta: float = Field(0.1, gt=0)
-    """Strength of the pull towards the reference policy (IPO: its tau)."""
+    """Strength of the pull towards the reference policy (IPO: its tau); sft has no reference and ignores it."""
     nll_coef: float = Field(0.0, ge=0)
     """Weight of an NLL term on the chosen completions' model tokens (RPO, Pang et al. 2024); 0 = off. DPO only."""
     divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
@@ -61,7 +71,7 @@ class TrainConfig(BaseModel):
     """AdamW learning rate of the LoRA weights (LoRA needs ~10x the full fine-tuning rate)."""
     epochs: float = Field(1.0, gt=0)
     per_device_batch_size: int = Field(4, ge=1)
-    """Pairs (DPO) or samples (KTO) per forward pass; KTO needs >= 2 (its KL estimate uses the other samples)."""
+    """Pairs (DPO) or samples (KTO, SFT) per forward pass; KTO needs >= 2 (its KL estimate uses the other samples)."""
     grad_accumulation: int = Field(1, ge=1)
     max_length: int | None = Field(2048, ge=2)
     """Prompt + completion tokens kept per sequence (the end is cut); None: no limit."""
@@ -95,14 +105,19 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> "TrainConfig":
-        if self.algorithm == "kto":
-            if self.per_device_batch_size < 2:
-                raise ValueError("KTO estimates its KL term from the other samples of a batch: "
-                                 "set per_device_batch_size >= 2")
-            if self.loss != "sigmoid" or self.nll_coef or self.divergence != "reverse_kl" or \
-                    self.precompute_ref_log_probs:
-                raise ValueError("loss, nll_coef, divergence and precompute_ref_log_probs are DPO options; with "
-                                 "algorithm: kto leave them at their defaults")
+        if self.algorithm == "kto" and self.per_device_batch_size < 2:
+            raise ValueError("KTO estimates its KL term from the other samples of a batch: "
+                             "set per_device_batch_size >= 2")
+        if self.algorithm != "dpo" and (self.loss != "sigmoid" or self.nll_coef or self.divergence != "reverse_kl"
+                                        or self.precompute_ref_log_probs):
+            raise ValueError(f"loss, nll_coef, divergence and precompute_ref_log_probs are DPO options; with "
+                             f"algorithm: {self.algorithm} leave them at their defaults")
+        if self.algorithm == "sft" and self.reference != "base":
+            raise ValueError("algorithm: sft trains without a reference model; remove train.reference (or set it to "
+                             "base) or use algorithm: dpo / kto")
+        if self.sft_pick is not None and self.algorithm != "sft":
+            raise ValueError(f"train.sft_pick chooses the samples of algorithm: sft (algorithm is {self.algorithm}); "
+                             "remove it or set algorithm: sft")
         if self.alpha_divergence_coef is not None and self.divergence != "alpha_divergence":
             raise ValueError(f"train.alpha_divergence_coef applies to divergence: alpha_divergence only (divergence is "
                              f"{self.divergence}); remove it or set divergence: alpha_divergence")
@@ -157,7 +172,12 @@ def _check_inputs(base_model_path: Path, data: list, cfg: TrainConfig, init_adap
     if not all(isinstance(x, want) for x in data):
         raise TypeError(f"algorithm {cfg.algorithm} trains on {want.__name__} items (got "
                         f"{type(next(x for x in data if not isinstance(x, want))).__name__}); DPO takes "
-                        "loop.pairs.build_pairs output, KTO the graded samples (loop.pairs.select_samples)")
+                        "loop.pairs.build_pairs output, KTO the graded samples (loop.pairs.select_samples), SFT the "
+                        "correct ones (loop.pairs.rft_samples)")
+    if cfg.algorithm == "sft" and not all(g.correct for g in data):
+        wrong = next(g for g in data if not g.correct)
+        raise ValueError(f"algorithm sft imitates correct samples only, but task {wrong.trajectory.task_id} sample "
+                         f"{wrong.trajectory.sample} is graded {wrong.status}; pass loop.pairs.rft_samples output")
     if cfg.max_length is not None:
         longest = max(len(t.prompt_token_ids) for t in trajectories_of(data))
         if longest >= cfg.max_length:
@@ -197,7 +217,8 @@ def _summarise(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, f
     for h in steps:
         for ours, trl in (("loss", "loss"), ("grad_norm", "grad_norm"), ("reward_margin", "rewards/margins"),
                           ("reward_accuracy", "rewards/accuracies"), ("logps_chosen", "logps/chosen"),
-                          ("logps_rejected", "logps/rejected"), ("kl", "kl"), ("rehearsal_nll", "rehearsal_nll")):
+                          ("logps_rejected", "logps/rejected"), ("kl", "kl"), ("rehearsal_nll", "rehearsal_nll"),
+                          ("token_accuracy", "mean_token_accuracy"), ("entropy", "entropy")):
             if trl in h:
                 add(ours, h[trl])
         # TRL logs rewards = beta * (policy - reference) log-probs, so the reference log-probs follow exactly.
@@ -224,9 +245,10 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
 
     `init_adapter` is the previous round's adapter, the current policy (None in the first round): the start
     point when `cfg.continue_adapter`, the reference when `cfg.reference == "previous"`, unused otherwise. `data`
-    is the round's preference pairs (DPO) or graded samples (KTO: `loop.pairs.select_samples` output; samples
-    without a verdict are left out). `rehearsal` (DPO only): the trajectories of `loop.pairs.rehearsal_samples`, at most
-    one per pair, trained on with an NLL term of weight `cfg.rehearsal_coef`. `callbacks`: extra transformers
+    is the round's preference pairs (DPO), graded samples (KTO: `loop.pairs.select_samples` output; samples
+    without a verdict are left out) or one correct sample per prompt (SFT: `loop.pairs.rft_samples` output).
+    `rehearsal` (DPO only): the trajectories of `loop.pairs.rehearsal_samples`, at most one per pair, trained on
+    with an NLL term of weight `cfg.rehearsal_coef`. `callbacks`: extra transformers
     `TrainerCallback`s (e.g. bench/train_profile.py's phase timer). On failure nothing is written to `out_dir`.
     """
     # Imported here, not with the module: loading a config (loop/config.py imports TrainConfig) must not pay
@@ -235,9 +257,10 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, KTOConfig
+    from trl import DPOConfig, KTOConfig, SFTConfig, SFTTrainer
 
-    from loop.train_data import MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, trajectories_of
+    from loop.train_data import (MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, sft_rows,
+                                 trajectories_of)
     from loop.train_trl import StopOnNonFinite, TokenDPOTrainer, TokenKTOTrainer, cpu_lm_head, load_previous_weights
 
     base_model_path, out_dir = Path(base_model_path), Path(out_dir)
@@ -251,7 +274,8 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
             raise ValueError("no graded sample has a verdict (all timed out or errored): nothing to train on")
         data = usable
     if rehearsal and cfg.algorithm != "dpo":
-        raise ValueError("rehearsal samples are trained beside DPO pairs; with algorithm: kto set pairs.rehearsal: 0")
+        raise ValueError(f"rehearsal samples are trained beside DPO pairs; with algorithm: {cfg.algorithm} set "
+                         "pairs.rehearsal: 0")
     extra.update(_token_counts(trajectories_of(data), cfg.max_length))
     extra["train/examples"] = float(len(data))
     if rehearsal:
@@ -275,9 +299,8 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
             common = dict(output_dir=str(scratch), learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
                           per_device_train_batch_size=cfg.per_device_batch_size,
                           gradient_accumulation_steps=cfg.grad_accumulation, max_length=cfg.max_length,
-                          gradient_checkpointing=cfg.gradient_checkpointing, bf16=bf16, beta=cfg.beta,
+                          gradient_checkpointing=cfg.gradient_checkpointing, bf16=bf16,
                           max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed,
-                          disable_dropout=cfg.lora_dropout == 0,
                           # Every step is logged (and checked by the guard); NaNs must reach the log unfiltered.
                           logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none",
                           disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
@@ -290,17 +313,23 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
                 divergence = {"f_divergence_type": cfg.divergence}
                 if cfg.alpha_divergence_coef is not None:
                     divergence["f_alpha_divergence_coef"] = cfg.alpha_divergence_coef
-                args = DPOConfig(loss_type=losses, loss_weights=weights, **divergence, **common)
+                args = DPOConfig(loss_type=losses, loss_weights=weights, **divergence, beta=cfg.beta,
+                                 disable_dropout=cfg.lora_dropout == 0, **common)
                 collator = MaskedPreferenceCollator(tokenizer.pad_token_id, cfg.max_length)
                 trainer_cls, rows = TokenDPOTrainer, dpo_rows(data, list(rehearsal))
                 trainer_kwargs = {"rehearsal_coef": cfg.rehearsal_coef or 1.0}
-            else:
+            elif cfg.algorithm == "kto":
                 args = KTOConfig(desirable_weight=cfg.kto_desirable_weight,
-                                 undesirable_weight=cfg.kto_undesirable_weight,
-                                 train_sampling_strategy="sequential", **common)
+                                 undesirable_weight=cfg.kto_undesirable_weight, beta=cfg.beta,
+                                 disable_dropout=cfg.lora_dropout == 0, train_sampling_strategy="sequential", **common)
                 collator = MaskedUnpairedCollator(tokenizer.pad_token_id, cfg.max_length)
                 trainer_cls, rows = TokenKTOTrainer, kto_rows(data, cfg.per_device_batch_size, cfg.seed)
                 trainer_kwargs = {}
+            else:
+                # TRL's SFT on token rows: completion_only_loss turns each row's completion_mask into its labels, so
+                # the loss is the mean NLL over the step's model-written tokens (TRL's collator pads the rows).
+                args = SFTConfig(completion_only_loss=True, **common)
+                collator, trainer_cls, rows, trainer_kwargs = None, SFTTrainer, sft_rows(data), {}
             trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, peft_config=lora,
                                   callbacks=[StopOnNonFinite(cfg.lr), *callbacks],

@@ -1,4 +1,4 @@
-"""Token-space training rows and batches for TRL's DPO and KTO trainers, with tool observations masked.
+"""Token-space training rows and batches for TRL's DPO, KTO and SFT trainers, with tool observations masked.
 
 TRL scores a token only where the batch's `completion_mask` is 1 (its label is -100 elsewhere), for the policy
 and the reference alike. TRL's own collators set that mask to "every token after the prompt"; these set it from
@@ -56,6 +56,15 @@ def kto_rows(samples: list[Graded], batch_size: int, seed: int) -> list[dict[str
             row["KL_completion_ids"] = other["completion_ids"]
             row["KL_completion_mask"] = other["completion_mask"]
     return rows
+
+
+def sft_rows(samples: list[Graded]) -> list[dict[str, list[int]]]:
+    """One row per sample in the form TRL's SFTTrainer takes as already tokenised: the whole sequence and its
+    `completion_mask` (0 on the prompt and the observations), which TRL turns into the labels (-100 where 0) when
+    `completion_only_loss` is on, truncates to `max_length` (keeping the start) and pads with its own collator."""
+    return [{"input_ids": g.trajectory.prompt_token_ids + g.trajectory.completion_token_ids,
+             "completion_mask": [0] * len(g.trajectory.prompt_token_ids) + g.trajectory.completion_mask}
+            for g in samples]
 
 
 def trajectories_of(data: list[PreferencePair] | list[Graded]) -> list[Trajectory]:

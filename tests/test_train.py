@@ -1,4 +1,5 @@
-"""DPO / KTO rounds on the real SmolLM2-135M-Instruct (loop/train.py): a few steps on short sequences, CPU."""
+"""DPO / KTO / SFT (RFT) rounds on the real SmolLM2-135M-Instruct (loop/train.py): a few steps on short sequences,
+CPU."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from loop.adapter_check import probe_logprobs
 from loop.models import resolve_model
-from loop.pairs import PreferencePair
+from loop.pairs import PairsConfig, PreferencePair, rft_samples
 from loop.records import Graded, Segment, Trajectory
 from loop.train import TrainConfig, TrainingDiverged, train_round
 
@@ -365,3 +366,190 @@ def test_cpu_lm_head_and_precomputed_reference_keep_the_loss_and_gradients(first
     for n in trl_grads:
         assert trl_grads[n].abs().max() > 0, n
         torch.testing.assert_close(our_grads[n], trl_grads[n], rtol=1e-3, atol=1e-3 * trl_grads[n].abs().max().item())
+
+
+# RFT (train.algorithm: sft): one correct sample per prompt, the mean NLL of its model-written tokens.
+
+def rft_graded(task: str, sample: int, status: str = "correct", model_tokens: int = 3, finish: str = "stop") -> Graded:
+    # Token ids distinct per sample, so no two samples are duplicates (which pairing would merge).
+    t = Trajectory(task, sample, [1, 2], [Segment("model", "", [100 * sample + i for i in range(model_tokens)])], finish)
+    return Graded(t, status, None, "")
+
+
+def picks(samples: list[Graded]) -> list[tuple[str, int]]:
+    return [(g.trajectory.task_id, g.trajectory.sample) for g in samples]
+
+
+@pytest.mark.parametrize("keep_truncated", [False, True])
+def test_sft_rft_samples_pick_one_finished_correct_sample_per_prompt(keep_truncated):
+    graded = [rft_graded("a", 0, model_tokens=5), rft_graded("a", 1, model_tokens=3),
+              rft_graded("a", 2, model_tokens=1, finish="length"),  # the shortest correct one, but cut off
+              rft_graded("a", 3, "incorrect", model_tokens=1),
+              rft_graded("b", 0, "incorrect"), rft_graded("b", 1, "no_answer"),  # nothing correct
+              rft_graded("c", 0, finish="max_turns"), rft_graded("c", 1, "timeout"),  # correct only when cut off
+              rft_graded("d", 1, model_tokens=2), rft_graded("d", 0, model_tokens=2),  # a tie: the earlier sample
+              rft_graded("e", 0, finish="context"), rft_graded("e", 1, model_tokens=9)]
+    cfg = PairsConfig(keep_truncated=keep_truncated)
+    assert picks(rft_samples(graded, cfg)) == [("a", 1), ("d", 0), ("e", 1)]
+    assert picks(rft_samples(graded, cfg, "shortest")) == picks(rft_samples(list(reversed(graded)), cfg))[::-1]
+
+    # random: seeded by (seed, task); over seeds it reaches every finished correct sample and nothing else.
+    seen = {}
+    for seed in range(30):
+        got = rft_samples(graded, PairsConfig(keep_truncated=keep_truncated, seed=seed), "random")
+        assert got == rft_samples(graded, PairsConfig(keep_truncated=keep_truncated, seed=seed), "random")
+        assert [t for t, _ in picks(got)] == ["a", "d", "e"]
+        for task, sample in picks(got):
+            seen.setdefault(task, set()).add(sample)
+    assert seen == {"a": {0, 1}, "d": {0, 1}, "e": {1}}
+
+
+def test_sft_rft_samples_follow_the_pairing_drops():
+    # Identical completions graded differently have no trustworthy verdict: both go, as in pairing. A verifier timeout
+    # counted as incorrect is never a target.
+    conflict = [rft_graded("a", 0), rft_graded("a", 1, "incorrect")]
+    conflict[1].trajectory.segments = conflict[0].trajectory.segments
+    assert rft_samples(conflict + [rft_graded("b", 0, "timeout")], PairsConfig(timeout_as_incorrect=True)) == []
+    with pytest.raises(ValueError, match="use shortest or random"):
+        rft_samples(conflict, PairsConfig(), "longest")
+
+
+def tool_sample(tok, task: str, answer: str, sample: int = 0) -> Graded:
+    """A correct tool trajectory: code, an observation in the middle (context, not trained on), the answer."""
+    return Graded(traj(tok, task, sample, [("model", f" ```python\nprint({task})\n```"),
+                                           ("observation", f"\n```output\n{answer}\n```\n"),
+                                           ("model", f" It is {answer}.")]), "correct", None, "")
+
+
+@pytest.fixture(scope="module")
+def sft_samples(tok) -> list[Graded]:
+    return [tool_sample(tok, "2+3", "5"), tool_sample(tok, "4*5", "20"), tool_sample(tok, "7-1", "6"),
+            tool_sample(tok, "9/3", "3.0")]
+
+
+@pytest.fixture(scope="module")
+def sft_round(model_path, sft_samples, tmp_path_factory):
+    # One batch of all four samples, two epochs: step 1 sees every sample with the policy still equal to the base.
+    return train_round(model_path, sft_samples, TrainConfig(algorithm="sft", **{**FAST, "per_device_batch_size": 4,
+                                                                                  "epochs": 2}),
+                       init_adapter=None, out_dir=tmp_path_factory.mktemp("sft") / "adapter")
+
+
+def mean_nll(model, samples: list[Graded], masked: bool = True) -> float:
+    """The token-weighted mean NLL over the samples' completion tokens: the model-written ones only (masked), or
+    every completion token, observations included."""
+    trajs = [g.trajectory for g in samples]
+    masks = [t.completion_mask if masked else [1] * len(t.completion_mask) for t in trajs]
+    return -sum(masked_logp(model, t, m) for t, m in zip(trajs, masks)) / sum(sum(m) for m in masks)
+
+
+def test_sft_loss_is_the_mean_nll_of_model_tokens_with_observations_masked(sft_round, sft_samples, model_path):
+    # At step 1 the fresh adapter leaves the policy equal to the base model, so TRL's loss must equal a plain forward
+    # of the base model: log-softmax, the NLL of each model-written token, averaged over all of the batch's.
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    step1 = sft_round.history[0]
+    assert step1["loss"] == pytest.approx(mean_nll(base, sft_samples), rel=1e-4)
+    # It can tell masked from unmasked (a gap a hundred times the tolerance above).
+    assert mean_nll(base, sft_samples, masked=False) != pytest.approx(step1["loss"], rel=1e-2)
+    m = sft_round.metrics
+    assert m["train/loss_first"] == step1["loss"] and m["train/loss_last"] < m["train/loss_first"]
+    assert m["train/steps"] == 2 and m["train/examples"] == 4
+    assert m["train/model_tokens"] == sum(g.trajectory.num_model_tokens for g in sft_samples)
+    assert m["train/observation_tokens"] == sum(len(g.trajectory.completion_mask) for g in sft_samples) - \
+        m["train/model_tokens"] > 0
+    assert 0 <= m["train/token_accuracy"] <= 1 and "train/reward_accuracy" not in m and "train/kl" not in m
+    assert all(math.isfinite(v) for v in m.values()), m
+
+
+def test_sft_round_writes_a_loadable_adapter_with_its_probe(sft_round, sft_samples, model_path):
+    res = sft_round
+    assert sorted(p.name for p in res.adapter_dir.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "ratchet_probe.json", "ratchet_train.json"]
+    assert not any(p.name.startswith(".") for p in res.adapter_dir.parent.iterdir())
+    assert any(w.abs().max() > 0 for k, w in lora_weights(res.adapter_dir).items() if "lora_B" in k)
+    record = json.loads((res.adapter_dir / "ratchet_train.json").read_text())
+    assert record["config"]["algorithm"] == "sft" and record["reference_adapter"] is None
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
+                                       res.adapter_dir)
+    probe = json.loads((res.adapter_dir / "ratchet_probe.json").read_text())
+    t = sft_samples[0].trajectory
+    assert probe["token_ids"] == (t.prompt_token_ids + t.completion_token_ids)[-128:]
+    base_lp, tuned_lp = probe_logprobs(loaded, probe["token_ids"])
+    assert probe["adapter_logprobs"] == pytest.approx(tuned_lp, abs=1e-4)
+    assert probe["base_logprobs"] == pytest.approx(base_lp, abs=1e-4)
+    assert probe["adapter_logprobs"] != pytest.approx(probe["base_logprobs"], abs=1e-3)
+    # Trained towards the samples: the adapter's NLL of them is below the base model's.
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    assert mean_nll(loaded, sft_samples) < mean_nll(base, sft_samples) - 0.1
+
+
+def test_sft_continues_the_previous_adapter(sft_round, sft_samples, model_path, tmp_path):
+    prev = sft_round.adapter_dir
+    before = lora_weights(prev)
+    res = train_round(model_path, sft_samples[:2], TrainConfig(algorithm="sft", **FAST), init_adapter=prev,
+                      out_dir=tmp_path / "round2")
+    prev_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), prev)
+    # Step 1 starts from the previous adapter, not from the base model.
+    assert res.history[0]["loss"] == pytest.approx(mean_nll(prev_model, sft_samples[:2]), rel=1e-4)
+    assert json.loads((res.adapter_dir / "ratchet_train.json").read_text())["start_adapter"] == str(prev)
+    after = lora_weights(res.adapter_dir)
+    assert after.keys() == before.keys() and not all(torch.equal(after[k], before[k]) for k in after)
+    assert all(torch.equal(v, lora_weights(prev)[k]) for k, v in before.items())  # the previous adapter is untouched
+
+
+def test_sft_divergence_raises_and_writes_no_adapter(sft_round, sft_samples, model_path, tmp_path):
+    with pytest.raises(TrainingDiverged, match="previous adapter stays current"):
+        train_round(model_path, sft_samples, TrainConfig(algorithm="sft", **{**FAST, "lr": 1e30}),
+                    init_adapter=sft_round.adapter_dir, out_dir=tmp_path / "diverged")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sft_bad_input_and_options_are_refused(model_path, pairs, sft_samples, tmp_path):
+    wrong = Graded(pairs[0].rejected, "incorrect", None, "")
+    with pytest.raises(ValueError, match="sft imitates correct samples only.*graded incorrect.*rft_samples"):
+        train_round(model_path, [sft_samples[0], wrong], TrainConfig(algorithm="sft"), out_dir=tmp_path / "x")
+    with pytest.raises(TypeError, match="rft_samples"):
+        train_round(model_path, pairs, TrainConfig(algorithm="sft"), out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="with algorithm: sft set pairs.rehearsal: 0"):
+        train_round(model_path, sft_samples, TrainConfig(algorithm="sft"), out_dir=tmp_path / "x",
+                    rehearsal=[sft_samples[0].trajectory])
+    assert not (tmp_path / "x").exists()
+    for option in ({"nll_coef": 0.5}, {"loss": "ipo"}, {"divergence": "forward_kl"}, {"precompute_ref_log_probs": True}):
+        with pytest.raises(ValueError, match="DPO options; with algorithm: sft leave them at their defaults"):
+            TrainConfig(algorithm="sft", **option)
+    with pytest.raises(ValueError, match="sft trains without a reference model"):
+        TrainConfig(algorithm="sft", reference="previous")
+    with pytest.raises(ValueError, match="sft_pick chooses the samples of algorithm: sft"):
+        TrainConfig(sft_pick="random")
+    with pytest.raises(ValueError, match="sft_pick"):
+        TrainConfig(algorithm="sft", sft_pick="longest")
+    assert TrainConfig(algorithm="sft", sft_pick="random").sft_pick == "random"
+
+
+def test_sft_through_the_flows_train_task(model_path, tok, tmp_path):
+    # The flow's train stage reads the round's graded samples and trains on rft_samples' pick: here one prompt with
+    # two correct samples (the shorter is trained on), one all wrong, one correct only when cut off.
+    from prefect.logging import disable_run_logger
+
+    from flows.self_improve import train as train_stage
+    from loop.config import RunConfig
+    from loop.rundir import write_jsonl
+
+    short, long = tool_sample(tok, "2+3", "5", sample=1), tool_sample(tok, "2+3", "5.0 (two plus three)", sample=0)
+    cut = tool_sample(tok, "4*5", "20")
+    cut.trajectory.finish_reason = "length"
+    wrong = Graded(traj(tok, "7-1", 0, [("model", " It is 8.")]), "incorrect", None, "")
+    write_jsonl(tmp_path / "graded.jsonl", (g.to_dict() for g in (long, short, cut, wrong)))
+    cfg = RunConfig(name="t", model="smollm2-135m-instruct", train_tasks={"family": "arithmetic", "split": "train"},
+                    eval={"tasks": {"family": "arithmetic", "split": "eval"}}, pairs={"keep_truncated": True},
+                    train={"algorithm": "sft", "sft_pick": "shortest", **FAST})
+    with disable_run_logger():
+        m = train_stage.fn(model_path, cfg, tmp_path / "pairs.jsonl", tmp_path / "graded.jsonl", None,
+                           tmp_path / "adapter")
+        assert m["train/skipped"] == 0 and m["train/examples"] == 1
+        assert m["train/model_tokens"] == short.trajectory.num_model_tokens < long.trajectory.num_model_tokens
+        assert (tmp_path / "adapter" / "ratchet_probe.json").is_file()
+        write_jsonl(tmp_path / "graded.jsonl", (g.to_dict() for g in (cut, wrong)))
+        assert train_stage.fn(model_path, cfg, tmp_path / "pairs.jsonl", tmp_path / "graded.jsonl", None,
+                              tmp_path / "adapter2") == {"train/skipped": 1.0}
+    assert not (tmp_path / "adapter2").exists()
