@@ -109,8 +109,8 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _rehearsal(self) -> "RunConfig":
         if self.pairs.rehearsal and self.train.algorithm != "dpo":
-            raise ValueError("pairs.rehearsal adds an NLL term beside the DPO loss; with train.algorithm: kto set "
-                             "pairs.rehearsal: 0")
+            raise ValueError("pairs.rehearsal adds an NLL term beside the DPO loss; with train.algorithm: "
+                             f"{self.train.algorithm} set pairs.rehearsal: 0")
         if self.train.rehearsal_coef is not None and not self.pairs.rehearsal:
             raise ValueError("train.rehearsal_coef weighs the rehearsal samples, but pairs.rehearsal is 0 (none are "
                              "drawn); set pairs.rehearsal (e.g. 0.25) or remove train.rehearsal_coef")
@@ -155,8 +155,9 @@ def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = 
         return  # the trainer runs elsewhere (a Ray actor) or on a GPU: not this machine's memory
     t = cfg.train
     bf16 = t.bf16 is True or (t.bf16 == "native" and cpu_has_bf16())
-    # DPO: chosen + rejected per pair; KTO: the sample + its KL completion; plus a rehearsal sequence per pair.
-    sequences = t.per_device_batch_size * (2 + bool(cfg.pairs.rehearsal))
+    # DPO: chosen + rejected per pair; KTO: the sample + its KL completion; plus a rehearsal sequence per pair;
+    # SFT (RFT): the sample alone.
+    sequences = t.per_device_batch_size * (1 if t.algorithm == "sft" else 2 + bool(cfg.pairs.rehearsal))
     seq_len = min(t.max_length or cfg.engine.max_model_len, cfg.engine.max_model_len)
     need = train_memory.estimate(model_dir, sequences=sequences, seq_len=seq_len, bytes_per_value=2 if bf16 else 4,
                                  gradient_checkpointing=t.gradient_checkpointing)

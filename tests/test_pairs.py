@@ -279,6 +279,8 @@ def test_rehearsal_is_checked_at_config_load():
     assert RunConfig(**base, pairs={"rehearsal": 0.25}, train={"rehearsal_coef": 0.5}).train.rehearsal_coef == 0.5
     with pytest.raises(ValidationError, match="with train.algorithm: kto set pairs.rehearsal: 0"):
         RunConfig(**base, pairs={"rehearsal": 0.25}, train={"algorithm": "kto"})
+    with pytest.raises(ValidationError, match="with train.algorithm: sft set pairs.rehearsal: 0"):
+        RunConfig(**base, pairs={"rehearsal": 0.25}, train={"algorithm": "sft"})
     with pytest.raises(ValidationError, match="pairs.rehearsal is 0"):
         RunConfig(**base, train={"rehearsal_coef": 0.5})
     with pytest.raises(ValidationError, match="rehearsal"):
