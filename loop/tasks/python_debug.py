@@ -45,7 +45,7 @@ from loop.tasks.base import Task
 from loop.tasks.instructions import render_prompt
 
 FAMILY = "python-debug"
-MAX_BUGS_PER_PROBLEM = 12
+MAX_BUGS_PER_PROBLEM = 6
 KINDS = ("comparison", "boolean", "arithmetic", "off_by_one", "initial_value", "swapped_args", "dropped_check",
          "return_value")
 TEST_TIMEOUT_S = 10.0
