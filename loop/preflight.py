@@ -3,7 +3,7 @@ is created, no Prefect server or vLLM engine is started until they pass.
 
 Each failure is one `PreflightError` (a `ConfigError`: the CLI prints it on one line and exits with 2) that says
 what is wrong, which setting is involved, and how to fix it. What they cover: the config (schema and YAML syntax,
-loop/config.py), the model name (loop/models.py `locate_model`) and, when its weights are on disk, the checks
+loop/config.py), a task file (family jsonl: there, and every line a task), the model name (loop/models.py `locate_model`) and, when its weights are on disk, the checks
 that need them (`check_model`), the folders written to, the saved config of a resumed run id, the MLflow store, and
 the device (`check_device`: a GPU config needs a CUDA device; the CUDA vLLM needs a CUDA torch).
 Imports stay light (no torch, vLLM, Prefect or mlflow): a typo is reported in well under a second. Only a config that
@@ -75,6 +75,27 @@ def _unreachable(uri: str, reason: str) -> None:
                          f"MLFLOW_TRACKING_URI ({reason})")
 
 
+def check_task_files(cfg: RunConfig) -> None:
+    """A task file (family jsonl) exists and every line of it is a task: the loop would find out only after the
+    engine had started, leaving a lock and a log behind."""
+    from loop.tasks.jsonl import TaskFileError, load
+
+    for key, tasks in (("train_tasks", cfg.train_tasks), ("eval.tasks", cfg.eval.tasks)):
+        if tasks.family != "jsonl":
+            continue
+        path = Path(tasks.path).expanduser()
+        if not path.is_file():
+            raise PreflightError(f"{key}.path: no task file at {path.absolute()} "
+                                 f"({'it is a folder' if path.is_dir() else 'not found'}); point {key}.path at a "
+                                 "JSONL file with one task a line (loop/tasks/jsonl.py says what a line holds)")
+        try:
+            load(path, tasks.instruction)
+        except TaskFileError as e:
+            first = str(e).splitlines()
+            raise PreflightError(f"{key}.path: {' / '.join(line.strip() for line in first[:4])}"
+                                 + (" / ..." if len(first) > 4 else "")) from None
+
+
 def check_model_name(cfg: RunConfig) -> None:
     """The model resolves (built-in, local folder, cached or reachable hub id); with its weights on disk, the
     config's train settings fit it (loop/config.py `check_model`)."""
@@ -142,6 +163,7 @@ def preflight_run(config: Path, rounds: int | None = None, run_id: str | None = 
         RunDir(cfg.run_dir, run_id or cfg.name, create=False).check_config(cfg.model_dump(mode="json"), RunConfig)
     except ValueError as e:
         raise PreflightError(str(e)) from None
+    check_task_files(cfg)
     check_model_name(cfg)
     check_device(cfg)
     check_tracking(cfg.tracking)
@@ -152,6 +174,7 @@ def preflight_eval(config: Path, out: Path) -> RunConfig:
     """What `ratchet eval` can check before starting: the config, the model, the output folder."""
     cfg = load_config(config)
     check_writable(out, "--out")
+    check_task_files(cfg)
     check_model_name(cfg)
     check_device(cfg)
     return cfg

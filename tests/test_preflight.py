@@ -73,6 +73,18 @@ def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path: Path):
     assert "<unicode string>" not in line
 
 
+def test_a_missing_or_malformed_task_file_is_refused_before_anything_starts(tmp_path: Path):
+    missing = tiny_config(tmp_path, train_tasks={"family": "jsonl", "path": str(tmp_path / "nope.jsonl"),
+                                                 "limit": None, "difficulty": None})
+    line = refused(tmp_path, missing)
+    assert "train_tasks.path: no task file at" in line and "nope.jsonl" in line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "2+2?", "answer": "4"}\n{"id": 2, "answer": "5"}\n')
+    line = refused(tmp_path, tiny_config(tmp_path, eval={"tasks": {"family": "jsonl", "split": "eval", "path": str(bad)},
+                                                         "sampling": {"n": 2}}))
+    assert line.startswith("error: eval.tasks.path: ") and "bad.jsonl:2" in line and "'prompt' is missing" in line
+
+
 def test_an_unreachable_hub_id_is_refused(tmp_path: Path):
     cfg = tiny_config(tmp_path, model="nonexistent-org/nonexistent-model-xyz")
     for env, why in (({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
