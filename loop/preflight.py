@@ -76,11 +76,19 @@ def _unreachable(uri: str, reason: str) -> None:
 
 
 def check_task_files(cfg: RunConfig) -> None:
-    """A task file (family jsonl) exists and every line of it is a task: the loop would find out only after the
-    engine had started, leaving a lock and a log behind."""
+    """A task file (family jsonl) exists and every line of it is a task, and a dataset (family hf) loads into tasks:
+    the loop would find out only after the engine had started, leaving a lock and a log behind."""
+    from loop.tasks import hf
     from loop.tasks.jsonl import TaskFileError, load
 
     for key, tasks in (("train_tasks", cfg.train_tasks), ("eval.tasks", cfg.eval.tasks)):
+        if tasks.family == "hf":
+            try:
+                hf.load(tasks.dataset, tasks.dataset_config, tasks.hf_split(), tasks.columns, tasks.instruction)
+            except hf.DatasetError as e:
+                lines = str(e).splitlines()
+                raise PreflightError(f"{key}: {' / '.join(line.strip() for line in lines[:4])}"
+                                     + (" / ..." if len(lines) > 4 else "")) from None
         if tasks.family != "jsonl":
             continue
         path = Path(tasks.path).expanduser()

@@ -209,6 +209,55 @@ def test_jsonl_train_eval_leak_is_caught(tmp_path):
         check_disjoint(train, evaluation)
 
 
+# --- hf: a Hugging Face dataset (here local files the test writes; a hub id takes the same call) -------------------
+
+def test_hf_dataset_from_a_parquet_file_reads_gsm8k_and_math_answers(tmp_path):
+    from datasets import Dataset
+
+    path = tmp_path / "mine.parquet"
+    Dataset.from_dict({
+        "question": ["Tom has 3 apples and buys 4. How many?", "What is 1/2 + 1/4?", "Name a prime above 10."],
+        "solution": ["3 + 4 = 7\n#### 7", "It is $\\boxed{\\frac{3}{4}}$.", "11"],
+        "level": ["easy", "hard", "easy"]}).to_parquet(str(path))
+    cfg = TaskSetConfig(family="hf", split="train", dataset=str(path),
+                        columns={"prompt": "question", "answer": "solution", "difficulty": "level"})
+    tasks = load_tasks(cfg)
+    assert [t.answer for t in tasks] == ["7", "\\frac{3}{4}", "11"]
+    assert [t.id for t in tasks] == ["hf/mine/0", "hf/mine/1", "hf/mine/2"] and tasks[0].difficulty == "easy"
+    assert all(t.verifier == "math" and t.prompt.endswith(HASH_ANSWER) for t in tasks)
+    # A JSONL file with an id column and a code task: tests and entry point.
+    code = tmp_path / "code.jsonl"
+    code.write_text(json.dumps({"key": "a", "q": "Write f(x) = x + 1.", "t": "def check(c):\n    assert c(1) == 2",
+                                "fn": "f"}) + "\n")
+    [task] = load_tasks(TaskSetConfig(family="hf", split="eval", dataset=str(code), dataset_split="whatever",
+                                      columns={"id": "key", "prompt": "q", "tests": "t", "entry_point": "fn"}))
+    assert (task.id, task.verifier, task.entry_point) == ("hf/code/a", "code", "f") and "check" in task.tests
+
+
+def test_hf_dataset_errors_name_the_setting_the_rows_and_the_columns(tmp_path):
+    from datasets import Dataset
+
+    from loop.tasks.hf import DatasetError
+
+    path = tmp_path / "bad.parquet"
+    Dataset.from_dict({"q": ["A?", "", "C?"], "a": ["1", "2", None]}).to_parquet(str(path))
+    with pytest.raises(DatasetError, match=r"(?s)2 problem\(s\).*row 1: column 'q' \(prompt\) is empty.*row 2: column 'a'"):
+        load_tasks(TaskSetConfig(family="hf", split="train", dataset=str(path), columns={"prompt": "q", "answer": "a"}))
+    with pytest.raises(DatasetError, match=r"answer -> 'solution' not in dataset .*its columns: q, a"):
+        load_tasks(TaskSetConfig(family="hf", split="train", dataset=str(path),
+                                 columns={"prompt": "q", "answer": "solution"}))
+    with pytest.raises(DatasetError, match="could not be loaded"):
+        load_tasks(TaskSetConfig(family="hf", split="train", dataset=str(tmp_path / "nothing-here"),
+                                 columns={"prompt": "q", "answer": "a"}))
+    for kw, message in ((dict(columns={"prompt": "q"}), "either answer .math. or tests and entry_point"),
+                        (dict(columns={"prompt": "q", "answer": "a", "gold": "g"}), "not roles a column can play"),
+                        (dict(dataset=None, columns={"prompt": "q", "answer": "a"}), "needs 'dataset'")):
+        with pytest.raises(ValidationError, match=message):
+            TaskSetConfig(**{"family": "hf", "split": "train", "dataset": str(path), **kw})
+    with pytest.raises(ValidationError, match="'columns' is an option of family 'hf'"):
+        TaskSetConfig(family="arithmetic", split="train", columns={"prompt": "q"})
+
+
 # --- fresh tasks every round ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [dict(family="gsm-symbolic", variants_per_template=1, limit=40, seed=2),

@@ -8,6 +8,7 @@
 | humaneval    | odd task numbers (82)                   | even task numbers (82)                   |
 | python-debug | bugged solutions of odd task numbers    | bugged solutions of even task numbers    |
 | jsonl        | the whole file at `path`                | the whole file at `path`                 |
+| hf           | the `dataset_split` of `dataset`        | the `dataset_split` of `dataset`         |
 
 Counts are the defaults; `limit` and the family options change them (see TaskSetConfig).
 
@@ -25,18 +26,19 @@ import random
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loop.tasks import arithmetic, champ, gsm_symbolic, humaneval, jsonl, python_debug
+from loop.tasks import arithmetic, champ, gsm_symbolic, hf, humaneval, jsonl, python_debug
 from loop.tasks.base import Task
 from loop.tasks.splits import check_disjoint, check_unique_ids, count_clusters, take_subset
 
 __all__ = ["Family", "TaskSetConfig", "Task", "load_tasks", "load_round_tasks", "check_disjoint", "count_clusters"]
 
-Family = Literal["arithmetic", "gsm-symbolic", "champ", "humaneval", "python-debug", "jsonl"]
+Family = Literal["arithmetic", "gsm-symbolic", "champ", "humaneval", "python-debug", "jsonl", "hf"]
 Level = Annotated[int, Field(ge=1, le=max(arithmetic.LEVELS))]
 
 # Options that only one family reads: setting one for another family is a mistake worth reporting.
 _FAMILY_OPTIONS: dict[str, str] = {"difficulty": "arithmetic", "variants_per_template": "gsm-symbolic",
-                                   "path": "jsonl"}
+                                   "path": "jsonl", "dataset": "hf", "dataset_config": "hf", "dataset_split": "hf",
+                                   "columns": "hf"}
 
 
 class TaskSetConfig(BaseModel):
@@ -45,7 +47,7 @@ class TaskSetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     family: Family
-    """arithmetic | gsm-symbolic | champ | humaneval | python-debug | jsonl."""
+    """arithmetic | gsm-symbolic | champ | humaneval | python-debug | jsonl | hf (a Hugging Face dataset)."""
     split: Literal["train", "eval"]
     """Which side of the family's fixed split (see the table in loop/tasks/__init__.py)."""
     limit: int | None = Field(None, ge=1)
@@ -63,6 +65,16 @@ class TaskSetConfig(BaseModel):
     the 50 GSM8K originals are always included)."""
     path: Path | None = None
     """jsonl only: the task file (one JSON object a line; see loop/tasks/jsonl.py)."""
+    dataset: str | None = None
+    """hf only: a hub id (e.g. openai/gsm8k), a local dataset folder, or a parquet / JSON / JSONL / CSV file
+    (loop/tasks/hf.py)."""
+    dataset_config: str | None = None
+    """hf only: the dataset's configuration (subset), e.g. main for openai/gsm8k."""
+    dataset_split: str | None = None
+    """hf only: which of the dataset's splits (default: train for the train side, test for eval)."""
+    columns: dict[str, str] | None = None
+    """hf only: which column holds what: prompt and answer (math), or prompt, tests and entry_point (code); optional
+    id and difficulty."""
     fresh_per_round: bool = False
     """Training tasks only: every round draws new tasks (`load_round_tasks`) instead of sampling the same ones again.
     Generated families: `limit` (or the default size) new problems a round, never one an earlier round saw; fixed
@@ -75,6 +87,8 @@ class TaskSetConfig(BaseModel):
                 raise ValueError(f"'{option}' is an option of family '{family}', not of '{self.family}'; remove it")
         if self.family == "jsonl" and self.path is None:
             raise ValueError("family 'jsonl' needs 'path': the JSONL task file")
+        if self.family == "hf":
+            self._check_hf()
         if self.family == "champ" and self.split == "train":
             raise ValueError("champ is a held-out evaluation set (split: eval only); train on arithmetic, "
                              "gsm-symbolic, humaneval or a jsonl file")
@@ -86,6 +100,22 @@ class TaskSetConfig(BaseModel):
         if isinstance(self.difficulty, list) and not self.difficulty:
             raise ValueError("'difficulty' is an empty list; give a level 1-5 or a list of levels")
         return self
+
+    def _check_hf(self) -> None:
+        if not self.dataset:
+            raise ValueError("family 'hf' needs 'dataset': a hub id, a dataset folder or a parquet/JSON/CSV file")
+        cols = self.columns or {}
+        unknown = sorted(set(cols) - set(hf.ROLES))
+        if unknown:
+            raise ValueError(f"columns: {unknown} are not roles a column can play ({', '.join(hf.ROLES)})")
+        math, code = "answer" in cols, "tests" in cols
+        if "prompt" not in cols or math == code or (code and "entry_point" not in cols):
+            raise ValueError("columns must name the prompt column and either answer (math) or tests and entry_point "
+                             "(code), e.g. {prompt: question, answer: answer}")
+
+    def hf_split(self) -> str:
+        """hf: the dataset split this side reads."""
+        return self.dataset_split or ("train" if self.split == "train" else "test")
 
     def levels(self) -> list[int]:
         """arithmetic: the difficulty levels as a list."""
@@ -113,6 +143,8 @@ def load_tasks(cfg: TaskSetConfig, block: int = 1) -> list[Task]:
             tasks = humaneval.load(cfg.split, cfg.instruction)
         elif cfg.family == "python-debug":
             tasks = python_debug.load(cfg.split, cfg.instruction)
+        elif cfg.family == "hf":
+            tasks = hf.load(cfg.dataset, cfg.dataset_config, cfg.hf_split(), cfg.columns, cfg.instruction)
         else:
             assert cfg.path is not None  # checked by the config
             tasks = jsonl.load(cfg.path, cfg.instruction)

@@ -24,6 +24,8 @@ _DEFAULTS: dict[tuple[str, VerifierKind], str] = {
     ("python-debug", "code"): FIX_ANSWER,
     ("jsonl", "math"): HASH_ANSWER,
     ("jsonl", "code"): CODE_ANSWER,
+    ("hf", "math"): HASH_ANSWER,
+    ("hf", "code"): CODE_ANSWER,
 }
 
 
