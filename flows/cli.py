@@ -292,15 +292,38 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
 
 
 @app.command()
-def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None, help="Default: the loop's default store.")) -> None:
-    """Start the MLflow UI on the loop's tracking store and print its URL."""
+def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Option(None, help="Default: the loop's default store."),
+       experiment: str = typer.Option("ratchet", help="The experiment whose runs list the printed URL opens.")) -> None:
+    """Start the MLflow UI on the loop's tracking store; once it answers, print the URL of the experiment's runs."""
     import subprocess
+    import urllib.request
 
-    from loop.tracking import TrackingConfig, resolve_uri, ui_command
+    from loop.tracking import TrackingConfig, resolve_uri, runs_url, ui_command
 
     uri = resolve_uri(TrackingConfig(uri=tracking_uri))
-    console.print(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    subprocess.run(ui_command(uri, port), check=False)
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(ui_command(uri, port))
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # a URL printed before the server answers is a dead link
+            if server.poll() is not None:
+                _fail(f"the MLflow UI exited with code {server.returncode} before it answered (is port {port} in use? "
+                      "try --port)")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    _fail(f"the MLflow UI did not answer on {base} within 120 s")
+                time.sleep(0.5)
+        console.print(f"MLflow UI for {uri}: {runs_url(base, uri, experiment)}  (Ctrl-C to stop)", soft_wrap=True)
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 @models_app.command("list")

@@ -8,6 +8,7 @@ from typing import Callable
 
 from loop import metrics, rollout
 from loop.engine import VLLMEngine
+from loop.records import Graded
 from loop.rundir import write_json, write_jsonl
 from loop.tasks.base import Task
 from loop.verify import VerifyConfig, grade_trajectories
@@ -16,6 +17,21 @@ from loop.verify import VerifyConfig, grade_trajectories
 CHECKPOINT = "eval_samples.partial.jsonl"
 """Trajectories finished so far (loop.rollout.generate_many's checkpoint): an evaluation that fails or is stopped
 partway keeps them, and the next attempt generates only the rest. Deleted once the evaluation's files are written."""
+
+
+PREVIEW = "eval_preview.jsonl"
+"""A few samples to read in MLflow's artifact viewer: prompt, gold, verdict, answer and text, no token ids."""
+PREVIEW_SAMPLES = 20
+
+
+def preview(graded: list[Graded]) -> list[dict]:
+    """The first sample of each of the first PREVIEW_SAMPLES problems, as a reader wants them."""
+    first = {}
+    for g in graded:
+        first.setdefault(g.trajectory.task_id, g)
+    return [{"task_id": g.trajectory.task_id, "prompt": g.prompt, "gold": g.gold, "status": g.status,
+             "extracted": g.extracted, "reason": g.reason, "finish_reason": g.trajectory.finish_reason,
+             "text": g.trajectory.text} for g in list(first.values())[:PREVIEW_SAMPLES]]
 
 
 def evaluate_policy(engine: VLLMEngine, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path, *,
@@ -38,6 +54,7 @@ def evaluate_policy(engine: VLLMEngine, tasks: list[Task], eval_cfg, verify_cfg:
                                                  adapter_id=adapter_id, checkpoint=checkpoint)
     graded = grade(by_id, sampled, verify_cfg)
     write_jsonl(out_dir / "eval_samples.jsonl", (g.to_dict() for g in graded))
+    write_jsonl(out_dir / PREVIEW, preview(graded))
     greedy = None
     if greedy_run:
         greedy = grade(by_id, greedy_run[0], verify_cfg)

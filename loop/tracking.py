@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -99,13 +100,26 @@ def download_artifact(uri: str, artifact_uri: str, path: str, dst: Path) -> Path
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
 
 
+_MAJ_AT_1 = re.compile(r"maj@1(?!\d)")
+
+
 def ui_command(uri: str, port: int) -> list[str]:
     """The MLflow UI server (`ratchet ui`) on the store at `uri`; a SQLite store's artifacts are served from its own
     folder, wherever the store now is (mlflow's default is ./mlartifacts of the working directory)."""
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # one process: a local UI for one user; the default starts several
     if (dest := artifacts_destination(uri)) is not None:
         cmd += ["--artifacts-destination", str(dest)]
     return cmd
+
+
+def runs_url(base: str, uri: str, experiment: str) -> str:
+    """The UI's address of `experiment`'s runs list in the classic (machine-learning) view; MLflow 3 opens an
+    experiment in its GenAI view otherwise. The UI's root when the store has no such experiment yet."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    return f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp else base
 
 
 def git_commit() -> str:
@@ -240,10 +254,17 @@ class Tracker:
 
         rid = self._round_run(round_)
         ts = int(time.time() * 1000)
-        ms = [Metric(metric_key(k), float(v), ts, round_) for k, v in metrics.items() if v is not None]
+        # maj@1 is pass@1 (both count a sample's verdict): one of them in MLflow. A retried log stage logs nothing a
+        # first attempt already logged, so every metric has one point per round.
+        ms = [Metric(metric_key(k), float(v), ts, round_) for k, v in metrics.items()
+              if v is not None and not _MAJ_AT_1.search(k)]
+        nested_has = set(self.client.get_run(rid).data.metrics)
         for i in range(0, len(ms), 200):
-            self.client.log_batch(rid, metrics=ms[i:i + 200])
-            self.client.log_batch(self.parent_id, metrics=ms[i:i + 200])
+            batch = ms[i:i + 200]
+            self.client.log_batch(rid, metrics=[m for m in batch if m.key not in nested_has])
+            parent = [m for m in batch if not nested_has or not any(
+                h.step == round_ for h in self.client.get_metric_history(self.parent_id, m.key))]
+            self.client.log_batch(self.parent_id, metrics=parent)
         repo = self._repo(rid)
         for name, path in artifacts.items():
             if path.is_dir():

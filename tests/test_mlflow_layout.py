@@ -212,3 +212,32 @@ def test_a_copied_store_of_the_old_absolute_layout_reads_from_its_own_folder(tmp
     got = download_artifact(copy_uri, MlflowClient(copy_uri).get_run(run.info.run_id).info.artifact_uri,
                             "metrics.json", tmp_path / "dl")
     assert json.loads(got.read_text()) == {"eval/pass@1": 0.5}
+
+
+def test_ratchet_ui_prints_the_runs_list_once_the_server_answers(tmp_path):
+    """`ratchet ui` waits for the server, then prints the URL that opens the experiment's runs list in the
+    machine-learning view (MLflow 3 opens an experiment in its GenAI view otherwise); Ctrl-C stops it."""
+    import os
+    import signal
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = MlflowClient(uri).create_experiment("ratchet")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--port", str(port), "--tracking-uri", uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning"
+        seen = []
+        for line in proc.stdout:  # the server's own lines come first
+            seen.append(line)
+            if "MLflow UI for" in line:
+                break
+        assert url in seen[-1], seen
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)  # answering when the URL is printed
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) is not None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -110,6 +110,21 @@ def test_tracker_nests_rounds_resumes_and_registers_adapters(tmp_path: Path):
     assert [v.run_id for v in versions] == [r1]  # registered once, even though round 1 was logged twice
 
 
+def test_a_round_logged_twice_has_one_point_per_metric_and_no_maj_at_1(tmp_path: Path):
+    # A retried log stage (Prefect's retries, a resume) must not add a second point at the same step; maj@1 equals
+    # pass@1 and is not logged as a metric of its own.
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp", registered_model=None)
+    tracker = Tracker(cfg, "loop", TAGS)
+    metrics = {"eval/pass@1": 0.25, "eval/maj@1": 0.25, "eval/maj@16": 0.3, "vs_round0/maj@1_p": 0.5}
+    for _ in range(2):
+        tracker.start_round(1, {})
+        rid = tracker.log_round(1, metrics, {}, None)
+    c = tracker.client
+    assert [m.step for m in c.get_metric_history(tracker.parent_id, "eval/pass_at_1")] == [1]
+    assert [m.step for m in c.get_metric_history(rid, "eval/pass_at_1")] == [1]
+    assert set(c.get_run(rid).data.metrics) == {"eval/pass_at_1", "eval/maj_at_16"}
+
+
 def test_tracker_refuses_a_new_run_directory_under_a_logged_run_id(tmp_path: Path):
     # A run directory deleted to start over: its run id must not resume the old MLflow loop (old params, old rounds).
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="exp")
