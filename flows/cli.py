@@ -203,23 +203,26 @@ def demo(rounds: Optional[int] = typer.Option(None, help="Override the number of
 
 @app.command()
 def serve(config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/)."),
-          rounds: Optional[int] = typer.Option(None, help="Rounds per scheduled run (default: the config's)."),
+          rounds: Optional[int] = typer.Option(None, help="Rounds each scheduled run adds to the loop, going on from its "
+                                                          "last finished round and adapter (default: the config's)."),
           cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 2 * * *" (none: trigger by hand).'),
           name: Optional[str] = typer.Option(None, help="Deployment name (default: the config's name)."),
           run_id: Optional[str] = typer.Option(None, help="Run id every scheduled run resumes (default: the config's name).")) -> None:
     """Serve the loop as a Prefect deployment (on PREFECT_API_URL's server), optionally on a cron schedule.
 
-    Parameters (config path, rounds, run id) stay editable in the Prefect UI. Two runs of one loop never
-    write the same run directory at once: a run that finds it locked logs why and skips.
+    Every triggered run continues the same loop (run id) by `--rounds` more rounds, from its last finished round
+    and adapter. Parameters (config path, more_rounds, run id) stay editable in the Prefect UI. Two runs of one loop
+    never write the same run directory at once: a run that finds it locked logs why and skips.
     """
     from loop.preflight import preflight_run
 
-    cfg = _preflight(preflight_run, config, rounds, run_id)
+    cfg = _preflight(preflight_run, config, None, run_id)
     from flows.self_improve import self_improve
 
+    more = cfg.rounds if rounds is None else rounds
     self_improve.serve(name=name or cfg.name, cron=cron, tags=["ratchet", cfg.name],
-                       parameters={"config_path": str(config.resolve()), "rounds": rounds, "run_id": run_id},
-                       description=f"{cfg.rounds if rounds is None else rounds} rounds of {cfg.name} ({cfg.model})")
+                       parameters={"config_path": str(config.resolve()), "more_rounds": more, "run_id": run_id},
+                       description=f"{more} more round(s) of {cfg.name} ({cfg.model}) each run")
 
 
 @app.command("eval")

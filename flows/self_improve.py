@@ -163,10 +163,16 @@ def log_round(tracker: Tracker, r: int, metrics: dict[str, float], round_dir: Pa
 
 
 @flow(name="self-improve", log_prints=True)
-def self_improve(config_path: str, rounds: int | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) `rounds` rounds of the loop described by the YAML config at `config_path`."""
+def self_improve(config_path: str, rounds: int | None = None, run_id: str | None = None,
+                 more_rounds: int | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) the loop described by the YAML config at `config_path`: up to round `rounds` (None: the
+    config's), or `more_rounds` rounds beyond the last finished one (what a scheduled deployment runs each time it
+    is triggered: the same loop goes on from its last adapter). With nothing left to do it returns the finished
+    rounds without starting vLLM."""
     logger = get_run_logger()
-    cfg = load_config(config_path, rounds=rounds)
+    if rounds is not None and more_rounds is not None:
+        raise ValueError("give rounds (the total) or more_rounds (beyond the last finished round), not both")
+    cfg = load_config(config_path)
     run = RunDir(cfg.run_dir, run_id or cfg.name)
     try:
         run.lock()
@@ -174,6 +180,15 @@ def self_improve(config_path: str, rounds: int | None = None, run_id: str | None
         logger.warning(f"skipping: {e}")
         return []
     try:
+        if more_rounds is not None:
+            finished = run.completed_rounds()
+            rounds = (max(finished) if finished else 0) + more_rounds
+        cfg = load_config(config_path, rounds=rounds)
+        if all(run.done(r, "round") for r in range(cfg.rounds + 1)):
+            logger.info(f"nothing to do: run {run.run_id} has finished rounds 0-{cfg.rounds}")
+            progress(f"run {run.run_id}: rounds 0-{cfg.rounds} are finished; nothing to do (vLLM not started)")
+            return [{"round": r, **json.loads((run.round(r) / "metrics.json").read_text())}
+                    for r in range(cfg.rounds + 1)]
         return _run(cfg, run, logger)
     finally:
         run.unlock()

@@ -139,6 +139,10 @@ def test_round_without_pairs_skips_training(tmp_path: Path):
     assert json.loads((rd / "metrics.json").read_text())["train/skipped"] == 1.0
     assert "round 1/1 · train skipped" in out  # the progress line; Prefect's warning went to the run's log file
     assert "skipping training" in (tmp_path / "runs" / "nopairs" / "loop.log").read_text()
+    # Run again: every round is finished, so it says so and returns without starting vLLM.
+    again = finish(ratchet("run", "--config", str(cfg), cwd=tmp_path), timeout=600)
+    assert "nothing to do (vLLM not started)" in again and "starting vLLM" not in again
+    assert "starting vLLM" not in (tmp_path / "runs" / "nopairs" / "loop.log").read_text().split("nothing to do")[-1]
 
 
 def _start_and_wait_for_generation(cfg: Path, cwd: Path, log: Path) -> tuple[subprocess.Popen, list]:

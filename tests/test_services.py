@@ -205,7 +205,7 @@ def test_served_deployment_on_prefect_and_mlflow_servers(tmp_path: Path, service
             assert serve.poll() is None, f"ratchet serve exited with {serve.returncode}\n{services.log('serve')}"
             assert time.monotonic() < deadline, f"no deployment self-improve/{NAME}\n{services.log('serve')}"
             time.sleep(1)
-        assert deployment.parameters == {"config_path": str(cfg.resolve()), "rounds": 1, "run_id": None}
+        assert deployment.parameters == {"config_path": str(cfg.resolve()), "more_rounds": 1, "run_id": None}
 
         first = run_deployment(f"self-improve/{NAME}", timeout=0, as_subflow=False)
 
@@ -236,6 +236,14 @@ def test_served_deployment_on_prefect_and_mlflow_servers(tmp_path: Path, service
         done = wait_final(client, first.id, timeout=900, services=services)
         assert done.state.is_completed(), (f"flow run {done.name} ended {done.state.name}: {done.state.message}\n"
                                            f"{services.log('serve')}")
+        assert (run_dir / "round-01" / "round.done").exists() and not (run_dir / "round-02").exists()
+
+        # The next trigger goes on with one more round of the same loop (from round 1's adapter), as a nightly
+        # schedule would: before, it found the config's rounds all done and did nothing (after starting vLLM).
+        third = run_deployment(f"self-improve/{NAME}", timeout=0, as_subflow=False)
+        done = wait_final(client, third.id, timeout=900, services=services)
+        assert done.state.is_completed(), f"{done.state!r}\n{services.log('serve')}"
+        assert (run_dir / "round-02" / "round.done").exists()
 
     # Results, read back from the MLflow server over HTTP.
     client = MlflowClient(mlflow_uri)
@@ -250,7 +258,7 @@ def test_served_deployment_on_prefect_and_mlflow_servers(tmp_path: Path, service
     assert tags["config_name"] == NAME and tags["model"] == "smollm2-135m-instruct" and tags["task"] == "arithmetic"
     assert tags["git_commit"], tags
     rounds = {int(r.data.tags["round"]): r for r in runs if r.data.tags.get("kind") == "round"}
-    assert sorted(rounds) == [0, 1]
+    assert sorted(rounds) == [0, 1, 2]
     for r, run in rounds.items():
         rid = run.info.run_id
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -272,7 +280,7 @@ def test_served_deployment_on_prefect_and_mlflow_servers(tmp_path: Path, service
             versions = client.search_model_versions(f"name = 'ratchet-{NAME}' and run_id = '{rid}'")
             assert len(versions) == 1, versions
     history = client.get_metric_history(parent.info.run_id, "eval/pass_at_1")
-    assert sorted({m.step for m in history}) == [0, 1]
+    assert sorted(m.step for m in history) == [0, 1, 2]  # one point a round
 
 
 @pytest.mark.parametrize("user_setting", [None, "7"])
