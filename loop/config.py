@@ -34,6 +34,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: TaskSetConfig
+    """The held-out tasks (split: eval), the same in every round."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """n samples per held-out prompt for pass@k (k = 1, 2, 4, ... n)."""
     greedy: bool = True
@@ -77,16 +78,25 @@ class RunConfig(BaseModel):
     model: str
     """A built-in model name (see `ratchet models list`), a local Hugging Face folder, or a hub id."""
     rounds: int = Field(3, ge=0)
+    """Training rounds after round 0 (which evaluates the base model); a resumed run may raise it."""
     run_dir: Path = Path("runs")
+    """Where each run id's folder (config, round folders, log, lock) is written."""
     train_tasks: TaskSetConfig
+    """The prompts sampled and trained on (split: train)."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """On-policy sampling of training prompts (n samples each)."""
     eval: EvalConfig
+    """The held-out evaluation of round 0 and the rounds eval.every names."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    """The vLLM engine that samples every round (loop/engine.py)."""
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    """Grading (loop/verify.py; the verifiers' rules: docs/verifiers.md)."""
     pairs: PairsConfig = Field(default_factory=PairsConfig)
+    """Which graded samples become preference pairs (loop/pairs.py)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The update of the LoRA adapter each round (loop/train.py)."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Where metrics and artifacts go (MLflow; loop/tracking.py)."""
     cluster: ClusterConfig | None = None
     """Run on a Ray cluster (loop/cluster.py); None: everything in this process."""
 

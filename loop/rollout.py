@@ -46,8 +46,11 @@ class SamplingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n: int = Field(4, ge=1)
+    """Samples (trajectories) per prompt."""
     temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; 0 decodes greedily."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: the smallest set of tokens with this much probability."""
     max_tokens: int = Field(512, ge=1)
     """Model-written tokens per trajectory, all turns together (tool observations do not count): a trajectory that
     reaches it ends with finish_reason 'length'."""
@@ -58,7 +61,9 @@ class SamplingConfig(BaseModel):
     max_turns: int = Field(4, ge=1)
     """Tool calls per trajectory; a trajectory that asks for one more ends with finish_reason 'max_turns'."""
     observation_max_chars: int = Field(1024, ge=16)
+    """A tool observation longer than this is cut (the model sees where)."""
     tool_timeout_s: float = Field(10.0, gt=0)
+    """Wall-clock limit of one tool call (a cell); a cell that runs over is stopped and the observation says so."""
     max_live_sessions: int = Field(64, ge=1)
     """With tools on: at most this many trajectories in flight at once, each holding its own sandboxed interpreter
     (a Python process with its imports) until it ends or its tool budget is spent; the others wait their turn.

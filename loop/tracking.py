@@ -43,6 +43,7 @@ class TrackingConfig(BaseModel):
     """MLflow tracking URI. None: $MLFLOW_TRACKING_URI if set, else a SQLite file mlflow.db in the
     working directory (no server needed)."""
     experiment: str = "ratchet"
+    """The MLflow experiment the loop's runs go to."""
     registered_model: str | None = "ratchet-{config_name}"
     """Each round's adapter is registered as a version of this model ({config_name}: the loop config's name, so
     each config's adapters, of one base model, are versions of one model; None: don't register)."""

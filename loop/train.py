@@ -70,9 +70,11 @@ class TrainConfig(BaseModel):
     lr: float = Field(5e-5, gt=0)
     """AdamW learning rate of the LoRA weights (LoRA needs ~10x the full fine-tuning rate)."""
     epochs: float = Field(1.0, gt=0)
+    """Passes over the round's pairs (or samples)."""
     per_device_batch_size: int = Field(4, ge=1)
     """Pairs (DPO) or samples (KTO, SFT) per forward pass; KTO needs >= 2 (its KL estimate uses the other samples)."""
     grad_accumulation: int = Field(1, ge=1)
+    """Forward passes per optimizer step (the step sees per_device_batch_size x grad_accumulation examples)."""
     max_length: int | None = Field(2048, ge=2)
     """Prompt + completion tokens kept per sequence (the end is cut); None: no limit."""
     precompute_ref_log_probs: bool | None = None
@@ -86,7 +88,9 @@ class TrainConfig(BaseModel):
     compared with fp32 on a loop's results). native: wherever the hardware computes bf16 (also a CPU with AMX or
     AVX512-BF16; loop/hardware.py), fp32 elsewhere, where bf16 is emulated and many times slower."""
     lora_r: int = Field(16, ge=1)
+    """LoRA rank (engine.max_lora_rank must be at least this)."""
     lora_alpha: int = Field(32, ge=1)
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     """0 keeps the policy and reference forwards comparable (TRL disables dropout for that reason)."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -98,10 +102,13 @@ class TrainConfig(BaseModel):
     """Start from the previous round's adapter weights instead of a fresh (zero-effect) adapter. Independent of
     `reference`."""
     kto_desirable_weight: float = Field(1.0, gt=0)
+    """KTO's weight of correct (desirable) samples; see kto_undesirable_weight."""
     kto_undesirable_weight: float = Field(1.0, gt=0)
     """KTO loss weights; the KTO paper advises weight x count to be similar for both kinds (ratio 1 to 4/3)."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this norm."""
     seed: int = 0
+    """Seeds the adapter's initialisation and the order of the examples."""
 
     @model_validator(mode="after")
     def _check_combination(self) -> "TrainConfig":

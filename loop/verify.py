@@ -42,7 +42,9 @@ class VerifyConfig(BaseModel):
     workers: int = 2
     """Parallel graders (math worker processes, code sandboxes)."""
     math_timeout_s: float = 5.0
+    """Time for comparing one math answer with its gold; over it the verdict is timeout (kept out of the pairs)."""
     code_timeout_s: float = 10.0
+    """Time for running one program against its tests in the sandbox."""
     fallback_last_number: bool = True
     """Accept the last number of a completion when it states no explicit answer (small models rarely
     write '####' or \\boxed{}); the verdict's reason says which rule extracted the answer."""
