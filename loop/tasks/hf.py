@@ -21,11 +21,11 @@ from pathlib import Path
 
 from loop.tasks.base import Task
 from loop.tasks.instructions import render_prompt
+from loop.tasks.splits import list_problems
 
 FAMILY = "hf"
 ROLES = ("prompt", "answer", "tests", "entry_point", "id", "difficulty")
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
-MAX_REPORTED = 20
 
 
 class DatasetError(ValueError):
@@ -95,9 +95,7 @@ def load(dataset: str, config: str | None, split: str, columns: dict[str, str], 
             tests=values.get("tests"), entry_point=values.get("entry_point"),
             difficulty=None if values.get("difficulty") is None else str(values["difficulty"])))
     if errors:
-        more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
-        raise DatasetError(f"{len(errors)} problem(s) in dataset {dataset!r} (split {split!r}):\n  "
-                           + "\n  ".join(errors[:MAX_REPORTED]) + more)
+        raise DatasetError(list_problems(errors, f"dataset {dataset!r} (split {split!r})"))
     if not tasks:
         raise DatasetError(f"dataset {dataset!r} (split {split!r}) has no rows")
     return tasks

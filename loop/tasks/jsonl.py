@@ -15,10 +15,10 @@ from pathlib import Path
 
 from loop.tasks.base import Task
 from loop.tasks.instructions import render_prompt
+from loop.tasks.splits import list_problems
 
 FAMILY = "jsonl"
 FIELDS = ("id", "prompt", "answer", "tests", "entry_point", "difficulty")
-MAX_REPORTED = 20
 
 
 class TaskFileError(ValueError):
@@ -82,9 +82,7 @@ def load(path: Path, instruction: str | None) -> list[Task]:
             first_line[task.id] = lineno
             tasks.append(task)
     if errors:
-        more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
-        raise TaskFileError(f"{len(errors)} problem(s) in task file {path}:\n  "
-                            + "\n  ".join(errors[:MAX_REPORTED]) + more)
+        raise TaskFileError(list_problems(errors, f"task file {path}"))
     if not tasks:
         raise TaskFileError(f"{path} holds no tasks (one JSON object a line: id, prompt, answer or tests)")
     return tasks

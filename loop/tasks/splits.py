@@ -51,3 +51,14 @@ def check_disjoint(train: Iterable[Task], evaluation: Iterable[Task]) -> None:
 def count_clusters(tasks: Iterable[Task]) -> int:
     """How many clusters the tasks fall into (Task.cluster; a task without one is its own)."""
     return len({t.cluster or t.id for t in tasks})
+
+
+MAX_REPORTED = 20
+"""Problems listed in one error about a task source (a file or dataset); the rest are counted."""
+
+
+def list_problems(errors: list[str], where: str) -> str:
+    """One message for every problem found in a task source: the count, then each on its line (at most
+    MAX_REPORTED), so a user fixes them all at once."""
+    more = f"\n  ... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
+    return f"{len(errors)} problem(s) in {where}:\n  " + "\n  ".join(errors[:MAX_REPORTED]) + more
