@@ -157,9 +157,10 @@ def evaluate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adap
 
 
 @task(name="log-round", cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def log_round(tracker: Tracker, r: int, metrics: dict[str, float], round_dir: Path, adapter: Path | None) -> str:
+def log_round(tracker: Tracker, r: int, metrics: dict[str, float], round_dir: Path, adapter: Path | None,
+              note: str | None = None) -> str:
     artifacts = {p.name: p for p in sorted(round_dir.glob("*.jsonl")) + [round_dir / "metrics.json"] if p.exists()}
-    return tracker.log_round(r, metrics, artifacts, adapter)
+    return tracker.log_round(r, metrics, artifacts, adapter, note=note)
 
 
 @flow(name="self-improve", log_prints=True)
@@ -333,7 +334,8 @@ def start_engine(cfg: RunConfig, model: ResolvedModel, training: bool = True):
 def round_params(cfg: RunConfig, r: int, adapter: Path | None) -> dict[str, Any]:
     """The settings round `r` runs with, as params of its nested MLflow run (the compare view lines rounds up by
     them): the policy it starts from, and its sampling and training (round 0 only evaluates)."""
-    p: dict[str, Any] = {"model": cfg.model, "adapter": str(adapter) if adapter else "base",
+    # The adapter by the round that trained it (its folder's parent), not a path on this machine.
+    p: dict[str, Any] = {"model": cfg.model, "adapter": adapter.parent.name if adapter else "base",
                          **{f"eval.{k}": getattr(cfg.eval.sampling, k) for k in ("n", "temperature", "max_tokens")}}
     if r > 0:
         p.update({f"sampling.{k}": getattr(cfg.sampling, k) for k in ("n", "temperature", "max_tokens")})
@@ -413,7 +415,14 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
                                                   run.round(evaluated[0]) if evaluated else None))
         write_json(metrics_path, metrics)
         trained = round_dir / "adapter"
-        log_round(loop.tracker, r, metrics, round_dir, trained if trained.is_dir() else None)
+        log_round(loop.tracker, r, metrics, round_dir, trained if trained.is_dir() else None,
+                  round_line(r, cfg.rounds, metrics))
+        # The parent run's description: the round table so far, with intervals and paired changes (MLflow shows a
+        # run's note as markdown on its page).
+        so_far = [{"round": q, **json.loads((run.round(q) / "metrics.json").read_text())} for q in range(r + 1)
+                  if (run.round(q) / "metrics.json").exists()]
+        loop.tracker.set_tag("mlflow.note.content", f"{run.run_id} ({cfg.model})\n\n"
+                             + round_markdown(so_far, cfg.eval.primary))
         create_markdown_artifact(key=f"round-{r}", markdown=round_markdown([{"round": r, **metrics}], cfg.eval.primary),
                                  description=f"{run.run_id} round {r}")
         run.mark_done(r, "log")

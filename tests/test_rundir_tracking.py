@@ -273,6 +273,10 @@ def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
     assert f"{m2['eval/pass@1']:.3f} ± {m2['eval/pass@1_se']:.3f}" in md
     assert f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]" in md and "vs round 0" in md
     assert "| 2 | pass@1 (primary) |" in md and "| 1 | pass@1 |" in md and "descriptive" in md
+    # Descriptions in the UI: each round run's one line, the parent's round table with its changes.
+    assert nested.data.tags["mlflow.note.content"].startswith("round 2/2 done · pass@1 ")
+    parent_note = c.get_run(tracker.parent_id).data.tags["mlflow.note.content"]
+    assert f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]" in parent_note and "| 2 | pass@1 (primary) |" in parent_note
 
 
 def test_rounds_the_schedule_skips_leave_the_tables_mlflow_and_the_report_consistent(tmp_path: Path):
