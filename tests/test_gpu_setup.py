@@ -4,6 +4,7 @@ the device check's code path (config, `ratchet run`, bench/generation.py, report
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -107,3 +108,49 @@ def test_gpu_check_dry_run_runs_a_round_and_the_benchmark_on_cpu(tmp_path: Path)
     assert "| round |" in table and "| method | tokens/s |" in table and "ours/vllm = " in table
     assert (out / "loop.log").is_file() and (out / "generation.json").is_file()
     assert not list(tmp_path.glob("*.db")) and not (tmp_path / "runs").exists()  # all of it under a temp folder
+
+
+def write_config(tmp: Path, **engine) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["engine"] = {**raw.get("engine", {}), **engine}
+    path = tmp / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_engine_sizing_settings_are_validated_and_reach_vllms_arguments(tmp_path: Path, monkeypatch):
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from loop.config import ConfigError
+    from loop.engine import EngineConfig, engine_args, engine_env
+
+    cfg = load_config(write_config(tmp_path, max_num_seqs=256, max_num_batched_tokens=8192, enforce_eager=True)).engine
+    gpu = engine_args(cfg, "m", "bfloat16", on_cuda=True)
+    assert (gpu["max_num_seqs"], gpu["max_num_batched_tokens"], gpu["enforce_eager"]) == (256, 8192, True)
+    cpu = engine_args(cfg, "m", "float32", on_cuda=False)
+    assert (cpu["max_num_seqs"], cpu["max_num_batched_tokens"], cpu["enable_chunked_prefill"]) == (256, 8192, False)
+    assert set(gpu) | set(cpu) <= {f.name for f in dataclasses.fields(EngineArgs)}  # names vLLM knows
+    # Unset: vLLM's own defaults on a GPU; on a CPU a step holds the longest prompt.
+    default = EngineConfig(max_model_len=512)
+    assert "max_num_seqs" not in engine_args(default, "m", "bfloat16", True)
+    assert "max_num_batched_tokens" not in engine_args(default, "m", "bfloat16", True)
+    assert engine_args(default, "m", "float32", False)["max_num_batched_tokens"] == 4096
+    assert engine_args(EngineConfig(max_model_len=8192), "m", "float32", False)["max_num_batched_tokens"] == 8192
+
+    with pytest.raises(ConfigError, match=r"engine.max_num_batched_tokens \(100\) is below engine.max_num_seqs \(256\)"):
+        load_config(write_config(tmp_path, max_num_seqs=256, max_num_batched_tokens=100))
+    with pytest.raises(ConfigError, match="engine.max_num_seqs"):
+        load_config(write_config(tmp_path, max_num_seqs=0))
+    with pytest.raises(ConfigError, match="engine.enforce_eager"):
+        load_config(write_config(tmp_path, enforce_eager="sometimes"))
+    with pytest.raises(ValueError, match=r"engine.max_num_batched_tokens \(1024\) is below engine.max_model_len"):
+        engine_args(EngineConfig(max_model_len=2048, max_num_batched_tokens=1024), "m", "float32", on_cuda=False)
+
+    # FlashInfer's sampler: off on CUDA unless the user chose, untouched on CPU.
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    assert engine_env(False) == {} and "VLLM_USE_FLASHINFER_SAMPLER" not in os.environ
+    assert engine_env(True) == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    assert engine_env(True) == {} and os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
