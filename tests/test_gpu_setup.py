@@ -154,3 +154,66 @@ def test_engine_sizing_settings_are_validated_and_reach_vllms_arguments(tmp_path
     assert engine_env(True) == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
     monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
     assert engine_env(True) == {} and os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == "1"
+
+
+def fake_model(root: Path, hidden=1536, layers=28, inter=8960, vocab=151936, kv=256) -> Path:
+    """A model folder with a Qwen2-1.5B-shaped config and a safetensors header (the estimate reads shapes only)."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"hidden_size": hidden, "num_hidden_layers": layers,
+                                                  "intermediate_size": inter, "tie_word_embeddings": True}))
+    shapes = {"model.embed_tokens.weight": [vocab, hidden]}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": [hidden, hidden], p + "self_attn.k_proj.weight": [kv, hidden],
+                       p + "self_attn.v_proj.weight": [kv, hidden], p + "self_attn.o_proj.weight": [hidden, hidden],
+                       p + "mlp.gate_proj.weight": [inter, hidden], p + "mlp.up_proj.weight": [inter, hidden],
+                       p + "mlp.down_proj.weight": [hidden, inter]})
+    header = json.dumps({k: {"dtype": "BF16", "shape": v, "data_offsets": [0, 0]} for k, v in shapes.items()}).encode()
+    (root / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    return root
+
+
+def test_the_training_step_is_checked_against_the_gpu_memory_vllm_leaves_asleep(tmp_path: Path, monkeypatch):
+    from loop import hardware
+    from loop.config import ConfigError, check_train_memory
+
+    model = fake_model(tmp_path / "model")
+    gib = 2 ** 30
+
+    def check(gpu_gib: float, engine: dict | None = None, **train) -> str | None:
+        path = write_config(tmp_path, **{"max_model_len": 1024, **(engine or {})})
+        raw = yaml.safe_load(path.read_text())
+        raw["train"] = {**raw["train"], "per_device_batch_size": 8, "max_length": 512, "bf16": True, **train}
+        path.write_text(yaml.safe_dump(raw))
+        try:
+            check_train_memory(load_config(path), model, gpu_total=int(gpu_gib * gib))
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    # 16 sequences x 512 tokens through 28 layers of 1536/8960 in bf16: ~23 GiB of activations, ~3 GiB of weights.
+    assert check(80) is None  # an H100, vLLM asleep
+    small = check(24)
+    assert small is not None and "of GPU memory" in small and "this GPU (24.0 GiB)" in small and "asleep" in small
+    assert "train.gradient_checkpointing: true" in small and "enable_sleep_mode" not in small
+    assert check(24, gradient_checkpointing=True) is None
+    assert check(80, engine={"enable_sleep_mode": False, "gpu_memory_utilization": 0.5}) is None
+    awake = check(80, engine={"enable_sleep_mode": False, "gpu_memory_utilization": 0.8})
+    assert awake is not None and "engine.enable_sleep_mode is false" in awake
+    assert "set engine.enable_sleep_mode: true" in awake
+
+    # The device follows CUDA_VISIBLE_DEVICES, not the device node: hidden GPUs train on the CPU, and that is checked.
+    node = tmp_path / "nvidia0"
+    node.touch()
+    real_visible = hardware.gpu_visible
+    monkeypatch.setattr(hardware, "gpu_visible", lambda environ=None, device=node: real_visible(environ, device))
+    monkeypatch.setattr(hardware, "gpu_memory_total", lambda: 24 * gib)
+    cfg = load_config(write_config(tmp_path))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match="this machine has .* available beside the vLLM engine"):
+        check_train_memory(cfg, model, available=2 * gib)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    check_train_memory(cfg, model, available=2 * gib)  # the demo's batch fits a 24 GiB GPU; CPU memory is not asked
+    monkeypatch.setattr(hardware, "gpu_memory_total", lambda: 4 * gib)
+    with pytest.raises(ConfigError, match=r"this GPU \(4.0 GiB\)"):
+        check_train_memory(cfg, model, available=2 * gib)
