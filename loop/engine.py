@@ -23,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
+# torch.cuda.is_available() asks the CUDA runtime by default, which initialises the CUDA driver in this process, and
+# a vLLM worker forked after that cannot use the GPU. Through NVML it does not (the user's own setting wins).
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

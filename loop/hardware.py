@@ -100,6 +100,12 @@ def _nvml_capability() -> tuple[int, int] | None:
     return None if cap is None else (int(cap[0]), int(cap[1]))
 
 
+def gpu_memory_used() -> int | None:
+    """Memory in use (bytes, every process) on the first GPU CUDA gives this process, through NVML."""
+    used = _nvml(lambda nvml, h: nvml.nvmlDeviceGetMemoryInfo(h).used)
+    return None if used is None else int(used)
+
+
 def gpu_memory_total() -> int | None:
     """Total memory (bytes) of the first GPU CUDA gives this process, through NVML; None where it cannot say."""
     if not gpu_visible():

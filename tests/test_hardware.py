@@ -111,3 +111,15 @@ def test_gpu_visible_follows_cuda_visible_devices(tmp_path, visible, seen):
     env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
     assert hardware.gpu_visible(env, node) is seen
     assert hardware.gpu_visible(env, tmp_path / "absent") is False
+
+
+def test_torch_counts_cuda_devices_through_nvml_once_the_config_is_imported():
+    # Every torch.cuda.is_available() in the process (preflight, the trainer) then leaves CUDA uninitialised.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    code = "import os, loop.config; print(os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1"
