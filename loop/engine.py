@@ -171,9 +171,9 @@ def engine_args(cfg: EngineConfig, model_path: str | Path, dtype: str, on_cuda: 
 
 def engine_env(on_cuda: bool) -> dict[str, str]:
     """Environment variables the engine sets before vLLM starts (the user's own values win); returns those set.
-    On CUDA, FlashInfer's top-p/top-k sampler is off: it compiles its kernels at first use (a toolchain the
-    device may lack, minutes of start-up), and seeded requests, which every sampled request of the loop is, are
-    sampled by vLLM's per-request PyTorch path anyway, so seeded and unseeded rows then take one code path."""
+    On CUDA, FlashInfer's top-p/top-k sampler is off: vLLM samples a batch with per-request seeds (every sampled
+    request of the loop has one) on its PyTorch path anyway, so this only keeps unseeded requests (greedy ones,
+    benchmarks) on that same path, and spares the engine FlashInfer's kernels, which may be compiled at first use."""
     values = {"VLLM_USE_FLASHINFER_SAMPLER": "0"} if on_cuda else {}
     values = {k: v for k, v in values.items() if k not in os.environ}
     os.environ.update(values)
