@@ -1,8 +1,11 @@
 """The adapter check: does vLLM serve a LoRA adapter as the trainer that wrote it had it?
 
 The trainer records its log-probs of a short probe text beside the adapter (`write_probe`, ratchet_probe.json);
-`check_adapter_applied` scores the same tokens in vLLM with and without the adapter and compares the shifts. Nothing
-here imports vLLM: the engine is passed in (it needs `model_path`, `tokenizer` and `prompt_logprobs`).
+`check_adapter_applied` scores the same tokens in vLLM with and without the adapter and compares the shifts;
+`compare_probe`, a pure function, decides. It fails closed: vLLM's shift must match the trainer's within a tolerance
+and follow it token by token, and when the numerical noise (bf16) hides whether it does, the check refuses as
+uninformative unless engine.adapter_check_uninformative says warn. Nothing here imports vLLM: the engine is passed
+in (it needs `model_path`, `tokenizer` and `prompt_logprobs`).
 """
 from __future__ import annotations
 
