@@ -188,7 +188,8 @@ def test_engine_sizing_settings_are_validated_and_reach_vllms_arguments(tmp_path
     assert engine_args(default, "m", "float32", False)["max_num_batched_tokens"] == 4096
     assert engine_args(EngineConfig(max_model_len=8192), "m", "float32", False)["max_num_batched_tokens"] == 8192
 
-    with pytest.raises(ConfigError, match=r"engine.max_num_batched_tokens \(100\) is below engine.max_num_seqs \(256\)"):
+    below = r"engine.max_num_batched_tokens \(100\) is below engine.max_num_seqs \(256\)"
+    with pytest.raises(ConfigError, match=below):
         load_config(write_config(tmp_path, max_num_seqs=256, max_num_batched_tokens=100))
     with pytest.raises(ConfigError, match="engine.max_num_seqs"):
         load_config(write_config(tmp_path, max_num_seqs=0))
