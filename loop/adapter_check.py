@@ -83,15 +83,18 @@ def adapter_tolerance(expected_shift: float, noise: float) -> float:
     a mis-scaled adapter is caught only when its shift is well above ~3x the noise, and an adapter that moves the
     probe by less passes this tolerance even when vLLM does not apply it at all (its error is then the whole
     shift): `compare_probe` therefore also asks that vLLM's shift follow the trainer's token by token
-    (`direction`). With engine.dtype float32 the noise is tiny and the tolerance tight (bench/RESULTS.md has the
+    (`agreement`). With engine.dtype float32 the noise is tiny and the tolerance tight (bench/RESULTS.md has the
     measured noise)."""
     return 0.1 * expected_shift + 3 * noise + 0.005
 
 
 DECISION_Z = 4.0
-"""How many standard errors separate "served" from "not served" before the check decides (see `compare_probe`)."""
+"""How many standard errors above 0 the agreement of vLLM's per-token shift with the reference's must be."""
 MIN_PROBE_TOKENS = 8
-"""Fewer probe log-probs than this cannot estimate the direction's noise: the check is uninformative."""
+"""Fewer probe log-probs than this cannot show agreement: the check is uninformative."""
+ZERO_SHIFT = 0.1
+"""vLLM's shift counts as none when its size (root mean square) is below this share of the base models'
+numerical difference: below what the two implementations differ by, so vLLM does not apply the adapter."""
 
 
 @dataclass
@@ -109,13 +112,13 @@ class AdapterCheck:
     noise: float
     """Mean |vLLM base - reference base| per token: how far the two implementations differ numerically."""
     tolerance: float
-    along: float = 1.0
-    """vLLM's per-token shift projected on the reference's, as a fraction of it (least squares through 0): about 1
-    when vLLM serves the adapter, about 0 when it serves the base model under the adapter's name."""
-    along_se: float = 0.0
-    """Standard error of `along`, from the per-token scatter of vLLM's shift around along x the reference's."""
+    agreement: float = 1.0
+    """Cosine of vLLM's per-token shift with the reference's: near 1 when vLLM serves the adapter, about 0 (within
+    1/sqrt(tokens)) when its shift is unrelated noise."""
+    agreement_z: float = math.inf
+    """`agreement` in standard errors above 0 (Fisher's z)."""
     informative: bool = True
-    """The probe separates served (along 1) from not served (along 0) by DECISION_Z standard errors either way."""
+    """The agreement is at least DECISION_Z standard errors above 0: vLLM's shift follows the reference's."""
 
 
 def _mean_abs(xs) -> float:
@@ -123,17 +126,22 @@ def _mean_abs(xs) -> float:
     return sum(abs(x) for x in xs) / len(xs)
 
 
-def direction(dv: list[float], dr: list[float]) -> tuple[float, float]:
-    """(along, its standard error): the least-squares fit dv = along x dr over the probe's tokens. A vLLM that does
-    not apply the adapter has dv ~ 0 whatever dr is, so along ~ 0 even when the shift is as small as the numerical
-    noise per token: the fit pools every token, which the mean-error tolerance cannot. The standard error comes
-    from the fit's own residuals (the noise of vLLM's shift around the reference's), not from an assumed noise."""
-    n, ss = len(dr), sum(r * r for r in dr)
-    if ss == 0.0:
-        return 0.0, math.inf
-    along = sum(v * r for v, r in zip(dv, dr)) / ss
-    residual = sum((v - along * r) ** 2 for v, r in zip(dv, dr)) / max(n - 1, 1)
-    return along, math.sqrt(residual / ss)
+def _rms(xs) -> float:
+    xs = list(xs)
+    return math.sqrt(sum(x * x for x in xs) / len(xs))
+
+
+def agreement(dv: list[float], dr: list[float]) -> tuple[float, float]:
+    """(cosine, z) of vLLM's per-token shift `dv` with the reference's `dr`. A vLLM that does not apply the adapter
+    shifts by its own numerical noise, unrelated to dr: the cosine is then about 0, within 1/sqrt(n). Noise on either
+    side (bf16 in vLLM or in the trainer) lowers the cosine but cannot make unrelated shifts agree, so z, the cosine
+    in standard errors (Fisher's atanh(r) sqrt(n - 3)), is evidence that vLLM applies the adapter however small its
+    shift, given enough tokens. (A regression slope would not do: noise in the reference's shift biases it to 0.)"""
+    sv, sr = sum(v * v for v in dv), sum(r * r for r in dr)
+    if sv == 0.0 or sr == 0.0:
+        return 0.0, 0.0
+    r = max(-0.999999, min(0.999999, sum(v * r for v, r in zip(dv, dr)) / math.sqrt(sv * sr)))
+    return r, math.atanh(r) * math.sqrt(max(len(dr) - 3, 0))
 
 
 def compare_probe(adapter: Path, reference: str, vllm_base: list[float], vllm_adapter: list[float],
@@ -144,11 +152,11 @@ def compare_probe(adapter: Path, reference: str, vllm_base: list[float], vllm_ad
     - log-probs of different lengths or not finite;
     - the base models differ (mean |vLLM base - reference base| over BASE_MISMATCH_LIMIT);
     - vLLM's shift is not the reference's (mean error over `adapter_tolerance`): stale, partial or mis-scaled;
-    - the probe cannot tell served from not served (`direction`'s standard error over 0.5 / DECISION_Z, or fewer
-      than MIN_PROBE_TOKENS tokens): refused unless `uninformative` is warn, which returns the check with
-      informative false. A small shift in bf16 passes the tolerance whether or not vLLM applies it, so the
-      tolerance alone cannot be the evidence that it does;
-    - vLLM's shift does not follow the reference's (along < 0.5): vLLM serves (about) the base model.
+    - vLLM's shift does not follow the reference's token by token (`agreement` under DECISION_Z standard errors):
+      refused as not served when vLLM's shift is below ZERO_SHIFT of the implementations' difference (it answers
+      with the base model), else as uninformative (the shift is too small against the noise to tell), which
+      `uninformative="warn"` turns into a returned check with informative false. A small shift in bf16 passes the
+      tolerance whether or not vLLM applies it, so the tolerance alone is no evidence that it does.
     """
     n = len(ref_base)
     if not (n and len(vllm_base) == len(vllm_adapter) == len(ref_adapter) == n):
@@ -160,11 +168,12 @@ def compare_probe(adapter: Path, reference: str, vllm_base: list[float], vllm_ad
                                 "produces NaN/inf")
     dv = [a - b for a, b in zip(vllm_adapter, vllm_base)]
     dr = [a - b for a, b in zip(ref_adapter, ref_base)]
-    expected, noise = _mean_abs(dr), _mean_abs(a - b for a, b in zip(vllm_base, ref_base))
-    along, se = direction(dv, dr)
+    diff = [a - b for a, b in zip(vllm_base, ref_base)]
+    expected, noise = _mean_abs(dr), _mean_abs(diff)
+    r, z = agreement(dv, dr)
     check = AdapterCheck(adapter, reference, n, _mean_abs(dv), expected, _mean_abs(a - b for a, b in zip(dv, dr)),
-                         noise, adapter_tolerance(expected, noise), along, se,
-                         informative=n >= MIN_PROBE_TOKENS and DECISION_Z * se <= 0.5)
+                         noise, adapter_tolerance(expected, noise), r, z,
+                         informative=n >= MIN_PROBE_TOKENS and z >= DECISION_Z)
     named = f"adapter {adapter}" + (f" (LoRA id {adapter_id})" if adapter_id is not None else "")
     source = "trainer" if reference == "trainer" else "peft model"
     if noise > BASE_MISMATCH_LIMIT:
@@ -179,30 +188,30 @@ def compare_probe(adapter: Path, reference: str, vllm_base: list[float], vllm_ad
             f"{expected:.4f}, over {n} tokens). The served adapter is not the trained one: stale (vLLM still serves "
             "an older adapter under this LoRA id), partial (weights missing from adapter_model.safetensors) or "
             "mis-scaled (r or lora_alpha in adapter_config.json changed after training)")
-    if not check.informative:
-        if uninformative == "stop":
-            raise AdapterNotApplied(_uninformative_message(check, adapter_id) + "; set "
-                                    "engine.adapter_check_uninformative: warn to go on with a warning instead")
+    if check.informative:
         return check
-    if along < 0.5:
+    if expected > 0 and _rms(dv) <= ZERO_SHIFT * _rms(diff):
         raise AdapterNotApplied(
-            f"{named}: vLLM does not serve the adapter: its log-prob shift of the probe text follows the {source}'s "
-            f"at {along:.2f} +- {se:.2f} of it per token (1 when served, 0 when not; vLLM shift {check.shift:.4f}, "
-            f"expected {expected:.4f} nats/token over {n} tokens). vLLM answers under the adapter's name with "
-            "(about) the base model: e.g. a LoRA lost after the engine's sleep/wake_up, or an adapter whose weights "
-            "it did not load; restart the engine (rerun the same run id) and check vLLM's log for LoRA errors")
+            f"{named}: vLLM does not serve the adapter: its log-prob shift of the probe text is {check.shift:.2g} "
+            f"nats/token, below what vLLM and the {source} differ by on the base model ({noise:.2g}), where the "
+            f"{source}'s is {expected:.4f} over {n} tokens. vLLM answers under the adapter's name with the base "
+            "model: e.g. a LoRA lost after the engine's sleep/wake_up, or an adapter whose weights it did not load; "
+            "restart the engine (rerun the same run id) and check vLLM's log for LoRA errors")
+    if uninformative == "stop":
+        raise AdapterNotApplied(_uninformative_message(check, adapter_id) + "; set "
+                                "engine.adapter_check_uninformative: warn to go on with a warning instead")
     return check
 
 
 def _uninformative_message(check: AdapterCheck, adapter_id: int | None) -> str:
     named = f"adapter {check.adapter}" + (f" (LoRA id {adapter_id})" if adapter_id is not None else "")
     why = (f"only {check.tokens} probe tokens" if check.tokens < MIN_PROBE_TOKENS else
-           f"its shift of the probe text ({check.expected_shift:.4f} nats/token in the {check.reference}) is "
-           f"too small against the numerical noise: vLLM's shift follows it at {check.along:.2f} +- "
-           f"{check.along_se:.2f} of it, which cannot separate 1 (served) from 0 (not served) by "
-           f"{DECISION_Z:g} standard errors")
+           f"its shift of the probe text ({check.expected_shift:.4f} nats/token in the {check.reference}, "
+           f"{check.shift:.4f} in vLLM) is too small against the numerical noise ({check.noise:.4f}): vLLM's shift "
+           f"agrees with it at cosine {check.agreement:.2f}, {check.agreement_z:.1f} standard errors above none "
+           f"(needed: {DECISION_Z:g})")
     return (f"{named}: the adapter check cannot tell whether vLLM serves the adapter: {why}. With engine.dtype: "
-            "float32 the noise is ~1e-5 and any trained adapter is decided")
+            "float32 (and the trainer in fp32) the noise is tiny and any trained adapter is decided")
 
 
 def probe_logprobs(model, token_ids: list[int]) -> tuple[list[float], list[float]]:

@@ -192,7 +192,7 @@ def test_adapter_check_refuses_a_small_adapter_that_vllm_does_not_serve(engine, 
     # under its name (in bf16 on a GPU the same holds for shifts up to ~3x the bf16 noise). Its direction does not.
     small = make_adapter(model_path, tmp_path / "small", seed=2, scale=0.006)
     check = engine.check_adapter_applied(small, adapter_id=8)
-    assert check.informative and check.along == pytest.approx(1, abs=0.1)
+    assert check.informative and check.agreement > 0.99
     assert check.expected_shift < adapter_tolerance(check.expected_shift, check.noise)
     with pytest.raises(AdapterNotApplied, match=re.escape(f"adapter {small} (LoRA id 9): vLLM does not serve")):
         check_adapter_applied(NotServing(engine), small, adapter_id=9)
