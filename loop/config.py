@@ -155,27 +155,51 @@ class RunConfig(BaseModel):
         return self
 
 
-def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = None) -> None:
-    """On a CPU machine running the whole loop, a training step of the configured size fits in the memory left
-    beside the vLLM engine (loop/train_memory.py: an upper bound for the configured lengths)."""
+def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = None,
+                       gpu_total: int | None = None) -> None:
+    """A training step of the configured size fits beside the vLLM engine (loop/train_memory.py: an upper bound for
+    the configured lengths): on a CPU machine in the memory left beside the engine, on a GPU in the GPU memory that
+    vLLM leaves while it sleeps (or beside its share, without sleep mode). The GPU is the device where CUDA gives
+    this process one (`CUDA_VISIBLE_DEVICES=""` trains on the CPU even where a GPU is installed) or where
+    `gpu_total` (bytes) is given; `available` (bytes) replaces the CPU memory the machine reports."""
     from loop import train_memory
-    from loop.hardware import cpu_has_bf16
+    from loop.hardware import CUDA_BF16_CAPABILITY, cpu_has_bf16, cuda_capability, gpu_memory_total, gpu_visible
 
-    if cfg.cluster is not None or Path("/dev/nvidia0").exists():
-        return  # the trainer runs elsewhere (a Ray actor) or on a GPU: not this machine's memory
+    if cfg.cluster is not None:
+        return  # the trainer runs in a Ray actor, on its node's memory
+    on_gpu = gpu_total is not None or gpu_visible()
+    if on_gpu and gpu_total is None:
+        gpu_total = gpu_memory_total()
+        if gpu_total is None:
+            return  # NVML cannot say: nothing to check against
     t = cfg.train
-    bf16 = t.bf16 is True or (t.bf16 == "native" and cpu_has_bf16())
+    if on_gpu:  # train.bf16 unset or native: bf16 on a GPU that computes it (loop/train.py _use_bf16)
+        native = (cuda_capability() or CUDA_BF16_CAPABILITY) >= CUDA_BF16_CAPABILITY
+        bf16 = t.bf16 is True or (t.bf16 in (None, "native") and native)
+    else:
+        bf16 = t.bf16 is True or (t.bf16 == "native" and cpu_has_bf16())
     # DPO: chosen + rejected per pair; KTO: the sample + its KL completion; plus a rehearsal sequence per pair;
     # SFT (RFT): the sample alone.
     sequences = t.per_device_batch_size * (1 if t.algorithm == "sft" else 2 + bool(cfg.pairs.rehearsal))
     seq_len = min(t.max_length or cfg.engine.max_model_len, cfg.engine.max_model_len)
     need = train_memory.estimate(model_dir, sequences=sequences, seq_len=seq_len, bytes_per_value=2 if bf16 else 4,
-                                 gradient_checkpointing=t.gradient_checkpointing)
+                                 gradient_checkpointing=t.gradient_checkpointing,
+                                 runtime=train_memory.GPU_RUNTIME_BYTES if on_gpu else train_memory.RUNTIME_BYTES)
     if need is None:
         return
-    engine_value = {"bfloat16": 2, "float16": 2, "float32": 4}.get(cfg.engine.dtype, 2 if cpu_has_bf16() else 4)
-    engine = train_memory.engine_bytes(model_dir, cfg.engine.kv_cache_memory_bytes, engine_value)
-    free = (train_memory.available_bytes() if available is None else available) - engine
+    if on_gpu:
+        sleeps = cfg.engine.enable_sleep_mode is not False
+        engine = train_memory.engine_gpu_bytes(gpu_total, cfg.engine.gpu_memory_utilization, asleep=sleeps)
+        free = gpu_total - engine
+        where = (f"this GPU ({gpu_total / train_memory.GIB:.1f} GiB) has {free / train_memory.GIB:.1f} GiB beside "
+                 f"the vLLM engine ({engine / train_memory.GIB:.1f} GiB "
+                 + ("while asleep)" if sleeps else "awake: engine.enable_sleep_mode is false)"))
+    else:
+        engine_value = {"bfloat16": 2, "float16": 2, "float32": 4}.get(cfg.engine.dtype, 2 if cpu_has_bf16() else 4)
+        engine = train_memory.engine_bytes(model_dir, cfg.engine.kv_cache_memory_bytes, engine_value)
+        free = (train_memory.available_bytes() if available is None else available) - engine
+        where = (f"this machine has {free / train_memory.GIB:.1f} GiB available beside the vLLM engine "
+                 f"({engine / train_memory.GIB:.1f} GiB)")
     if need.total <= free:
         return
     g = train_memory.GIB
@@ -184,11 +208,14 @@ def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = 
     if not t.gradient_checkpointing:
         fixes.append("set train.gradient_checkpointing: true (activations ~1/20, ~25% slower)")
     fixes.append(f"lower train.max_length (now {t.max_length}; engine.max_model_len {cfg.engine.max_model_len})")
+    if on_gpu and cfg.engine.enable_sleep_mode is False:
+        fixes.append("set engine.enable_sleep_mode: true (vLLM frees its GPU memory while training runs) or lower "
+                     "engine.gpu_memory_utilization")
     raise ConfigError(
-        f"train: a training step may need about {need.total / g:.1f} GiB ({sequences} sequences of up to {seq_len} "
-        f"tokens: {need.activations / g:.1f} GiB of activations, {need.weights / g:.1f} GiB of weights), but this "
-        f"machine has {free / g:.1f} GiB available beside the vLLM engine ({engine / g:.1f} GiB); it would be killed "
-        f"for memory at the first training, after round 1's sampling. Either " + ", or ".join(fixes))
+        f"train: a training step may need about {need.total / g:.1f} GiB{' of GPU memory' if on_gpu else ''} "
+        f"({sequences} sequences of up to {seq_len} tokens: {need.activations / g:.1f} GiB of activations, "
+        f"{need.weights / g:.1f} GiB of weights), but {where}; it would run out of memory at the first training, "
+        "after round 1's sampling. Either " + ", or ".join(fixes))
 
 
 def check_model(cfg: RunConfig, model_path: str | Path) -> None:

@@ -19,9 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
+
+# torch.cuda.is_available() asks the CUDA runtime by default, which initialises the CUDA driver in this process, and
+# a vLLM worker forked after that cannot use the GPU. Through NVML it does not (the user's own setting wins).
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
 class EngineConfig(BaseModel):
@@ -42,7 +46,20 @@ class EngineConfig(BaseModel):
     """KV cache size on CPU (vLLM-CPU needs it explicitly)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """Share of GPU memory vLLM may take (training shares the GPU with it)."""
+    max_num_seqs: int | None = Field(None, ge=1)
+    """Most sequences vLLM decodes in one step; None: vLLM's default, which on large GPUs is 1024. A smaller value
+    (e.g. 256) keeps the engine's start-up (CUDA graphs are captured for every batch size up to it) and its memory
+    small."""
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """Most tokens vLLM schedules in one step (prefill and decode). None: vLLM's default on a GPU; on a CPU, where a
+    prompt is prefilled in one step (see the module docstring), max(max_model_len, 4096). Must be at least
+    max_num_seqs, and on a CPU at least max_model_len."""
     enforce_eager: bool = False
+    """Run the model eagerly: no CUDA graphs, a faster and leaner engine start, slower decoding."""
+    adapter_check_uninformative: Literal["stop", "warn"] = "stop"
+    """When the adapter check cannot tell whether vLLM serves the round's adapter (its shift of the probe text lies
+    within the numerical noise, e.g. bf16 after a small update): stop the round (AdapterNotApplied), or warn and go
+    on. engine.dtype: float32 makes the check decisive instead (loop/adapter_check.py)."""
     enable_sleep_mode: bool | None = None
     """GPU only: vLLM sleeps while training runs (level 1: its weights go to CPU memory, its KV cache is freed) and
     wakes for the next generation. None: on where vLLM has a sleep mode (CUDA); vLLM-CPU has none (ignored there)."""
@@ -51,6 +68,16 @@ class EngineConfig(BaseModel):
     vllm: vLLM's own binding (one CPU reserved per engine, one logical CPU per physical core). `all` was faster on
     the 2-core machine (bench/cpu_binding.py, bench/RESULTS.md). VLLM_CPU_OMP_THREADS_BIND or
     VLLM_CPU_NUM_OF_RESERVED_CPU set in the environment win over either."""
+
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> "EngineConfig":
+        # vLLM refuses this at start (SchedulerConfig), after the config was accepted and the model converted.
+        seqs, tokens = self.max_num_seqs, self.max_num_batched_tokens
+        if seqs is not None and tokens is not None and tokens < seqs:
+            raise ValueError(f"engine.max_num_batched_tokens ({tokens}) is below engine.max_num_seqs ({seqs}): every "
+                             f"sequence of a step needs at least one token of the step's budget; raise "
+                             f"engine.max_num_batched_tokens to at least {seqs} or lower engine.max_num_seqs")
+        return self
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -107,42 +134,71 @@ class TurnOutput:
 
 def resolve_dtype(dtype: str) -> str:
     """EngineConfig.dtype with auto decided for this machine; an explicit bf16 that the hardware would emulate is
-    kept, with a warning."""
-    from loop.hardware import native_bf16
+    kept, with a warning. Creates no CUDA context in this process (loop/hardware.py), so vLLM can start after it."""
+    from loop.hardware import cuda_available, native_bf16
 
     if dtype == "auto":
-        import torch
-
-        return "bfloat16" if native_bf16() else ("float16" if torch.cuda.is_available() else "float32")
+        return "bfloat16" if native_bf16() else ("float16" if cuda_available() else "float32")
     if dtype == "bfloat16" and not native_bf16():
         log.warning("engine.dtype is bfloat16 but this machine has no bf16 arithmetic (no AMX/AVX512-BF16 CPU, no "
                     "bf16 GPU): generation will be many times slower than with engine.dtype: auto (float32 here)")
     return dtype
 
 
+def engine_args(cfg: EngineConfig, model_path: str | Path, dtype: str, on_cuda: bool) -> dict:
+    """The keyword arguments of `vllm.LLM` for this config on this device (dtype already resolved)."""
+    kwargs = dict(model=str(model_path), enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras,
+                  max_model_len=cfg.max_model_len, dtype=dtype, seed=cfg.seed, enforce_eager=cfg.enforce_eager)
+    if cfg.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if on_cuda:
+        kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                      enable_sleep_mode=cfg.enable_sleep_mode is not False)
+        if cfg.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        return kwargs
+    tokens = cfg.max_num_batched_tokens or max(cfg.max_model_len, _CPU_BATCHED_TOKENS)
+    if tokens < cfg.max_model_len:
+        raise ValueError(f"engine.max_num_batched_tokens ({tokens}) is below engine.max_model_len "
+                         f"({cfg.max_model_len}): on a CPU a prompt is prefilled in one step, so a step must hold the "
+                         f"longest one; raise it to at least {cfg.max_model_len} or leave it unset")
+    # Seeded requests need a generator vLLM can rewind when chunked prefill discards a sampled token; CPU generators
+    # cannot, so on CPU prompts are prefilled whole (see the module docstring).
+    kwargs.update(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enable_chunked_prefill=False,
+                  max_num_batched_tokens=tokens)
+    return kwargs
+
+
+def engine_env(on_cuda: bool) -> dict[str, str]:
+    """Environment variables the engine sets before vLLM starts (the user's own values win); returns those set.
+    On CUDA, FlashInfer's top-p/top-k sampler is off: vLLM samples a batch with per-request seeds (every sampled
+    request of the loop has one) on its PyTorch path anyway, so this only keeps unseeded requests (greedy ones,
+    benchmarks) on that same path, and spares the engine FlashInfer's kernels, which may be compiled at first use."""
+    values = {"VLLM_USE_FLASHINFER_SAMPLER": "0"} if on_cuda else {}
+    values = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(values)
+    return values
+
+
 class VLLMEngine:
     """A started vLLM engine on `model_path`; `close()` stops it."""
 
     def __init__(self, model_path: str | Path, cfg: EngineConfig):
-        import torch
-        from vllm import LLM
+        from loop.hardware import cuda_available
 
         self.cfg = cfg
         self.model_path = str(model_path)
-        self.on_cuda = torch.cuda.is_available()
+        # Decided before vLLM starts, without a CUDA context in this process (loop/hardware.py).
+        self.on_cuda = cuda_available()
         self.sleeps = self.on_cuda and cfg.enable_sleep_mode is not False
         self.dtype = resolve_dtype(cfg.dtype)
-        kwargs = dict(model=str(model_path), enable_lora=True, max_lora_rank=cfg.max_lora_rank,
-                      max_loras=cfg.max_loras, max_model_len=cfg.max_model_len, dtype=self.dtype, seed=cfg.seed,
-                      enforce_eager=cfg.enforce_eager)
+        kwargs = engine_args(cfg, model_path, self.dtype, self.on_cuda)
         if self.on_cuda:
-            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleeps)
+            engine_env(True)
         else:
-            # Seeded requests need a generator vLLM can rewind when chunked prefill discards a sampled token; CPU
-            # generators cannot, so on CPU prompts are prefilled whole (see the module docstring).
-            kwargs.update(kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(cfg.max_model_len, _CPU_BATCHED_TOKENS))
             apply_cpu_binding(cfg.cpu_threads)
+        from vllm import LLM
+
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.asleep = False

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loop import rollout
-from loop.adapter_check import PROBE_FILE, AdapterNotApplied, write_probe
+from loop.adapter_check import PROBE_FILE, AdapterNotApplied, adapter_tolerance, check_adapter_applied, write_probe
 from loop.engine import EngineConfig, VLLMEngine
 from loop.models import resolve_model
 from loop.records import Segment, Trajectory
@@ -42,9 +42,9 @@ def engine(model_path):
 PROBE = "Question: what is 7 + 10?\nAnswer: 7 + 10 = 17. The answer is 17."
 
 
-def make_adapter(model_path: str, out: Path, seed: int = 0) -> Path:
-    """A real peft LoRA adapter with non-zero B (peft's default B = 0 would leave outputs unchanged), saved with
-    the probe record the trainer writes (loop.train.train_round calls the same write_probe)."""
+def make_adapter(model_path: str, out: Path, seed: int = 0, scale: float = 1.0) -> Path:
+    """A real peft LoRA adapter with non-zero B (peft's default B = 0 would leave outputs unchanged), B scaled by
+    `scale`, saved with the probe record the trainer writes (loop.train.train_round calls the same write_probe)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,6 +52,10 @@ def make_adapter(model_path: str, out: Path, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                             init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
     peft.save_pretrained(out)
     write_probe(peft, AutoTokenizer.from_pretrained(model_path)(PROBE, add_special_tokens=False)["input_ids"], out)
     return out
@@ -170,6 +174,28 @@ def test_adapter_check_refuses_a_mis_scaled_partial_or_stale_adapter(engine, ada
     with pytest.raises(AdapterNotApplied, match=re.escape(f"adapter {stale} (LoRA id 5)") + ".*stale"):
         engine.check_adapter_applied(stale, adapter_id=5)
     assert engine.check_adapter_applied(stale, adapter_id=6).reference == "trainer"  # under a new id it is served
+
+
+class NotServing:
+    """The engine with the adapter deliberately not loaded: a request under the adapter's name is answered by the
+    base model, as vLLM does when it loses a LoRA (e.g. after sleep and wake_up). Real vLLM scores both."""
+
+    def __init__(self, engine: VLLMEngine):
+        self.engine, self.cfg, self.model_path, self.tokenizer = engine, engine.cfg, engine.model_path, engine.tokenizer
+
+    def prompt_logprobs(self, token_ids, adapter=None, adapter_id=None):
+        return self.engine.prompt_logprobs(token_ids)
+
+
+def test_adapter_check_refuses_a_small_adapter_that_vllm_does_not_serve(engine, model_path, tmp_path):
+    # An adapter that moves the probe by less than the tolerance's floor: the tolerance alone accepts the base model
+    # under its name (in bf16 on a GPU the same holds for shifts up to ~3x the bf16 noise). Its direction does not.
+    small = make_adapter(model_path, tmp_path / "small", seed=2, scale=0.006)
+    check = engine.check_adapter_applied(small, adapter_id=8)
+    assert check.informative and check.agreement > 0.99
+    assert check.expected_shift < adapter_tolerance(check.expected_shift, check.noise)
+    with pytest.raises(AdapterNotApplied, match=re.escape(f"adapter {small} (LoRA id 9): vLLM does not serve")):
+        check_adapter_applied(NotServing(engine), small, adapter_id=9)
 
 
 def test_adapter_without_a_record_is_checked_against_peft(engine, adapter, tmp_path):
