@@ -46,7 +46,7 @@ def child(args: argparse.Namespace) -> None:
     from loop import rollout
     from loop.engine import EngineConfig, VLLMEngine
     from loop.rollout import SamplingConfig
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
 
     tasks = load_tasks(TaskSetConfig(family="arithmetic", split="train", limit=args.prompts, difficulty=1))
@@ -93,7 +93,7 @@ def main() -> None:
 
     from generation import make_adapter
 
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
 
     baseline = min(workload_s() for _ in range(3))
     runs: dict[str, list[dict]] = {s: [] for s in SETTINGS}

@@ -28,7 +28,7 @@ def main() -> None:
     from loop.config import load_config
     from loop import rollout
     from loop.engine import VLLMEngine
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
     from loop.tasks import load_tasks
 
     cfg = load_config(args.config)

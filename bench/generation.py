@@ -110,7 +110,7 @@ def main() -> None:
     from loop import rollout
     from loop.engine import EngineConfig, VLLMEngine, resolve_dtype
     from loop.rollout import SamplingConfig, sample_seed
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

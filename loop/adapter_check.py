@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from loop.weights import model_weight_shapes, tensor_shapes
+from loop.models.weights import model_weight_shapes, tensor_shapes
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from loop.tasks import TaskSetConfig
 from loop.tracking import TrackingConfig
 from loop.train import TrainConfig
 from loop.verify import VerifyConfig
-from loop.weights import model_weight_shapes
+from loop.models.weights import model_weight_shapes
 
 # Modules the loop never adapts: vLLM serves LoRA on the embeddings and the LM head only for some architectures
 # (Llama, not Qwen2, in vLLM 0.32) and refuses the adapter at load time otherwise.
@@ -163,7 +163,7 @@ def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = 
     this process one (`CUDA_VISIBLE_DEVICES=""` trains on the CPU even where a GPU is installed) or where
     `gpu_total` (bytes) is given; `available` (bytes) replaces the CPU memory the machine reports."""
     from loop import train_memory
-    from loop.hardware import CUDA_BF16_CAPABILITY, cpu_has_bf16, cuda_capability, gpu_memory_total, gpu_visible
+    from loop.models.hardware import CUDA_BF16_CAPABILITY, cpu_has_bf16, cuda_capability, gpu_memory_total, gpu_visible
 
     if cfg.cluster is not None:
         return  # the trainer runs in a Ray actor, on its node's memory

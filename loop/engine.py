@@ -35,7 +35,7 @@ class EngineConfig(BaseModel):
     """Prompt + all turns + observations; a trajectory that would exceed it ends with finish_reason 'context'."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights and activations. auto: bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU
-    with AMX or AVX512-BF16; loop/hardware.py), else float16 on a GPU and float32 on a CPU, where bf16 is emulated
+    with AMX or AVX512-BF16; loop/models/hardware.py), else float16 on a GPU and float32 on a CPU, where bf16 is emulated
     and many times slower."""
     seed: int = 0
     """vLLM's engine seed (its default generator); sampled requests carry their own seeds (see SamplingConfig.seed)."""
@@ -134,8 +134,8 @@ class TurnOutput:
 
 def resolve_dtype(dtype: str) -> str:
     """EngineConfig.dtype with auto decided for this machine; an explicit bf16 that the hardware would emulate is
-    kept, with a warning. Creates no CUDA context in this process (loop/hardware.py), so vLLM can start after it."""
-    from loop.hardware import cuda_available, native_bf16
+    kept, with a warning. Creates no CUDA context in this process (loop/models/hardware.py), so vLLM can start after it."""
+    from loop.models.hardware import cuda_available, native_bf16
 
     if dtype == "auto":
         return "bfloat16" if native_bf16() else ("float16" if cuda_available() else "float32")
@@ -184,11 +184,11 @@ class VLLMEngine:
     """A started vLLM engine on `model_path`; `close()` stops it."""
 
     def __init__(self, model_path: str | Path, cfg: EngineConfig):
-        from loop.hardware import cuda_available
+        from loop.models.hardware import cuda_available
 
         self.cfg = cfg
         self.model_path = str(model_path)
-        # Decided before vLLM starts, without a CUDA context in this process (loop/hardware.py).
+        # Decided before vLLM starts, without a CUDA context in this process (loop/models/hardware.py).
         self.on_cuda = cuda_available()
         self.sleeps = self.on_cuda and cfg.enable_sleep_mode is not False
         self.dtype = resolve_dtype(cfg.dtype)

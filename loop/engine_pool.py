@@ -85,7 +85,7 @@ class _Replica:
 
     def start(self, model: str, cfg: EngineConfig, cpus: list[int] | None) -> int:
         from loop.engine import VLLMEngine
-        from loop.models import resolve_model
+        from loop.models.resolve import resolve_model
 
         if cpus is not None and not any(k in os.environ for k in _BINDING_VARS):
             # Before vLLM starts: its OpenMP threads bind to these CPUs (VLLMEngine keeps variables already set).
@@ -143,7 +143,7 @@ class Replica:
 class EnginePool:
     """`cluster.engines` replicas of VLLMEngine(model, cfg) on the Ray cluster this process is the driver of.
 
-    `model` is resolved on every replica's node (loop.models.resolve_model); `model_path` is its folder on the
+    `model` is resolved on every replica's node (loop.models.resolve.resolve_model); `model_path` is its folder on the
     driver, where the pool's tokenizer (the one vLLM loads) is read from."""
 
     def __init__(self, model: str, model_path: str | Path, cfg: EngineConfig, cluster: ClusterConfig):

@@ -3,7 +3,7 @@ is created, no Prefect server or vLLM engine is started until they pass.
 
 Each failure is one `PreflightError` (a `ConfigError`: the CLI prints it on one line and exits with 2) that says
 what is wrong, which setting is involved, and how to fix it. What they cover: the config (schema and YAML syntax,
-loop/config.py), a task file (family jsonl: there, and every line a task), the model name (loop/models.py `locate_model`) and, when its weights are on disk, the checks
+loop/config.py), a task file (family jsonl: there, and every line a task), the model name (loop/models/resolve.py `locate_model`) and, when its weights are on disk, the checks
 that need them (`check_model`), the folders written to, the saved config of a resumed run id, the MLflow store, and
 the device (`check_device`: a GPU config needs a CUDA device; the CUDA vLLM needs a CUDA torch).
 Imports stay light (no torch, vLLM, Prefect or mlflow): a typo is reported in well under a second. Only a config that
@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from loop.config import ConfigError, RunConfig, check_model, load_config
-from loop.models import ModelError, locate_model
+from loop.models.resolve import ModelError, locate_model
 from loop.rundir import RunDir
 from loop.tracking import TrackingConfig, resolve_uri
 

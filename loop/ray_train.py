@@ -41,7 +41,7 @@ class _Trainer:
     def train(self, model: str, data: list, cfg: TrainConfig, init: dict[str, bytes] | None, rehearsal: list,
               rank: int = 0, world: int = 1, master: tuple[str, int] | None = None,
               ) -> tuple[dict[str, bytes], dict[str, float], list] | None:
-        from loop.models import resolve_model
+        from loop.models.resolve import resolve_model
         from loop.train import train_round
 
         if world > 1:

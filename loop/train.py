@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
     bf16: bool | Literal["native"] | None = None
     """bf16 weights and autocast. None: on a CUDA GPU with bf16, fp32 on CPU (bf16 LoRA training on CPU has not been
     compared with fp32 on a loop's results). native: wherever the hardware computes bf16 (also a CPU with AMX or
-    AVX512-BF16; loop/hardware.py), fp32 elsewhere, where bf16 is emulated and many times slower."""
+    AVX512-BF16; loop/models/hardware.py), fp32 elsewhere, where bf16 is emulated and many times slower."""
     lora_r: int = Field(16, ge=1)
     """LoRA rank (engine.max_lora_rank must be at least this)."""
     lora_alpha: int = Field(32, ge=1)
@@ -145,7 +145,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
-    from loop.hardware import native_bf16
+    from loop.models.hardware import native_bf16
 
     native = native_bf16()
     if cfg.bf16 is True and not native:
@@ -171,7 +171,7 @@ def _check_inputs(base_model_path: Path, data: list, cfg: TrainConfig, init_adap
 
     if not (base_model_path / "config.json").is_file():
         raise FileNotFoundError(f"base model {base_model_path} has no config.json (a Hugging Face model folder is "
-                                "expected; loop.models.resolve_model gives one)")
+                                "expected; loop.models.resolve.resolve_model gives one)")
     if not data:
         raise ValueError("nothing to train on: the round has no preference pairs / graded samples "
                          "(skip training for such rounds; the previous adapter stays current)")

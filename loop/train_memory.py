@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from loop.weights import model_weight_shapes
+from loop.models.weights import model_weight_shapes
 
 GIB = 2 ** 30
 RUNTIME_BYTES = int(1.5 * GIB)

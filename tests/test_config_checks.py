@@ -8,7 +8,7 @@ import pytest
 
 from helpers import tiny_config
 from loop.config import ConfigError, check_model, load_config
-from loop.models import resolve_model
+from loop.models.resolve import resolve_model
 
 
 def refused(tmp_path: Path, **over) -> str:

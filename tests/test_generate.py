@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from loop import rollout
 from loop.adapter_check import PROBE_FILE, AdapterNotApplied, adapter_tolerance, check_adapter_applied, write_probe
 from loop.engine import EngineConfig, VLLMEngine
-from loop.models import resolve_model
+from loop.models.resolve import resolve_model
 from loop.records import Segment, Trajectory
 from loop.rollout import SamplingConfig, sample_seed
 from loop.tasks.base import Task

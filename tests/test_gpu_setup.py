@@ -17,7 +17,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from loop.config import load_config
-from loop.models import BUILTIN_MODELS
+from loop.models.resolve import BUILTIN_MODELS
 from loop.preflight import gpu_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def fake_model(root: Path, hidden=1536, layers=28, inter=8960, vocab=151936, kv=
 
 
 def test_the_training_step_is_checked_against_the_gpu_memory_vllm_leaves_asleep(tmp_path: Path, monkeypatch):
-    from loop import hardware
+    from loop.models import hardware
     from loop.config import ConfigError, check_train_memory
 
     model = fake_model(tmp_path / "model")

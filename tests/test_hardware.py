@@ -1,4 +1,4 @@
-"""bf16 only where the hardware computes it (loop/hardware.py), for engine.dtype auto and train.bf16 unset."""
+"""bf16 only where the hardware computes it (loop/models/hardware.py), for engine.dtype auto and train.bf16 unset."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from loop import engine, hardware, train
+from loop import engine, train
+from loop.models import hardware
 
 REPO = Path(__file__).resolve().parents[1]
 AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

@@ -37,7 +37,7 @@ def test_training_rounds_in_one_process_do_not_grow_memory(tmp_path):
     from test_train import FAST, tool_pair
     from transformers import AutoTokenizer
 
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
     from loop.train import TrainConfig, train_round
 
     model_path = Path(resolve_model("smollm2-135m-instruct").path)

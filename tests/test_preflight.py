@@ -115,7 +115,7 @@ def test_a_run_dir_that_cannot_be_a_folder_is_refused(tmp_path: Path):
 
 
 def test_target_modules_the_model_lacks_are_refused_before_anything_starts(tmp_path: Path):
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
 
     resolve_model("smollm2-135m-instruct")  # its weights on disk: the check that reads their headers runs
     line = refused(tmp_path, tiny_config(tmp_path, train={"target_modules": ["q_proj", "q_prj"]}))
@@ -229,7 +229,7 @@ def test_the_cuda_vllm_beside_a_cpu_torch_is_refused(tmp_path: Path):
 
 
 def test_a_training_batch_that_cannot_fit_in_memory_is_refused_before_anything_starts(tmp_path: Path):
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
 
     resolve_model("smollm2-135m-instruct")  # the estimate reads the model's shapes from its folder
     line = refused(tmp_path, tiny_config(tmp_path, train={"per_device_batch_size": 512, "max_length": 512}))
@@ -239,7 +239,7 @@ def test_a_training_batch_that_cannot_fit_in_memory_is_refused_before_anything_s
 
 def test_the_memory_estimate_follows_batch_length_and_checkpointing(tmp_path: Path):
     from loop.config import ConfigError, check_train_memory, load_config
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
 
     model_dir = Path(resolve_model("smollm2-135m-instruct").path)
     gib = 2 ** 30

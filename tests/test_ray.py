@@ -211,7 +211,7 @@ def assert_same_draws(got: list[dict], want: list[dict], what: str) -> None:
 
 @pytest.fixture(scope="module")
 def model_path() -> str:
-    from loop.models import resolve_model
+    from loop.models.resolve import resolve_model
 
     return resolve_model("smollm2-135m-instruct").path
 

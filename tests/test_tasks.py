@@ -14,7 +14,7 @@ from functools import cache
 import pytest
 from pydantic import ValidationError
 
-from loop.packages import fetch_wheel
+from loop.models.wheels import fetch_wheel
 from loop.tasks import TaskSetConfig, check_disjoint, count_clusters, load_round_tasks, load_tasks
 from loop.tasks.instructions import HASH_ANSWER
 from loop.tasks.jsonl import TaskFileError

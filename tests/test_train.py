@@ -12,7 +12,7 @@ from peft import PeftModel, load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from loop.adapter_check import probe_logprobs
-from loop.models import resolve_model
+from loop.models.resolve import resolve_model
 from loop.pairs import PairsConfig, PreferencePair, rft_samples
 from loop.records import Graded, Segment, Trajectory
 from loop.train import TrainConfig, TrainingDiverged, train_round

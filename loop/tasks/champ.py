@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from loop.packages import fetch_wheel, read_member
+from loop.models.wheels import fetch_wheel, read_member
 from loop.tasks.base import Task
 from loop.tasks.instructions import render_prompt
 

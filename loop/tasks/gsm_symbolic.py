@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from loop.packages import cache_dir, fetch_wheel
+from loop.models.wheels import cache_dir, fetch_wheel
 from loop.tasks.base import Task
 from loop.tasks.instructions import render_prompt
 

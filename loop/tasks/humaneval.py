@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from loop.packages import fetch_wheel, read_member
+from loop.models.wheels import fetch_wheel, read_member
 from loop.tasks.base import Task
 from loop.tasks.instructions import render_prompt
 

