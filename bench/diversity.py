@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loop.rundir import read_jsonl  # noqa: E402
+from loop.run.directory import read_jsonl  # noqa: E402
 from loop.stats import estimate, format_change, paired_change, problem_clusters  # noqa: E402
 
 # Each option changes one thing against the demo's config; what each one is and where it comes from is in the

@@ -99,7 +99,7 @@ def run(args) -> dict[str, Any]:
     from prefect import flow, get_run_logger
 
     from loop.config import RunConfig
-    from loop.rundir import RunDir
+    from loop.run.directory import RunDir
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-round-"))
     cfg = RunConfig.model_validate(build_config(args, tmp))

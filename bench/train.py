@@ -29,7 +29,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loop.memory import PeakMemory  # noqa: E402
+from loop.run.peak_memory import PeakMemory  # noqa: E402
 from loop.models.resolve import resolve_model  # noqa: E402
 from loop.pairs import PreferencePair  # noqa: E402
 from loop.records import Segment, Trajectory  # noqa: E402
@@ -88,7 +88,7 @@ def model_flops_per_token(model_path: Path, context: int) -> float:
 
 
 def peak_memory_gib(device: str, peak: PeakMemory) -> float:
-    """CUDA: torch's peak allocation; CPU: the process's peak RSS during that round (loop/memory.py)."""
+    """CUDA: torch's peak allocation; CPU: the process's peak RSS during that round (loop/run/peak_memory.py)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     return peak.peak_rss / 2**30

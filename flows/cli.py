@@ -1,9 +1,9 @@
 """The `ratchet` command line, the top layer (nothing under loop/ imports flows/). Heavy imports (vLLM, torch,
 Prefect) happen inside the commands.
 
-`run`, `serve` and `eval` first run the start-up checks (loop/preflight.py): a config or setup problem is one line
+`run`, `serve` and `eval` first run the start-up checks (flows/preflight.py): a config or setup problem is one line
 and exit code 2, before anything is started or written. `run` and `eval` then supervise the loop in a child
-process whose output goes to a log file (loop/supervise.py, loop/console.py); a failure there is a one-line
+process whose output goes to a log file (flows/supervise.py, flows/console.py); a failure there is a one-line
 summary and the log file's name (exit code 1), the traceback on the terminal only with --debug.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Print a failure's fu
          verbose: bool = typer.Option(False, "--verbose", help="Show vLLM's, TRL's and Prefect's output here "
                                                              "instead of in the log file (or RATCHET_VERBOSE=1).")) -> None:
     """Iterative on-policy self-improvement: generate -> verify -> DPO -> evaluate, in rounds."""
-    from loop.console import DEBUG_ENV, VERBOSE_ENV
+    from flows.console import DEBUG_ENV, VERBOSE_ENV
 
     # Environment variables, so that the supervised loop process (and anything else started) sees them too.
     if debug:
@@ -59,16 +59,16 @@ def main(debug: bool = typer.Option(False, "--debug", help="Print a failure's fu
 
 
 def _supervised() -> bool:
-    from loop.supervise import is_supervised
+    from flows.supervise import is_supervised
 
     return is_supervised()
 
 
 def _supervise(log: Path) -> None:
-    """Re-run this command in a child that the current process supervises (loop/supervise.py), its output in
+    """Re-run this command in a child that the current process supervises (flows/supervise.py), its output in
     `log` unless --verbose."""
-    from loop.console import VERBOSE_ENV, flag
-    from loop.supervise import run_supervised
+    from flows.console import VERBOSE_ENV, flag
+    from flows.supervise import run_supervised
 
     if not flag(VERBOSE_ENV):
         console.print(f"log: {log} (vLLM, TRL and Prefect output; --verbose shows it here)")
@@ -77,7 +77,7 @@ def _supervise(log: Path) -> None:
 
 def _use_console() -> None:
     """In the supervised loop process: tables and errors go to the terminal, not to the log file."""
-    from loop.console import console as terminal
+    from flows.console import console as terminal
 
     console.file = terminal()
 
@@ -86,7 +86,7 @@ def _use_console() -> None:
 def _reported_failures():
     """A failure of the loop process: the traceback to the log file (and the terminal with --debug), a one-line
     summary on the terminal. A config or model error found only now exits with 2, like the start-up checks."""
-    from loop.console import DEBUG_ENV, flag, log_file, redirected
+    from flows.console import DEBUG_ENV, flag, log_file, redirected
     from loop.config import ConfigError
     from loop.models.resolve import ModelError
 
@@ -131,7 +131,7 @@ def _load(config: Path, **overrides):
 
 
 def _preflight(check, *args):
-    """The start-up checks (loop/preflight.py): a failure is one message and exit code 2."""
+    """The start-up checks (flows/preflight.py): a failure is one message and exit code 2."""
     from loop.config import ConfigError
 
     try:
@@ -141,8 +141,8 @@ def _preflight(check, *args):
 
 
 def rounds_table(rows: list[dict]) -> Table:
-    """Per round: every accuracy as mean ± standard error over problems, pairs, loss, time (loop/round_table.py)."""
-    from loop.round_table import round_cells
+    """Per round: every accuracy as mean ± standard error over problems, pairs, loss, time (flows/round_table.py)."""
+    from flows.round_table import round_cells
 
     header, body = round_cells(rows)
     t = Table(title="rounds (held-out evaluation; accuracies: mean ± standard error over problems)")
@@ -156,7 +156,7 @@ def rounds_table(rows: list[dict]) -> Table:
 def changes_table(rows: list[dict], primary: str | None = None) -> Table | None:
     """Per later round and accuracy: the paired change against round 0 and the previous evaluated round, with its
     95% interval and p-value, the primary comparison marked; None when no round has one."""
-    from loop.round_table import CHANGE_HEADER, PRIMARY_NOTE, change_cells
+    from flows.round_table import CHANGE_HEADER, PRIMARY_NOTE, change_cells
 
     body = change_cells(rows, primary)
     if not body:
@@ -177,7 +177,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (se
         run_id: Optional[str] = typer.Option(None, help="Run id (default: the config's name). Re-running an id resumes it.")) -> None:
     """Run (or resume) the self-improvement loop as a Prefect flow, tracked in MLflow."""
     if not _supervised():
-        from loop.preflight import preflight_run
+        from flows.preflight import preflight_run
 
         cfg = _preflight(preflight_run, config, rounds, run_id)  # before anything is started or written
         _supervise(cfg.run_dir / (run_id or cfg.name) / "loop.log")
@@ -214,7 +214,7 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="YAML config (
     and adapter. Parameters (config path, more_rounds, run id) stay editable in the Prefect UI. Two runs of one loop
     never write the same run directory at once: a run that finds it locked logs why and skips.
     """
-    from loop.preflight import preflight_run
+    from flows.preflight import preflight_run
 
     cfg = _preflight(preflight_run, config, None, run_id)
     from flows.self_improve import self_improve
@@ -231,7 +231,7 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
           out: Path = typer.Option(Path("eval-results"), help="Where to write JSONL samples and the summary JSON.")) -> None:
     """Evaluate the config's model (or an adapter) on its held-out split: pass@k, maj@k, diversity."""
     if not _supervised():
-        from loop.preflight import preflight_eval
+        from flows.preflight import preflight_eval
 
         _preflight(preflight_eval, config, out)
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
@@ -245,11 +245,11 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
 
 def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
     from flows.self_improve import join_cluster, leave_cluster, start_engine
-    from loop.console import say
+    from flows.console import say
     from loop.evaluate import evaluate_policy
     from loop.models.resolve import resolve_model
-    from loop.rundir import read_jsonl, write_json
-    from loop.round_table import fmt
+    from loop.run.directory import read_jsonl, write_json
+    from flows.round_table import fmt
     from loop.stats import detectable_change_note, format_estimate, round_statistics
     from loop.tasks import count_clusters, load_tasks
 
@@ -301,7 +301,7 @@ def ui(port: int = typer.Option(5000), tracking_uri: Optional[str] = typer.Optio
     import subprocess
     import urllib.request
 
-    from loop.tracking import TrackingConfig, resolve_uri, runs_url, ui_command
+    from loop.run.tracking import TrackingConfig, resolve_uri, runs_url, ui_command
 
     uri = resolve_uri(TrackingConfig(uri=tracking_uri))
     base = f"http://127.0.0.1:{port}"

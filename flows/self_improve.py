@@ -2,7 +2,7 @@
 
 Round 0 evaluates the base model (the baseline every later round is compared with). Each stage is a
 Prefect task that writes its output into the run directory and marks itself done, so re-running the
-same run id resumes where it stopped (see loop/rundir.py). One vLLM engine serves every round of a
+same run id resumes where it stopped (see loop/run/directory.py). One vLLM engine serves every round of a
 flow run; each round's adapter is hot-loaded with a new LoRA id, never merged, never restarting vLLM.
 Training runs in this process while the engine sleeps (on CUDA: vLLM's sleep mode frees its GPU memory for the
 trainer; vLLM-CPU has none) and the trainer's memory is freed after each round; every stage's peak memory goes to
@@ -28,19 +28,19 @@ from prefect.exceptions import MissingContextError
 
 from loop import rollout
 from loop.config import RunConfig, check_model, load_config
-from loop.console import round_line, say, stage_line
+from flows.console import round_line, say, stage_line
 from loop.engine import VLLMEngine
 from loop.evaluate import evaluate_policy
-from loop.memory import PeakMemory
+from loop.run.peak_memory import PeakMemory
 from loop.models.resolve import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, rehearsal_samples, rft_samples, save_pairs, select_samples
 from loop.records import Graded, Trajectory
-from loop.rundir import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
-from loop.round_table import markdown as round_markdown, primary_line
+from loop.run.directory import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
+from flows.round_table import markdown as round_markdown, primary_line
 from loop.stats import PER_PROMPT, detectable_change_note, round_statistics_from_dirs, training_statistics
 from loop.tasks import check_disjoint, count_clusters, load_round_tasks, load_tasks
 from loop.tasks.base import Task
-from loop.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
+from loop.run.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.train import train_round
 from loop.verify import grade_trajectories, grading_counts
 
@@ -229,7 +229,7 @@ class Loop:
 
 
 def progress(line: str) -> None:
-    """A progress line: on the terminal (loop/console.py) and in the flow run's log (the Prefect UI, the log file)."""
+    """A progress line: on the terminal (flows/console.py) and in the flow run's log (the Prefect UI, the log file)."""
     say(line)
     try:
         get_run_logger().info(line)

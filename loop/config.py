@@ -20,7 +20,7 @@ from loop.engine import VLLM_LORA_RANKS, EngineConfig
 from loop.pairs import PairsConfig
 from loop.rollout import SamplingConfig
 from loop.tasks import TaskSetConfig
-from loop.tracking import TrackingConfig
+from loop.run.tracking import TrackingConfig
 from loop.train import TrainConfig
 from loop.verify import VerifyConfig
 from loop.models.weights import model_weight_shapes
@@ -96,7 +96,7 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     """The update of the LoRA adapter each round (loop/train.py)."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    """Where metrics and artifacts go (MLflow; loop/tracking.py)."""
+    """Where metrics and artifacts go (MLflow; loop/run/tracking.py)."""
     cluster: ClusterConfig | None = None
     """Run on a Ray cluster (loop/cluster.py); None: everything in this process."""
 

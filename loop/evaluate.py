@@ -9,7 +9,7 @@ from typing import Callable
 from loop import metrics, rollout
 from loop.engine import VLLMEngine
 from loop.records import Graded
-from loop.rundir import write_json, write_jsonl
+from loop.run.directory import write_json, write_jsonl
 from loop.tasks.base import Task
 from loop.verify import VerifyConfig, grade_trajectories
 

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loop.records import Graded, Trajectory
-from loop.rundir import read_jsonl, write_jsonl
+from loop.run.directory import read_jsonl, write_jsonl
 
 
 class PairsConfig(BaseModel):

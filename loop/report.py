@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from loop import stats
 from loop.metrics import normalize_answer, votes_of
-from loop.tracking import RUN_ID_TAG, ROUND_TAG, TrackingConfig, download_artifact, resolve_uri
+from loop.run.tracking import RUN_ID_TAG, ROUND_TAG, TrackingConfig, download_artifact, resolve_uri
 
 _PASS_KEY = re.compile(r"^eval/pass_at_(\d+)$")
 _MAJ_KEY = re.compile(r"^eval/maj_at_(\d+)$")

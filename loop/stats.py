@@ -49,7 +49,7 @@ from scipy import optimize
 from scipy import stats as _sp
 
 from loop.metrics import pass_at_k
-from loop.rundir import read_jsonl
+from loop.run.directory import read_jsonl
 
 PER_PROMPT = "eval_per_prompt.jsonl"
 """Each round's per-problem artifact (task_id, n, correct, greedy_correct, per-problem pass@k and maj@k),

@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 
 from loop.config import load_config
 from loop.models.resolve import BUILTIN_MODELS
-from loop.preflight import gpu_settings
+from flows.preflight import gpu_settings
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CHECK = REPO / "scripts" / "gpu-check"

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from helpers import tiny_config
-from loop.tracking import download_artifact
+from loop.run.tracking import download_artifact
 
 pytestmark = pytest.mark.slow
 RATCHET = [sys.executable, "-m", "flows.cli"]

@@ -1,4 +1,4 @@
-"""Memory across rounds (loop/memory.py, loop/train.py): the trainer's memory is freed after each round, so rounds
+"""Memory across rounds (loop/run/peak_memory.py, loop/train.py): the trainer's memory is freed after each round, so rounds
 trained one after another in one process (as the flow does) do not grow the process; each stage's peak is measured.
 Real SmolLM2-135M training on CPU, a few steps per round."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loop.memory import PeakMemory
+from loop.run.peak_memory import PeakMemory
 
 pytestmark = pytest.mark.slow
 MB = 2 ** 20

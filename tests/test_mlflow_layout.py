@@ -19,9 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from loop.records import Segment, Trajectory
-from loop.rundir import write_jsonl
+from loop.run.directory import write_jsonl
 from loop.tasks import TaskSetConfig, load_tasks
-from loop.tracking import Tracker, TrackingConfig, artifact_repo, download_artifact, ui_command
+from loop.run.tracking import Tracker, TrackingConfig, artifact_repo, download_artifact, ui_command
 from loop.verify import VerifyConfig, grade_trajectories
 
 TAGS = {"config_name": "layout", "model": "smollm2-135m-instruct", "task": "arithmetic", "git_commit": "x"}

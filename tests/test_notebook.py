@@ -19,9 +19,9 @@ from nbclient import NotebookClient
 
 from loop import metrics, report, stats
 from loop.records import Graded, Segment, Trajectory
-from loop.rundir import write_json, write_jsonl
+from loop.run.directory import write_json, write_jsonl
 from loop.tasks.base import Task
-from loop.tracking import Tracker, TrackingConfig
+from loop.run.tracking import Tracker, TrackingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "diversity_collapse.ipynb"

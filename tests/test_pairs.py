@@ -292,7 +292,7 @@ def test_the_pairs_stage_saves_the_rehearsal_samples_beside_the_pairs(tmp_path):
     # round 1's graded samples in later rounds and from the round's own in round 1.
     from flows.self_improve import pairs as pairs_stage
     from loop.config import RunConfig
-    from loop.rundir import read_jsonl, write_jsonl
+    from loop.run.directory import read_jsonl, write_jsonl
 
     cfg = RunConfig(name="t", model="m", train_tasks={"family": "arithmetic", "split": "train"},
                     eval={"tasks": {"family": "arithmetic", "split": "eval"}}, pairs={"rehearsal": 1.0})

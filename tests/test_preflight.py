@@ -1,4 +1,4 @@
-"""Start-up checks (loop/preflight.py) through the real `ratchet run` command: each broken setup is one line, exit
+"""Start-up checks (flows/preflight.py) through the real `ratchet run` command: each broken setup is one line, exit
 code 2, no traceback, nothing written to run_dir and no MLflow run, before Prefect or vLLM start."""
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def refused(tmp: Path, config: Path, **env: str) -> str:
 
 
 def test_loading_a_config_imports_nothing_heavy(tmp_path: Path):
-    code = ("import sys; from loop.config import load_config; from loop.preflight import preflight_run; "
+    code = ("import sys; from loop.config import load_config; from flows.preflight import preflight_run; "
             "import flows.cli; load_config(sys.argv[1]); print(' '.join(m for m in sys.argv[2:] if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, str(tiny_config(tmp_path)), *HEAVY], capture_output=True,
                           text=True, timeout=120, check=True)
@@ -124,7 +124,7 @@ def test_target_modules_the_model_lacks_are_refused_before_anything_starts(tmp_p
 
 def test_a_resumed_run_with_a_changed_config_is_refused_before_anything_starts(tmp_path: Path):
     from loop.config import load_config
-    from loop.rundir import RunDir
+    from loop.run.directory import RunDir
 
     cfg = tiny_config(tmp_path)
     run = RunDir(tmp_path / "runs", "e2e")
@@ -141,9 +141,9 @@ def test_a_new_run_id_with_a_replaced_config_starts_over_in_mlflow(tmp_path: Pat
     usable: a changed config replaces the saved one, and its MLflow runs (the old params) are deleted."""
     from flows.self_improve import _discard_unstarted_runs
     from loop.config import load_config
-    from loop.preflight import preflight_run
-    from loop.rundir import RunDir
-    from loop.tracking import Tracker
+    from flows.preflight import preflight_run
+    from loop.run.directory import RunDir
+    from loop.run.tracking import Tracker
 
     old = load_config(tiny_config(tmp_path, train={"lr": 1e-3}))
     run = RunDir(tmp_path / "runs", "e2e")
@@ -190,7 +190,7 @@ def test_a_gpu_config_without_a_visible_gpu_is_refused(tmp_path: Path):
         assert "`make install EXTRAS=gpu,dev`" in line and "to run it on the CPU" in line, line
     # On a cluster the GPUs are the Ray nodes': a driver without one is not refused for them.
     from loop.config import load_config
-    from loop.preflight import check_device
+    from flows.preflight import check_device
 
     check_device(load_config(tiny_config(tmp_path, engine={"gpu_memory_utilization": 0.4},
                                          cluster={"engine_num_gpus": 1})))
@@ -198,7 +198,7 @@ def test_a_gpu_config_without_a_visible_gpu_is_refused(tmp_path: Path):
 
 def test_only_settings_that_act_on_cuda_ask_for_a_gpu_and_a_cpu_config_imports_no_torch(tmp_path: Path):
     from loop.config import load_config
-    from loop.preflight import _cuda_vllm, gpu_settings
+    from flows.preflight import _cuda_vllm, gpu_settings
 
     assert gpu_settings(load_config(tiny_config(tmp_path))) == []
     assert gpu_settings(load_config(tiny_config(tmp_path, engine={"enable_sleep_mode": False}))) == []
@@ -206,7 +206,7 @@ def test_only_settings_that_act_on_cuda_ask_for_a_gpu_and_a_cpu_config_imports_n
                                                                   "enable_sleep_mode": True}))) == [
         "engine.gpu_memory_utilization", "engine.enable_sleep_mode"]
     if _cuda_vllm() is None:  # the CPU install: the device check of a CPU config stays light
-        code = ("import sys; from loop.config import load_config; from loop.preflight import check_device; "
+        code = ("import sys; from loop.config import load_config; from flows.preflight import check_device; "
                 "check_device(load_config(sys.argv[1])); print('torch' in sys.modules)")
         done = subprocess.run([sys.executable, "-c", code, str(tiny_config(tmp_path))], capture_output=True,
                               text=True, timeout=120, check=True)

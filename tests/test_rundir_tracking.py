@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from loop.rundir import RunDir, RunLocked
-from loop.tracking import Tracker, TrackingConfig, TrackingConflict, artifact_repo, download_artifact
+from loop.run.directory import RunDir, RunLocked
+from loop.run.tracking import Tracker, TrackingConfig, TrackingConflict, artifact_repo, download_artifact
 
 TAGS = {"config_name": "t", "model": "m", "task": "arithmetic", "git_commit": "x"}
 
 
 def test_lock_excludes_a_second_holder_and_dies_with_its_process(tmp_path: Path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from loop.rundir import RunDir; r = RunDir(sys.argv[1], 'r1'); r.lock(); "
+        "import sys, time; from loop.run.directory import RunDir; r = RunDir(sys.argv[1], 'r1'); r.lock(); "
         "print('locked', flush=True); time.sleep(60)"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -171,9 +171,9 @@ import json, sys
 from pathlib import Path
 from types import SimpleNamespace
 from flows.self_improve import Loop, run_round
-from loop.round_table import markdown
-from loop.rundir import RunDir
-from loop.tracking import Tracker, TrackingConfig
+from flows.round_table import markdown
+from loop.run.directory import RunDir
+from loop.run.tracking import Tracker, TrackingConfig
 
 tmp = Path(sys.argv[1])
 evaluated = json.loads(sys.argv[3])
@@ -198,7 +198,7 @@ def _log_rounds(tmp_path: Path, evaluated: list[int]) -> None:
     import json
     import os
 
-    from loop.rundir import write_json, write_jsonl
+    from loop.run.directory import write_json, write_jsonl
 
     run = RunDir(tmp_path / "runs", "loop")
     for r, (correct, greedy) in ROUNDS.items():

@@ -1,4 +1,4 @@
-"""The supervisor of `ratchet run`/`eval` (loop/supervise.py) with real processes: what a killed loop leaves
+"""The supervisor of `ratchet run`/`eval` (flows/supervise.py) with real processes: what a killed loop leaves
 running is stopped, the kill is explained, a SIGTERM is passed on."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-SUPERVISOR = "import sys; from loop.supervise import run_supervised; sys.exit(run_supervised(sys.argv[1:]))"
+SUPERVISOR = "import sys; from flows.supervise import run_supervised; sys.exit(run_supervised(sys.argv[1:]))"
 
 # Stands in for the loop: starts a helper in its own session (as vLLM's engine and Prefect's server outlive
 # their parent), says so, then waits to be killed or terminated.

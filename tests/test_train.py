@@ -533,7 +533,7 @@ def test_sft_through_the_flows_train_task(model_path, tok, tmp_path):
 
     from flows.self_improve import train as train_stage
     from loop.config import RunConfig
-    from loop.rundir import write_jsonl
+    from loop.run.directory import write_jsonl
 
     short, long = tool_sample(tok, "2+3", "5", sample=1), tool_sample(tok, "2+3", "5.0 (two plus three)", sample=0)
     cut = tool_sample(tok, "4*5", "20")

@@ -16,7 +16,7 @@ from helpers import tiny_config
 from loop.config import load_config
 from loop.pairs import select_samples
 from loop.records import Graded, Trajectory
-from loop.rundir import read_jsonl
+from loop.run.directory import read_jsonl
 from test_loop_e2e import finish, ratchet
 
 pytestmark = pytest.mark.slow

@@ -21,8 +21,8 @@ from urllib.parse import urlparse
 
 from loop.config import ConfigError, RunConfig, check_model, load_config
 from loop.models.resolve import ModelError, locate_model
-from loop.rundir import RunDir
-from loop.tracking import TrackingConfig, resolve_uri
+from loop.run.directory import RunDir
+from loop.run.tracking import TrackingConfig, resolve_uri
 
 MLFLOW_TIMEOUT_S = 3.0
 

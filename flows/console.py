@@ -1,4 +1,4 @@
-"""Where a supervised loop's output goes (loop/supervise.py sets it up, the loop process reads it from here).
+"""Where a supervised loop's output goes (flows/supervise.py sets it up, the loop process reads it from here).
 
 By default the loop process's stdout and stderr are the run's log file (runs/<id>/loop.log): vLLM's and TRL's
 per-step chatter, Prefect's task logs and tracebacks, and those of the processes they start, all land there. The

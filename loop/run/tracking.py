@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 # pay for importing it (~1.5 s).
 from pydantic import BaseModel, ConfigDict
 
-from loop.rundir import flatten
+from loop.run.directory import flatten
 
 RUN_ID_TAG = "ratchet.run_id"
 ROUND_TAG = "round"

@@ -7,7 +7,7 @@ children), and once the loop process has exited, whatever is left is stopped. Wh
 SIGKILL, the usual reason (the OOM killer) and how to resume are printed.
 
 Given a log file, the loop process's stdout and stderr go to it, and the terminal is passed on as one more
-descriptor for the progress lines (loop/console.py); `--verbose` keeps everything on the terminal.
+descriptor for the progress lines (flows/console.py); `--verbose` keeps everything on the terminal.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from loop.console import CONSOLE_FD_ENV, LOG_ENV, VERBOSE_ENV, flag
+from flows.console import CONSOLE_FD_ENV, LOG_ENV, VERBOSE_ENV, flag
 
 SUPERVISED_ENV = "RATCHET_SUPERVISED"
 _PR_SET_CHILD_SUBREAPER = 36
