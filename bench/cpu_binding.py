@@ -43,9 +43,9 @@ def workload_s(iters: int = 60) -> float:
 def child(args: argparse.Namespace) -> None:
     from generation import ignore_eos_in_engine
 
-    from loop import rollout
-    from loop.engine import EngineConfig, VLLMEngine
-    from loop.rollout import SamplingConfig
+    from loop.generation import rollout
+    from loop.generation.engine import EngineConfig, VLLMEngine
+    from loop.generation.rollout import SamplingConfig
     from loop.models.resolve import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
 

@@ -26,8 +26,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from loop.config import load_config
-    from loop import rollout
-    from loop.engine import VLLMEngine
+    from loop.generation import rollout
+    from loop.generation.engine import VLLMEngine
     from loop.models.resolve import resolve_model
     from loop.tasks import load_tasks
 

@@ -1,4 +1,4 @@
-"""Generation throughput: this project's path (loop.rollout.generate with a LoRA adapter) against bare vLLM and HF.
+"""Generation throughput: this project's path (loop.generation.rollout.generate with a LoRA adapter) against bare vLLM and HF.
 
 Every round after round 0 samples with the previous round's LoRA adapter, so all methods run with the same real
 peft adapter (random, non-zero B; --lora-targets, default q_proj,v_proj as configs/demo.yaml, or all-linear, the
@@ -6,7 +6,7 @@ TrainConfig default), on the same prompts (arithmetic train tasks through the ch
 sampling settings. Seeds follow the rollout: per request on GPU; on CPU none (the engine's seed; vLLM-CPU cannot
 rewind a CPU generator), for every vLLM method alike.
 
-  ours       loop.rollout.generate: N requests per prompt, logprobs=0, Trajectory records
+  ours       loop.generation.rollout.generate: N requests per prompt, logprobs=0, Trajectory records
   vllm       bare vLLM: the same engine's LLM.generate(token prompts, SamplingParams(n=N), same LoRARequest)
   vllm/N-req (diagnostic) bare LLM.generate with the rollout's request shape: N requests per prompt, logprobs=0
   vllm/base  (diagnostic) bare LLM.generate as `vllm`, without the adapter: what LoRA costs
@@ -107,9 +107,9 @@ def main() -> None:
     import vllm
     from vllm import SamplingParams, TokensPrompt
 
-    from loop import rollout
-    from loop.engine import EngineConfig, VLLMEngine, resolve_dtype
-    from loop.rollout import SamplingConfig, sample_seed
+    from loop.generation import rollout
+    from loop.generation.engine import EngineConfig, VLLMEngine, resolve_dtype
+    from loop.generation.rollout import SamplingConfig, sample_seed
     from loop.models.resolve import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
 
@@ -138,7 +138,7 @@ def main() -> None:
             shift = engine.check_adapter_applied(adapter, adapter_id=1).shift
             prompt_ids = [rollout.prompt_ids(engine.tokenizer, t, sampling) for t in tasks]
             prompt_tokens = sum(map(len, prompt_ids))
-            # Seeds as the rollout sets them: one per sampled request, on every device (loop.rollout.sample_seed).
+            # Seeds as the rollout sets them: one per sampled request, on every device (loop.generation.rollout.sample_seed).
             request_seeds = args.temperature > 0
             bare_seed = args.seed if request_seeds else None
 

@@ -73,7 +73,7 @@ def zero_adapter(model_path: str, train_cfg, out: Path) -> Path:
 
 
 class Probe:
-    """Times calls of loop.rollout.generate (train vs evaluation prompts) and of grade_trajectories (by caller)."""
+    """Times calls of loop.generation.rollout.generate (train vs evaluation prompts) and of grade_trajectories (by caller)."""
 
     def __init__(self):
         self.calls: list[dict[str, Any]] = []
@@ -95,7 +95,7 @@ class Probe:
 def run(args) -> dict[str, Any]:
     import flows.self_improve as fsi
     import loop.evaluate
-    import loop.rollout
+    import loop.generation.rollout
     from prefect import flow, get_run_logger
 
     from loop.config import RunConfig
@@ -117,7 +117,7 @@ def run(args) -> dict[str, Any]:
         lp = fsi.open_loop(cfg, run, logger)
         setup_s = time.perf_counter() - t0
         train_ids = {t.id for t in lp.train_tasks}
-        loop.rollout.generate = probe.wrap(loop.rollout.generate, "generate",  # looked up when the stage runs
+        loop.generation.rollout.generate = probe.wrap(loop.generation.rollout.generate, "generate",  # looked up when the stage runs
                                            lambda a, k: "train" if a[1][0].id in train_ids else "evaluate")
         try:
             t0 = time.perf_counter()

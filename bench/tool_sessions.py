@@ -1,5 +1,5 @@
 """What a live tool session costs: start-up time and memory of N sandboxed Python sessions open at once (one per
-trajectory that has called the tool; loop/rollout.py keeps at most sampling.max_live_sessions of them).
+trajectory that has called the tool; loop/generation/rollout.py keeps at most sampling.max_live_sessions of them).
 
 For each N: open N sessions (each runs one cell, `import math`, as a first tool call would), measure the wall time
 to have them all ready and the memory they hold (the sum of their processes' proportional set size, PSS, so shared

@@ -115,7 +115,7 @@ def check_model_name(cfg: RunConfig) -> None:
         check_model(cfg, weights)
 
 
-# Settings that act only on CUDA (loop/engine.py passes them to vLLM there and ignores them on CPU). A config file
+# Settings that act only on CUDA (loop/generation/engine.py passes them to vLLM there and ignores them on CPU). A config file
 # that sets one of them explicitly (or turns sleep mode on) is a GPU config: run without a GPU, it would run on the CPU
 # with none of them applied, at a fraction of the speed it was sized for, instead of saying so.
 GPU_SETTINGS = ("gpu_memory_utilization", "enable_sleep_mode")

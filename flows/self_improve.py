@@ -7,7 +7,7 @@ flow run; each round's adapter is hot-loaded with a new LoRA id, never merged, n
 Training runs in this process while the engine sleeps (on CUDA: vLLM's sleep mode frees its GPU memory for the
 trainer; vLLM-CPU has none) and the trainer's memory is freed after each round; every stage's peak memory goes to
 the round's metrics (`memory/<stage>_peak_rss_mb`; on CUDA also `_peak_cuda_allocated_mb` and `_gpu_used_mb`).
-On CPU, with loop/vllm_cpu_lora.py, serving the adapter costs about what restarting vLLM on a merged model would
+On CPU, with loop/generation/vllm_cpu_lora.py, serving the adapter costs about what restarting vLLM on a merged model would
 (a ~30 s start vs 12 s of adapter cost on the generation benchmark, ~40-60 s per demo round; bench/RESULTS.md,
 README), so the engine is kept and nothing is merged.
 """
@@ -26,10 +26,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 
-from loop import rollout
+from loop.generation import rollout
 from loop.config import RunConfig, check_model, load_config
 from flows.console import round_line, say, stage_line
-from loop.engine import VLLMEngine
+from loop.generation.engine import Engine, VLLMEngine
 from loop.evaluate import evaluate_policy
 from loop.run.peak_memory import PeakMemory
 from loop.models.resolve import ResolvedModel, resolve_model
@@ -56,10 +56,10 @@ def _load_graded(path: Path) -> list[Graded]:
 
 
 @task(name="generate", cache_policy=NONE)
-def generate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
+def generate(engine: Engine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
              adapter_id: int | None, out: Path) -> dict[str, float]:
     """The round's samples (samples.jsonl). Finished trajectories are kept in a checkpoint as they end, so a stage
-    that fails or is stopped partway resumes with the rest (loop.rollout.generate_many)."""
+    that fails or is stopped partway resumes with the rest (loop.generation.rollout.generate_many)."""
     t0 = time.perf_counter()
     checkpoint = out.with_name("samples.partial.jsonl")
     [trajs] = rollout.generate_many(engine, [(tasks, cfg.sampling)], round=r, adapter=adapter, adapter_id=adapter_id,
@@ -150,7 +150,7 @@ def train(model_path: Path, cfg: RunConfig, pairs_path: Path, graded_path: Path,
 
 
 @task(name="evaluate", cache_policy=NONE)
-def evaluate(engine: VLLMEngine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
+def evaluate(engine: Engine, tasks: list[Task], cfg: RunConfig, r: int, adapter: Path | None,
              adapter_id: int | None, out_dir: Path, grade: Callable | None = None) -> dict[str, float]:
     return evaluate_policy(engine, tasks, cfg.eval, cfg.verify, out_dir, seed_round=0 if cfg.eval.common_seeds else r,
                            adapter=adapter, adapter_id=adapter_id, grade=grade)
@@ -205,7 +205,7 @@ class Loop:
     model: ResolvedModel
     eval_tasks: list[Task]
     tracker: Tracker
-    engine: VLLMEngine
+    engine: Engine
     grade: Callable | None = None
     """None: loop.verify.grade_trajectories in this process."""
     trainer: Callable | None = None
@@ -312,7 +312,7 @@ def leave_cluster(connected: bool) -> None:
         disconnect()
 
 
-def start_engine(cfg: RunConfig, model: ResolvedModel, training: bool = True):
+def start_engine(cfg: RunConfig, model: ResolvedModel, training: bool = True) -> Engine:
     """One VLLMEngine here, or with `cluster:` the pool of replicas on Ray (checked to leave room for grading and,
     when `training`, training beside it)."""
     if cfg.cluster is None:

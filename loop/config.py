@@ -16,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loop.cluster import ClusterConfig
-from loop.engine import VLLM_LORA_RANKS, EngineConfig
+from loop.generation.engine import VLLM_LORA_RANKS, EngineConfig
 from loop.pairs import PairsConfig
-from loop.rollout import SamplingConfig
+from loop.generation.rollout import SamplingConfig
 from loop.tasks import TaskSetConfig
 from loop.run.tracking import TrackingConfig
 from loop.train import TrainConfig
@@ -88,7 +88,7 @@ class RunConfig(BaseModel):
     eval: EvalConfig
     """The held-out evaluation of round 0 and the rounds eval.every names."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    """The vLLM engine that samples every round (loop/engine.py)."""
+    """The vLLM engine that samples every round (loop/generation/engine.py)."""
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     """Grading (loop/verify.py; the verifiers' rules: docs/verifiers.md)."""
     pairs: PairsConfig = Field(default_factory=PairsConfig)

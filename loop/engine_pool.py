@@ -1,12 +1,12 @@
-"""vLLM engine replicas on a Ray cluster, behind the interface of one loop.engine.VLLMEngine.
+"""vLLM engine replicas on a Ray cluster, behind the interface of one loop.generation.engine.VLLMEngine.
 
-`EnginePool` has what the flow, loop/rollout.py, loop/evaluate.py and loop/adapter_check.py use of an engine
+`EnginePool` has what the flow, loop/generation/rollout.py, loop/evaluate.py and loop/generation/adapter_check.py use of an engine
 (`generate`, `lora_request`, `prompt_logprobs`, `check_adapter_applied`, `tokenizer`, `model_path`,
 `max_model_len`, `sleep`, `wake_up`, `memory`, `close`), so nothing downstream changes. Each replica is a Ray actor
 holding one VLLMEngine. A `generate` call is cut into one contiguous shard per replica, balanced by the requests'
 token budgets (prompt + max_tokens; contiguous keeps the samples of one prompt together, so vLLM's prefix cache
 serves their shared prompt), and the outputs come back in request order. Every sampled request carries its own seed
-(loop/rollout.py), so where a request runs does not change what it draws, up to the engine's numerics.
+(loop/generation/rollout.py), so where a request runs does not change what it draws, up to the engine's numerics.
 
 Adapters reach the replicas without a shared filesystem: `lora_request` puts the adapter folder's files into the
 object store once per LoRA id, and each replica writes them to a temporary folder of its own the first time it
@@ -33,7 +33,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from loop.cluster import ClusterConfig, pack_folder, unpack_folder
-from loop.engine import _BINDING_VARS, EngineConfig, TurnOutput, TurnRequest
+from loop.generation.engine import _BINDING_VARS, EngineConfig, TurnOutput, TurnRequest
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class _Replica:
         return ray.get_runtime_context().get_node_id(), sorted(os.sched_getaffinity(0))
 
     def start(self, model: str, cfg: EngineConfig, cpus: list[int] | None) -> int:
-        from loop.engine import VLLMEngine
+        from loop.generation.engine import VLLMEngine
         from loop.models.resolve import resolve_model
 
         if cpus is not None and not any(k in os.environ for k in _BINDING_VARS):
@@ -285,7 +285,7 @@ class EnginePool:
         return out
 
     def check_adapter_applied(self, adapter: Path, adapter_id: int):
-        """The adapter check (loop.adapter_check) on every replica: AdapterNotApplied unless each serves `adapter`
+        """The adapter check (loop.generation.adapter_check) on every replica: AdapterNotApplied unless each serves `adapter`
         as its trainer had it. Returns the check with the largest error."""
         checks = self.each("check_adapter", self.lora_request(adapter, adapter_id))
         self._checked.add(adapter_id)

@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from loop import metrics, rollout
-from loop.engine import VLLMEngine
+from loop import metrics
+from loop.generation import rollout
+from loop.generation.engine import Engine
 from loop.records import Graded
 from loop.run.directory import write_json, write_jsonl
 from loop.tasks.base import Task
@@ -15,7 +16,7 @@ from loop.verify import VerifyConfig, grade_trajectories
 
 
 CHECKPOINT = "eval_samples.partial.jsonl"
-"""Trajectories finished so far (loop.rollout.generate_many's checkpoint): an evaluation that fails or is stopped
+"""Trajectories finished so far (loop.generation.rollout.generate_many's checkpoint): an evaluation that fails or is stopped
 partway keeps them, and the next attempt generates only the rest. Deleted once the evaluation's files are written."""
 
 
@@ -34,11 +35,11 @@ def preview(graded: list[Graded]) -> list[dict]:
              "text": g.trajectory.text} for g in list(first.values())[:PREVIEW_SAMPLES]]
 
 
-def evaluate_policy(engine: VLLMEngine, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path, *,
+def evaluate_policy(engine: Engine, tasks: list[Task], eval_cfg, verify_cfg: VerifyConfig, out_dir: Path, *,
                     seed_round: int = 0, adapter: Path | None = None, adapter_id: int | None = None,
                     grade: Callable | None = None) -> dict[str, float]:
     """Sample, grade and score `tasks`; write eval_*.jsonl and eval_summary.json to `out_dir`. `seed_round` enters
-    the sampling seeds (loop.rollout.sample_seed): the loop passes 0 in every round (common random numbers,
+    the sampling seeds (loop.generation.rollout.sample_seed): the loop passes 0 in every round (common random numbers,
     eval.common_seeds) unless told otherwise; a standalone evaluation (`ratchet eval`) is 0.
 
     Returns the aggregate metrics with keys prefixed `eval/` (pass@k, maj@k, greedy_acc, diversity). `grade`

@@ -33,7 +33,7 @@ Definitions:
   once), no_answer_frac, timeout_frac: fractions of samples.
 - Pooled over all samples (in the aggregate only): finished_acc, the accuracy of the samples that were not cut
   off; acc_with_tool and acc_without_tool, of the samples that did and did not call the tool; tool_errors/<kind>,
-  the count of failed tool calls of each kind (loop.envs.TOOL_ERROR_KINDS).
+  the count of failed tool calls of each kind (loop.generation.environments.TOOL_ERROR_KINDS).
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ class Trajectory:
     engine (e.g. a hand-written prefix), so it is left out rather than summed over part of the tokens."""
     num_tool_calls: int = 0
     tool_errors: list[str] = field(default_factory=list)
-    """The kind of every tool call that failed (loop.envs.TOOL_ERROR_KINDS), in order."""
+    """The kind of every tool call that failed (loop.generation.environments.TOOL_ERROR_KINDS), in order."""
 
     @property
     def cut_off(self) -> bool:

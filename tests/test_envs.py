@@ -1,9 +1,9 @@
-"""loop/envs.py: the sandboxed Python session behind the environment contract (reset / action / step / close), in a
+"""loop/generation/environments.py: the sandboxed Python session behind the environment contract (reset / action / step / close), in a
 real sandbox; no engine."""
 from __future__ import annotations
 
-from loop.envs import TOOL_SYSTEM_PROMPT, PythonSession
-from loop.rollout import SamplingConfig, make_environment
+from loop.generation.environments import TOOL_SYSTEM_PROMPT, PythonSession
+from loop.generation.rollout import SamplingConfig, make_environment
 
 
 def test_python_session_runs_cells_in_one_session_and_formats_the_output():

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loop import rollout
-from loop.adapter_check import PROBE_FILE, AdapterNotApplied, adapter_tolerance, check_adapter_applied, write_probe
-from loop.engine import EngineConfig, VLLMEngine
+from loop.generation import rollout
+from loop.generation.adapter_check import PROBE_FILE, AdapterNotApplied, adapter_tolerance, check_adapter_applied, write_probe
+from loop.generation.engine import EngineConfig, VLLMEngine
 from loop.models.resolve import resolve_model
 from loop.records import Segment, Trajectory
-from loop.rollout import SamplingConfig, sample_seed
+from loop.generation.rollout import SamplingConfig, sample_seed
 from loop.tasks.base import Task
 from verifiers.python_exec import Session
 
@@ -72,7 +72,7 @@ def test_sample_seeds_differ_everywhere_and_repeat_in_every_process():
     seeds = [sample_seed(*k) for k in keys]
     assert len(set(seeds)) == len(keys) and all(0 <= x < 2 ** 63 for x in seeds)
     # A hash, not Python's salted hash(): the same in another process (a resumed run) whatever its hash seed.
-    code = "from loop.rollout import sample_seed; print(sample_seed(0, 2, 't1', 1, 1))"
+    code = "from loop.generation.rollout import sample_seed; print(sample_seed(0, 2, 't1', 1, 1))"
     other = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": "123"},
                            capture_output=True, text=True, check=True).stdout
     assert int(other) == sample_seed(0, 2, "t1", 1, 1)

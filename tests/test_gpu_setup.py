@@ -174,7 +174,7 @@ def test_engine_sizing_settings_are_validated_and_reach_vllms_arguments(tmp_path
     from vllm.engine.arg_utils import EngineArgs
 
     from loop.config import ConfigError
-    from loop.engine import EngineConfig, engine_args, engine_env
+    from loop.generation.engine import EngineConfig, engine_args, engine_env
 
     cfg = load_config(write_config(tmp_path, max_num_seqs=256, max_num_batched_tokens=8192, enforce_eager=True)).engine
     gpu = engine_args(cfg, "m", "bfloat16", on_cuda=True)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from loop import engine, train
+from loop import train
+from loop.generation import engine
 from loop.models import hardware
 
 REPO = Path(__file__).resolve().parents[1]

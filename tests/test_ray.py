@@ -22,7 +22,7 @@ from loop.cluster import ClusterConfig
 from loop.config import ConfigError, load_config
 from loop.engine_pool import shard_bounds
 from loop.records import Segment, Trajectory
-from loop.rollout import SamplingConfig
+from loop.generation.rollout import SamplingConfig
 from loop.tasks.base import Task
 from loop.verify import VerifierCrash, VerifyConfig, grade_trajectories
 
@@ -81,7 +81,7 @@ BINDING = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 
 class cpu_binding:
     """The vLLM-CPU binding variables set to `values` (None: unset) inside the block, as they were after it. An
-    engine started earlier in this process leaves its binding in the environment (loop.engine.apply_cpu_binding),
+    engine started earlier in this process leaves its binding in the environment (loop.generation.engine.apply_cpu_binding),
     which the Ray workers would inherit and take for the user's."""
 
     def __init__(self, values: dict[str, str] | None = None):
@@ -139,7 +139,7 @@ def test_grading_on_ray_equals_local_grading_and_a_crash_raises(ray_cluster):
 @pytest.mark.slow
 def test_a_cluster_too_small_is_refused_before_anything_waits(ray_cluster, model_path):
     from loop.cluster import check_room
-    from loop.engine import EngineConfig
+    from loop.generation.engine import EngineConfig
     from loop.engine_pool import EnginePool
 
     # Ray would leave actors it cannot place pending for ever: both are refused at once, with the numbers.
@@ -258,8 +258,8 @@ class Shards:
 def reference(model_path, adapter, tmp_path_factory):
     """What one engine in this process (the path without a cluster) gives on the batches of a 2-replica pool, on
     one CPU as each replica; it is stopped before the pool starts."""
-    from loop import rollout
-    from loop.engine import EngineConfig, VLLMEngine
+    from loop.generation import rollout
+    from loop.generation.engine import EngineConfig, VLLMEngine
 
     with cpu_binding({"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}):
         local = VLLMEngine(model_path, EngineConfig(**ENGINE))  # one CPU, as each replica of the pool
@@ -281,7 +281,7 @@ def reference(model_path, adapter, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, reference, model_path):
-    from loop.engine import EngineConfig
+    from loop.generation.engine import EngineConfig
     from loop.engine_pool import EnginePool
 
     p = EnginePool("smollm2-135m-instruct", model_path, EngineConfig(**ENGINE),
@@ -292,7 +292,7 @@ def pool(ray_cluster, reference, model_path):
 
 @pytest.mark.slow
 def test_pool_generates_what_one_engine_generates(pool, reference, tmp_path):
-    from loop import rollout
+    from loop.generation import rollout
 
     # Two vLLM-CPU replicas on this 2-CPU machine, each bound to a CPU of its own.
     cpus = [r.cpus for r in pool.replicas]
@@ -309,8 +309,8 @@ def test_pool_generates_what_one_engine_generates(pool, reference, tmp_path):
 
 @pytest.mark.slow
 def test_the_adapter_reaches_every_replica_without_a_shared_folder(pool, reference, adapter, shipped, tmp_path):
-    from loop import rollout
-    from loop.adapter_check import AdapterNotApplied
+    from loop.generation import rollout
+    from loop.generation.adapter_check import AdapterNotApplied
 
     copy = shipped
     lora = pool.lora_request(copy, 1)
@@ -342,7 +342,7 @@ def test_the_adapter_reaches_every_replica_without_a_shared_folder(pool, referen
 def test_a_replica_killed_mid_generation_is_replaced_with_the_same_results(pool, reference, shipped):
     import ray
 
-    from loop import rollout
+    from loop.generation import rollout
     from loop.engine_pool import ReplicaDied
 
     out: dict = {}

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel, load_peft_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from loop.adapter_check import probe_logprobs
+from loop.generation.adapter_check import probe_logprobs
 from loop.models.resolve import resolve_model
 from loop.pairs import PairsConfig, PreferencePair, rft_samples
 from loop.records import Graded, Segment, Trajectory

@@ -8,7 +8,7 @@ import pytest
 import torch
 import vllm.lora.ops.torch_ops.lora_ops as installed
 
-from loop import vllm_cpu_lora as fast
+from loop.generation import vllm_cpu_lora as fast
 
 
 def _vllm_originals():
@@ -60,4 +60,4 @@ def test_same_values_as_vllm(case, four_d, dtype):
 
 def test_registered_as_a_vllm_plugin():
     names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert names.get("ratchet_cpu_lora") == "loop.vllm_cpu_lora:register"
+    assert names.get("ratchet_cpu_lora") == "loop.generation.vllm_cpu_lora:register"

