@@ -42,7 +42,7 @@ from loop.tasks import check_disjoint, count_clusters, load_round_tasks, load_ta
 from loop.tasks.base import Task
 from loop.run.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.train import train_round
-from loop.verify import grade_trajectories, grading_counts
+from loop.grading import grade_trajectories, grading_counts
 
 STAGES = ("generate", "verify", "pairs", "train", "evaluate", "log")
 
@@ -207,7 +207,7 @@ class Loop:
     tracker: Tracker
     engine: Engine
     grade: Callable | None = None
-    """None: loop.verify.grade_trajectories in this process."""
+    """None: loop.grading.grade_trajectories in this process."""
     trainer: Callable | None = None
     """None: loop.train.train_round in this process."""
     ray_connected: bool = False

@@ -22,7 +22,7 @@ from loop.generation.rollout import SamplingConfig
 from loop.tasks import TaskSetConfig
 from loop.run.tracking import TrackingConfig
 from loop.train import TrainConfig
-from loop.verify import VerifyConfig
+from loop.grading import VerifyConfig
 from loop.models.weights import model_weight_shapes
 
 # Modules the loop never adapts: vLLM serves LoRA on the embeddings and the LM head only for some architectures
@@ -90,7 +90,7 @@ class RunConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     """The vLLM engine that samples every round (loop/generation/engine.py)."""
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
-    """Grading (loop/verify.py; the verifiers' rules: docs/verifiers.md)."""
+    """Grading (loop/grading.py; the verifiers' rules: docs/verifiers.md)."""
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     """Which graded samples become preference pairs (loop/pairs.py)."""
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -12,7 +12,7 @@ from loop.generation.engine import Engine
 from loop.records import Graded
 from loop.run.directory import write_json, write_jsonl
 from loop.tasks.base import Task
-from loop.verify import VerifyConfig, grade_trajectories
+from loop.grading import VerifyConfig, grade_trajectories
 
 
 CHECKPOINT = "eval_samples.partial.jsonl"

@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from loop.cluster import ClusterConfig
 from loop.records import Graded, Trajectory
 from loop.tasks.base import Task
-from loop.verify import VerifyConfig, grade_each, raise_on_crash
+from loop.grading import VerifyConfig, grade_each, raise_on_crash
 
 
 @ray.remote(num_cpus=1, max_retries=1)
@@ -23,7 +23,7 @@ def _grade_batch(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: Ve
 
 def grade_on_ray(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: VerifyConfig,
                  cluster: ClusterConfig) -> list[Graded]:
-    """`loop.verify.grade_trajectories` on the Ray cluster this process is the driver of."""
+    """`loop.grading.grade_trajectories` on the Ray cluster this process is the driver of."""
     size = cluster.verify_batch_size
     batches = [trajectories[i:i + size] for i in range(0, len(trajectories), size)]
     one = cfg.model_copy(update={"workers": 1})

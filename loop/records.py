@@ -79,7 +79,7 @@ class Trajectory:
 @dataclass
 class Graded:
     """A trajectory with the verifier's verdict, and the problem it answers (so a sample written out can be read
-    against its problem: loop.verify fills them in)."""
+    against its problem: loop.grading fills them in)."""
 
     trajectory: Trajectory
     status: GradeStatus

@@ -22,7 +22,7 @@ from loop.records import Segment, Trajectory
 from loop.run.directory import write_jsonl
 from loop.tasks import TaskSetConfig, load_tasks
 from loop.run.tracking import Tracker, TrackingConfig, artifact_repo, download_artifact, ui_command
-from loop.verify import VerifyConfig, grade_trajectories
+from loop.grading import VerifyConfig, grade_trajectories
 
 TAGS = {"config_name": "layout", "model": "smollm2-135m-instruct", "task": "arithmetic", "git_commit": "x"}
 PASS_AT_1 = {0: 0.25, 1: 0.5, 2: 0.375, 3: 0.5}  # round 3 ties round 1: `best` stays on the earlier version

@@ -1,5 +1,5 @@
 """python-debug: bugged HumanEval solutions to fix (loop/tasks/python_debug.py), and code answers read as a user reads
-them (loop/verify.extract_program)."""
+them (loop.grading.extract_program)."""
 from __future__ import annotations
 
 import ast
@@ -12,7 +12,7 @@ import pytest
 from loop.records import Segment, Trajectory
 from loop.tasks import TaskSetConfig, check_disjoint, count_clusters, humaneval, load_tasks
 from loop.tasks import python_debug as debug
-from loop.verify import VerifyConfig, extract_program, grade_trajectories
+from loop.grading import VerifyConfig, extract_program, grade_trajectories
 from verifiers.python_exec import run_tests
 
 

@@ -24,7 +24,7 @@ from loop.engine_pool import shard_bounds
 from loop.records import Segment, Trajectory
 from loop.generation.rollout import SamplingConfig
 from loop.tasks.base import Task
-from loop.verify import VerifierCrash, VerifyConfig, grade_trajectories
+from loop.grading import VerifierCrash, VerifyConfig, grade_trajectories
 
 TASKS = [Task(f"t{i}", f"What is {i} + {i + 3}?", "math", "test", answer=str(2 * i + 3)) for i in range(4)]
 SAMPLING = SamplingConfig(n=4, temperature=1.0, max_tokens=48, seed=0)

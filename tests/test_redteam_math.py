@@ -12,7 +12,7 @@ import pytest
 
 from loop.records import Segment, Trajectory
 from loop.tasks.base import Task
-from loop.verify import VerifyConfig, grade_trajectories
+from loop.grading import VerifyConfig, grade_trajectories
 from verifiers.math import grade, grade_many
 from verifiers.math.pool import default_pool
 

@@ -11,7 +11,7 @@ import pytest
 
 from loop.records import Segment, Trajectory
 from loop.tasks.base import Task
-from loop.verify import GOLD_ERROR, VerifierCrash, VerifyConfig, grade_trajectories, grading_counts
+from loop.grading import GOLD_ERROR, VerifierCrash, VerifyConfig, grade_trajectories, grading_counts
 
 TESTS = "def check(c):\n    assert c(1) == 1\n"
 
@@ -33,7 +33,7 @@ def _round(n_math: int, n_crashes: int, bad_gold: bool = False):
 
 def test_a_crash_under_the_threshold_is_logged_and_the_round_completes(caplog):
     tasks, trajs = _round(199, 1)  # 1 crash in 200 samples: 0.5%
-    with caplog.at_level(logging.WARNING, logger="loop.verify"):
+    with caplog.at_level(logging.WARNING, logger="loop.grading"):
         graded = grade_trajectories(tasks, trajs, VerifyConfig(workers=1))
     errors = [g for g in graded if g.status == "error"]
     assert len(errors) == 1 and "grader crashed" in errors[0].reason

@@ -15,7 +15,7 @@ Rules (each reads the last occurrence):
     intermediate results and then writes "The final answer is 10455" means 10455.
   bold           "**73**": a short bold number, when there is no explicit statement
   tool_output    the last ```output block (the rules above on its text, else its last line). The
-                 loop passes only model-written text (loop/verify.py drops tool observations), so
+                 loop passes only model-written text (loop/grading.py drops tool observations), so
                  there it is a block the model typed itself: the sandbox's own output is never read
   last_math, last_number
                  lenient fallbacks for small models that never write an answer marker: the last
