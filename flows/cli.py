@@ -41,6 +41,8 @@ def _exit_cleanly_on_sigterm() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C, passed on by the supervisor: KeyboardInterrupt even where SIGINT came ignored (a `cmd &` in a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @app.callback()
@@ -92,8 +94,7 @@ def _reported_failures():
 
     try:
         yield
-    except KeyboardInterrupt:
-        console.print("interrupted: completed stages are kept; rerun the same command to resume")
+    except KeyboardInterrupt:  # the supervisor says so (flows/supervise.py)
         raise typer.Exit(130) from None
     except Exception as e:
         if isinstance(e, (typer.Exit, typer.Abort)):  # click's, subclasses of RuntimeError
@@ -173,7 +174,8 @@ def changes_table(rows: list[dict], primary: str | None = None) -> Table | None:
 
 @app.command()
 def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/)."),
-        rounds: Optional[int] = typer.Option(None, help="Override the config's number of rounds."),
+        rounds: Optional[int] = typer.Option(None, min=0, help="Override the config's number of rounds (0: evaluate "
+                                                               "the base model only)."),
         run_id: Optional[str] = typer.Option(None, help="Run id (default: the config's name). Re-running an id resumes it.")) -> None:
     """Run (or resume) the self-improvement loop as a Prefect flow, tracked in MLflow."""
     if not _supervised():
@@ -195,7 +197,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="YAML config (se
 
 
 @app.command()
-def demo(rounds: Optional[int] = typer.Option(None, help="Override the number of rounds.")) -> None:
+def demo(rounds: Optional[int] = typer.Option(None, min=0, help="Override the number of rounds.")) -> None:
     """Run configs/demo.yaml: SmolLM2-135M on arithmetic, on CPU."""
     cfg = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
     run(config=cfg, rounds=rounds, run_id=None)
@@ -203,7 +205,7 @@ def demo(rounds: Optional[int] = typer.Option(None, help="Override the number of
 
 @app.command()
 def serve(config: Path = typer.Option(..., "--config", "-c", help="YAML config (see configs/)."),
-          rounds: Optional[int] = typer.Option(None, help="Rounds each scheduled run adds to the loop, going on from its "
+          rounds: Optional[int] = typer.Option(None, min=1, help="Rounds each scheduled run adds to the loop, going on from its "
                                                           "last finished round and adapter (default: the config's)."),
           cron: Optional[str] = typer.Option(None, help='Cron schedule, e.g. "0 2 * * *" (none: trigger by hand).'),
           name: Optional[str] = typer.Option(None, help="Deployment name (default: the config's name)."),

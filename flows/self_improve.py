@@ -367,8 +367,9 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
             try:
                 with PeakMemory() as peak:
                     metrics.update(fn(*args))
-            except BaseException:
-                progress(f"round {r}/{cfg.rounds} · {name} failed after {time.perf_counter() - t0:.0f} s")
+            except BaseException as e:
+                how = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+                progress(f"round {r}/{cfg.rounds} · {name} {how} after {time.perf_counter() - t0:.0f} s")
                 raise
             metrics.update(peak.metrics(name))
             metrics.update({f"memory/{name}_{k}": v for k, v in engine.memory().items()})

@@ -32,13 +32,16 @@ KILLED_HINT = (
     "train.per_device_batch_size and double train.grad_accumulation, or lower engine.kv_cache_memory_bytes (a run "
     "may resume with these changed).")
 
+INTERRUPTED = "interrupted: completed work is kept; rerun the same command to resume"
+
 
 def is_supervised() -> bool:
     return os.environ.get(SUPERVISED_ENV) == "1"
 
 
 def run_supervised(argv: list[str], log: Path | None = None) -> int:
-    """Run `argv` (which must see `is_supervised()`), forward SIGTERM to it, stop what it leaves; its exit code.
+    """Run `argv` (which must see `is_supervised()`), forward SIGINT and SIGTERM to it, stop what it leaves; its
+    exit code (130 after Ctrl-C).
     With `log`, the child's output goes to that file (appended) unless RATCHET_VERBOSE is set."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -51,15 +54,29 @@ def run_supervised(argv: list[str], log: Path | None = None) -> int:
             keep = (os.dup(sys.stdout.fileno()),)  # the terminal, for the loop's progress lines
             env[CONSOLE_FD_ENV] = str(keep[0])
             out = open(log, "ab")
-    # Same process group: Ctrl-C in a terminal and a kill of the whole group reach the loop directly, so
-    # SIGINT is left to it; a SIGTERM sent to this process alone (a scheduler, `kill PID`) is passed on.
-    child = subprocess.Popen(argv, env=env, stdout=out, stderr=out, pass_fds=keep)
+    # Its own session: Ctrl-C in the terminal reaches this process only, which passes it to the loop process
+    # alone. Were the loop in the terminal's process group, vLLM's engine processes and Prefect's temporary server
+    # would get the same SIGINT and die under it, and the loop's cleanup would then hang on the dead server
+    # (a minute, then a misleading ConnectError) instead of shutting them down in order.
+    child = subprocess.Popen(argv, env=env, stdout=out, stderr=out, pass_fds=keep, start_new_session=True)
     if out is not None:
         out.close()
-    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interrupts = 0
+
+    def forward(signum, frame):
+        nonlocal interrupts
+        interrupts += signum == signal.SIGINT
+        # A third Ctrl-C: the user wants out now, cleanup or not (stop_descendants below takes the rest).
+        child.send_signal(signal.SIGKILL if interrupts >= 3 else signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     rc = child.wait()
     stop_descendants()
+    if interrupts and rc in (128 + signal.SIGINT, -signal.SIGINT, -signal.SIGKILL):
+        # Here rather than in the loop process: a Ctrl-C while it still imports never reaches its handler.
+        print(INTERRUPTED, flush=True)
+        return 128 + signal.SIGINT
     if rc == -signal.SIGKILL:
         print(f"error: {KILLED_HINT}" + (f" The loop's output is in {log}." if log else ""), file=sys.stderr)
     return 128 - rc if rc < 0 else rc

@@ -265,15 +265,15 @@ def test_notebook_runs_unattended_and_writes_every_figure(store, ablation, tmp_p
 
 
 def _readme_notebook_command() -> str:
-    """The command the README gives for the notebook (its line that runs `jupyter execute`)."""
-    readme = (ROOT / "README.md").read_text()
+    """The command the docs give for the notebook (docs/diversity.md: its line that runs `jupyter execute`)."""
+    readme = (ROOT / "docs" / "diversity.md").read_text()
     [line] = [ln for ln in readme.splitlines() if "jupyter execute" in ln and not ln.lstrip().startswith("#")]
     return line.strip().strip("`")
 
 
-def test_the_readme_notebook_command_runs_as_written_from_the_repository_root(tmp_path):
-    """The README's command, run by a shell from the root of a checkout whose store is the default ./mlflow.db (a
-    copy of this checkout's code, so the real store and docs/ figures stay untouched), writes every figure."""
+def test_the_documented_notebook_command_runs_as_written_from_the_repository_root(tmp_path):
+    """The documented command, run by a shell from the root of a checkout whose store is the default ./mlflow.db (a
+    copy of this checkout's code, so the real store and figures stay untouched), writes every figure."""
     root = tmp_path / "checkout"
     (root / "notebooks").mkdir(parents=True)
     shutil.copy(NOTEBOOK, root / "notebooks" / NOTEBOOK.name)
@@ -289,7 +289,7 @@ def test_the_readme_notebook_command_runs_as_written_from_the_repository_root(tm
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RATCHET_", "MLFLOW_"))}
     done = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    assert sorted(p.name for p in (root / "docs").iterdir()) == sorted(f"{f}.png" for f in FIGURES), command
+    assert sorted(p.name for p in (root / "figures").iterdir()) == sorted(f"{f}.png" for f in FIGURES), command
     assert not (root / "notebooks" / "mlflow.db").exists()  # no empty store made beside the notebook
 
 

@@ -66,3 +66,16 @@ def test_sigterm_to_the_supervisor_reaches_the_loop(tmp_path: Path):
         for pid in (loop, helper):
             if not gone(pid):
                 psutil.Process(pid).kill()
+
+
+def test_ctrl_c_reaches_the_loop_alone_and_is_explained(tmp_path: Path):
+    sup, loop, helper = start(tmp_path)
+    try:
+        sup.send_signal(signal.SIGINT)  # the terminal's Ctrl-C reaches the supervisor's group only
+        assert sup.wait(timeout=60) == 130
+        assert gone(loop) and gone(helper)
+        assert "out-of-memory" not in sup.stderr.read()
+    finally:
+        for pid in (loop, helper):
+            if not gone(pid):
+                psutil.Process(pid).kill()
