@@ -34,8 +34,8 @@ from loop.run.directory import read_jsonl  # noqa: E402
 from loop.stats import estimate, format_change, paired_change, problem_clusters  # noqa: E402
 
 # Each option changes one thing against the demo's config; what each one is and where it comes from is in the
-# docstrings of the config keys (loop/train.py TrainConfig.divergence, loop/pairs.py PairsConfig.prompt_weight and
-# PairsConfig.rehearsal).
+# docstrings of the config keys (loop/training/config.py TrainConfig.divergence, loop/pairs.py
+# PairsConfig.prompt_weight and PairsConfig.rehearsal).
 OPTIONS: dict[str, dict] = {
     "default": {},
     "js_divergence": {"train": {"divergence": "js_divergence"}},

@@ -1,4 +1,4 @@
-"""Throughput of one DPO round (loop.train.train_round) on synthetic multi-turn pairs with the real model.
+"""Throughput of one DPO round (loop.training.update.train_round) on synthetic multi-turn pairs with the real model.
 
 Prints a table and writes JSON: pairs/s, tokens/s (every prompt+completion token of chosen and rejected
 sequences, per second of training), peak memory (CPU: the process's max RSS; GPU: torch.cuda.max_memory_allocated)
@@ -11,7 +11,7 @@ included) + the causal attention scores (2 x layers x context x hidden, averaged
     .venv/bin/python bench/train.py --lengths 128 512 --pairs 8
 
 --variants compares training paths in one run, alternating: `trl` is TRL's own (its GPU-sized fused LM head tiles
-over every position, a reference forward in every step), `ours` this project's CPU path (loop/train_trl.py
+over every position, a reference forward in every step), `ours` this project's CPU path (loop/training/trainers.py
 CPU_LM_HEAD, reference log-probs precomputed once), `ours-gc` the same with gradient checkpointing.
 """
 from __future__ import annotations
@@ -33,12 +33,13 @@ from loop.run.peak_memory import PeakMemory  # noqa: E402
 from loop.models.resolve import resolve_model  # noqa: E402
 from loop.pairs import PreferencePair  # noqa: E402
 from loop.records import Segment, Trajectory  # noqa: E402
-from loop import train_trl  # noqa: E402
-from loop.train import TrainConfig, _use_bf16, train_round  # noqa: E402
+from loop.training import trainers  # noqa: E402
+from loop.training.config import TrainConfig  # noqa: E402
+from loop.training.update import _use_bf16, train_round  # noqa: E402
 
 VARIANTS = {"trl": (None, {"precompute_ref_log_probs": False}),
-            "ours": (train_trl.CPU_LM_HEAD, {}),
-            "ours-gc": (train_trl.CPU_LM_HEAD, {"gradient_checkpointing": True})}
+            "ours": (trainers.CPU_LM_HEAD, {}),
+            "ours-gc": (trainers.CPU_LM_HEAD, {"gradient_checkpointing": True})}
 
 
 def synthetic_pairs(n: int, prompt_len: int, completion_len: int, obs_frac: float, vocab: int,
@@ -136,7 +137,7 @@ def main() -> None:
                 pairs = synthetic_pairs(args.pairs, args.prompt_len, length, args.obs_frac, vocab, spread=args.spread)
                 for variant, batch in zip(args.variants, batch_sizes):
                     lm_head, overrides = VARIANTS[variant]
-                    train_trl.CPU_LM_HEAD = lm_head
+                    trainers.CPU_LM_HEAD = lm_head
                     accumulation = max(1, args.grad_accumulation * args.batch_size // batch)  # same pairs per step
                     cfg = TrainConfig(**{**base, **overrides, "per_device_batch_size": batch,
                                          "grad_accumulation": accumulation})

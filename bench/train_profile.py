@@ -1,4 +1,4 @@
-"""Where a DPO step's time and memory go: loop.train.train_round on synthetic pairs, timed by phase.
+"""Where a DPO step's time and memory go: loop.training.update.train_round on synthetic pairs, timed by phase.
 
 Phases are cut by forward hooks on the policy (the peft model) and its backbone, gradient hooks on the backbone's
 output and on the per-token log-probs (where backward enters the LM head and the backbone), and the Trainer's
@@ -24,7 +24,8 @@ from transformers import AutoConfig, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop.models.resolve import resolve_model  # noqa: E402
-from loop.train import TrainConfig, train_round  # noqa: E402
+from loop.training.config import TrainConfig  # noqa: E402
+from loop.training.update import train_round  # noqa: E402
 from train import synthetic_pairs  # noqa: E402
 
 _PAGE = 4096

@@ -41,7 +41,7 @@ from loop.stats import PER_PROMPT, detectable_change_note, round_statistics_from
 from loop.tasks import check_disjoint, count_clusters, load_round_tasks, load_tasks
 from loop.tasks.base import Task
 from loop.run.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
-from loop.train import train_round
+from loop.training.update import train_round
 from loop.grading import grade_trajectories, grading_counts
 
 STAGES = ("generate", "verify", "pairs", "train", "evaluate", "log")
@@ -209,7 +209,7 @@ class Loop:
     grade: Callable | None = None
     """None: loop.grading.grade_trajectories in this process."""
     trainer: Callable | None = None
-    """None: loop.train.train_round in this process."""
+    """None: loop.training.update.train_round in this process."""
     ray_connected: bool = False
     """This flow run joined the Ray cluster (and leaves it at the end)."""
 

@@ -21,7 +21,7 @@ from loop.pairs import PairsConfig
 from loop.generation.rollout import SamplingConfig
 from loop.tasks import TaskSetConfig
 from loop.run.tracking import TrackingConfig
-from loop.train import TrainConfig
+from loop.training.config import TrainConfig
 from loop.grading import VerifyConfig
 from loop.models.weights import model_weight_shapes
 
@@ -94,7 +94,7 @@ class RunConfig(BaseModel):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     """Which graded samples become preference pairs (loop/pairs.py)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
-    """The update of the LoRA adapter each round (loop/train.py)."""
+    """The update of the LoRA adapter each round (loop/training/update.py)."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Where metrics and artifacts go (MLflow; loop/run/tracking.py)."""
     cluster: ClusterConfig | None = None
@@ -157,12 +157,12 @@ class RunConfig(BaseModel):
 
 def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = None,
                        gpu_total: int | None = None) -> None:
-    """A training step of the configured size fits beside the vLLM engine (loop/train_memory.py: an upper bound for
+    """A training step of the configured size fits beside the vLLM engine (loop/training/memory_estimate.py: an upper bound for
     the configured lengths): on a CPU machine in the memory left beside the engine, on a GPU in the GPU memory that
     vLLM leaves while it sleeps (or beside its share, without sleep mode). The GPU is the device where CUDA gives
     this process one (`CUDA_VISIBLE_DEVICES=""` trains on the CPU even where a GPU is installed) or where
     `gpu_total` (bytes) is given; `available` (bytes) replaces the CPU memory the machine reports."""
-    from loop import train_memory
+    from loop.training import memory_estimate
     from loop.models.hardware import CUDA_BF16_CAPABILITY, cpu_has_bf16, cuda_capability, gpu_memory_total, gpu_visible
 
     if cfg.cluster is not None:
@@ -173,7 +173,7 @@ def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = 
         if gpu_total is None:
             return  # NVML cannot say: nothing to check against
     t = cfg.train
-    if on_gpu:  # train.bf16 unset or native: bf16 on a GPU that computes it (loop/train.py _use_bf16)
+    if on_gpu:  # train.bf16 unset or native: bf16 on a GPU that computes it (loop/training/update.py _use_bf16)
         native = (cuda_capability() or CUDA_BF16_CAPABILITY) >= CUDA_BF16_CAPABILITY
         bf16 = t.bf16 is True or (t.bf16 in (None, "native") and native)
     else:
@@ -182,27 +182,27 @@ def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = 
     # SFT (RFT): the sample alone.
     sequences = t.per_device_batch_size * (1 if t.algorithm == "sft" else 2 + bool(cfg.pairs.rehearsal))
     seq_len = min(t.max_length or cfg.engine.max_model_len, cfg.engine.max_model_len)
-    need = train_memory.estimate(model_dir, sequences=sequences, seq_len=seq_len, bytes_per_value=2 if bf16 else 4,
+    need = memory_estimate.estimate(model_dir, sequences=sequences, seq_len=seq_len, bytes_per_value=2 if bf16 else 4,
                                  gradient_checkpointing=t.gradient_checkpointing,
-                                 runtime=train_memory.GPU_RUNTIME_BYTES if on_gpu else train_memory.RUNTIME_BYTES)
+                                 runtime=memory_estimate.GPU_RUNTIME_BYTES if on_gpu else memory_estimate.RUNTIME_BYTES)
     if need is None:
         return
     if on_gpu:
         sleeps = cfg.engine.enable_sleep_mode is not False
-        engine = train_memory.engine_gpu_bytes(gpu_total, cfg.engine.gpu_memory_utilization, asleep=sleeps)
+        engine = memory_estimate.engine_gpu_bytes(gpu_total, cfg.engine.gpu_memory_utilization, asleep=sleeps)
         free = gpu_total - engine
-        where = (f"this GPU ({gpu_total / train_memory.GIB:.1f} GiB) has {free / train_memory.GIB:.1f} GiB beside "
-                 f"the vLLM engine ({engine / train_memory.GIB:.1f} GiB "
+        where = (f"this GPU ({gpu_total / memory_estimate.GIB:.1f} GiB) has {free / memory_estimate.GIB:.1f} GiB beside "
+                 f"the vLLM engine ({engine / memory_estimate.GIB:.1f} GiB "
                  + ("while asleep)" if sleeps else "awake: engine.enable_sleep_mode is false)"))
     else:
         engine_value = {"bfloat16": 2, "float16": 2, "float32": 4}.get(cfg.engine.dtype, 2 if cpu_has_bf16() else 4)
-        engine = train_memory.engine_bytes(model_dir, cfg.engine.kv_cache_memory_bytes, engine_value)
-        free = (train_memory.available_bytes() if available is None else available) - engine
-        where = (f"this machine has {free / train_memory.GIB:.1f} GiB available beside the vLLM engine "
-                 f"({engine / train_memory.GIB:.1f} GiB)")
+        engine = memory_estimate.engine_bytes(model_dir, cfg.engine.kv_cache_memory_bytes, engine_value)
+        free = (memory_estimate.available_bytes() if available is None else available) - engine
+        where = (f"this machine has {free / memory_estimate.GIB:.1f} GiB available beside the vLLM engine "
+                 f"({engine / memory_estimate.GIB:.1f} GiB)")
     if need.total <= free:
         return
-    g = train_memory.GIB
+    g = memory_estimate.GIB
     fixes = [f"lower train.per_device_batch_size (now {t.per_device_batch_size}; raise train.grad_accumulation to keep "
              "the pairs per optimizer step)"]
     if not t.gradient_checkpointing:

@@ -1,4 +1,4 @@
-"""Training on a Ray cluster: `loop.train.train_round` in `cluster.train_workers` Ray actors, data-parallel.
+"""Training on a Ray cluster: `loop.training.update.train_round` in `cluster.train_workers` Ray actors, data-parallel.
 
 One worker is one actor running `train_round` as on a single machine. Several are ranks of one torch.distributed
 group (gloo on CPU, NCCL on GPU) that the trainer (transformers + accelerate) joins through the usual environment
@@ -26,7 +26,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from loop.cluster import ClusterConfig, pack_folder, unpack_folder
-from loop.train import TrainConfig, TrainResult
+from loop.training.config import TrainConfig
+from loop.training.update import TrainResult
 
 PLACEMENT_TIMEOUT_S = 120
 
@@ -42,7 +43,7 @@ class _Trainer:
               rank: int = 0, world: int = 1, master: tuple[str, int] | None = None,
               ) -> tuple[dict[str, bytes], dict[str, float], list] | None:
         from loop.models.resolve import resolve_model
-        from loop.train import train_round
+        from loop.training.update import train_round
 
         if world > 1:
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",

@@ -44,7 +44,7 @@ PROBE = "Question: what is 7 + 10?\nAnswer: 7 + 10 = 17. The answer is 17."
 
 def make_adapter(model_path: str, out: Path, seed: int = 0, scale: float = 1.0) -> Path:
     """A real peft LoRA adapter with non-zero B (peft's default B = 0 would leave outputs unchanged), B scaled by
-    `scale`, saved with the probe record the trainer writes (loop.train.train_round calls the same write_probe)."""
+    `scale`, saved with the probe record the trainer writes (loop.training.update.train_round calls the same write_probe)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from loop import train
 from loop.generation import engine
 from loop.models import hardware
+from loop.training.config import TrainConfig
+from loop.training.update import _use_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -30,11 +31,11 @@ def test_auto_follows_the_hardware_and_explicit_bf16_warns_where_emulated(monkey
         pytest.skip("checks the CPU rule")
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda cpuinfo=None: native)
     assert engine.resolve_dtype("auto") == ("bfloat16" if native else "float32")
-    assert train._use_bf16(train.TrainConfig(bf16="native")) is native
-    assert train._use_bf16(train.TrainConfig()) is False  # the CPU default stays fp32
+    assert _use_bf16(TrainConfig(bf16="native")) is native
+    assert _use_bf16(TrainConfig()) is False  # the CPU default stays fp32
     with caplog.at_level(logging.WARNING):
-        assert engine.resolve_dtype("bfloat16") == "bfloat16" and train._use_bf16(train.TrainConfig(bf16=True))
-        assert engine.resolve_dtype("float32") == "float32" and not train._use_bf16(train.TrainConfig(bf16=False))
+        assert engine.resolve_dtype("bfloat16") == "bfloat16" and _use_bf16(TrainConfig(bf16=True))
+        assert engine.resolve_dtype("float32") == "float32" and not _use_bf16(TrainConfig(bf16=False))
     warned = [r.getMessage() for r in caplog.records if "no bf16 arithmetic" in r.getMessage()]
     assert len(warned) == (0 if native else 2)
 

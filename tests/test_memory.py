@@ -1,4 +1,4 @@
-"""Memory across rounds (loop/run/peak_memory.py, loop/train.py): the trainer's memory is freed after each round, so rounds
+"""Memory across rounds (loop/run/peak_memory.py, loop/training/update.py): the trainer's memory is freed after each round, so rounds
 trained one after another in one process (as the flow does) do not grow the process; each stage's peak is measured.
 Real SmolLM2-135M training on CPU, a few steps per round."""
 from __future__ import annotations
@@ -38,7 +38,8 @@ def test_training_rounds_in_one_process_do_not_grow_memory(tmp_path):
     from transformers import AutoTokenizer
 
     from loop.models.resolve import resolve_model
-    from loop.train import TrainConfig, train_round
+    from loop.training.config import TrainConfig
+    from loop.training.update import train_round
 
     model_path = Path(resolve_model("smollm2-135m-instruct").path)
     tok = AutoTokenizer.from_pretrained(model_path)

@@ -161,7 +161,7 @@ def test_two_training_workers_take_the_steps_of_one_worker_with_twice_the_accumu
     from transformers import AutoTokenizer
 
     from loop.ray_train import train_on_ray
-    from loop.train import TrainConfig, TrainingDiverged
+    from loop.training.config import TrainConfig, TrainingDiverged
     from test_train import tool_pair
 
     tok = AutoTokenizer.from_pretrained(model_path)

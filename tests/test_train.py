@@ -1,4 +1,4 @@
-"""DPO / KTO / SFT (RFT) rounds on the real SmolLM2-135M-Instruct (loop/train.py): a few steps on short sequences,
+"""DPO / KTO / SFT (RFT) rounds on the real SmolLM2-135M-Instruct (loop/training/update.py): a few steps on short sequences,
 CPU."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from loop.generation.adapter_check import probe_logprobs
 from loop.models.resolve import resolve_model
 from loop.pairs import PairsConfig, PreferencePair, rft_samples
 from loop.records import Graded, Segment, Trajectory
-from loop.train import TrainConfig, TrainingDiverged, train_round
+from loop.training.config import TrainConfig, TrainingDiverged
+from loop.training.update import train_round
 
 pytestmark = pytest.mark.slow
 
@@ -341,12 +342,12 @@ def test_cpu_lm_head_and_precomputed_reference_keep_the_loss_and_gradients(first
     import trl.kernels.chunked_logprob as kernel
     import trl.trainer.utils as trl_utils
 
-    from loop import train_trl
+    from loop.training import trainers
 
     trl_globals = kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_utils._use_triton
     runs = {}
     for name, lm_head, precompute in (("trl", None, False), ("ours", {"token_tile": 100, "vocab_tile": 5000}, True)):
-        monkeypatch.setattr(train_trl, "CPU_LM_HEAD", lm_head)
+        monkeypatch.setattr(trainers, "CPU_LM_HEAD", lm_head)
         grads = FirstStepGradients()
         # The previous adapter as start point: its B weights are non-zero, so every LoRA weight has a gradient.
         res = train_round(model_path, pairs, TrainConfig(**{**FAST, "per_device_batch_size": 4}, reference=reference,

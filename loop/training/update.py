@@ -3,8 +3,8 @@ SFT on one correct sample per prompt).
 
 TRL's DPOTrainer/KTOTrainer/SFTTrainer do the optimisation on a frozen base with a peft LoRA adapter. What this
 module adds:
-- token-space rows with tool observations masked out of the policy and reference log-probs (loop/train_data.py);
-  TRL 1.16's DPO/KTO trainers only take text datasets, so a two-line subclass (loop/train_trl.py) skips their tokenisation step
+- token-space rows with tool observations masked out of the policy and reference log-probs (loop/training/batches.py);
+  TRL 1.16's DPO/KTO trainers only take text datasets, so a two-line subclass (loop/training/trainers.py) skips their tokenisation step
   (`_prepare_dataset`), and the masked rows reach TRL's loss through its `data_collator` argument; its SFTTrainer
   takes token rows as they are and turns their `completion_mask` into the labels (-100 on prompt and observations);
 - the reference policy: the base model (adapter disabled, TRL's default for a fresh adapter) or the previous
@@ -30,105 +30,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loop.generation.adapter_check import PROBE_MAX_TOKENS, write_probe
 from loop.pairs import PreferencePair
 from loop.records import Graded, Trajectory
+from loop.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    algorithm: Literal["dpo", "kto", "sft"] = "dpo"
-    """dpo: preference pairs (M-DPO); kto: every usable graded sample, desirable when correct (multi-turn KTO);
-    sft: rejection-sampling fine-tuning (RFT, Yuan et al. 2023, arXiv:2308.01825), the mean NLL of the model-written
-    tokens of one correct sample per prompt (`sft_pick`), with no reference model: the baseline that DPO's pairs
-    should beat."""
-    sft_pick: Literal["shortest", "random"] | None = None
-    """sft only: which correct sample of a prompt is trained on (loop.pairs.rft_samples). shortest: the fewest
-    model-written tokens (ties: the earlier sample); random: a coin seeded by pairs.seed and the task. None:
-    shortest."""
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    """DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023; TRL normalises it per model token)."""
-    beta: float = Field(0.1, gt=0)
-    """Strength of the pull towards the reference policy (IPO: its tau); sft has no reference and ignores it."""
-    nll_coef: float = Field(0.0, ge=0)
-    """Weight of an NLL term on the chosen completions' model tokens (RPO, Pang et al. 2024); 0 = off. DPO only."""
-    divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
-    """The f-divergence that DPO's implicit reward regularises with (f-DPO, Wang et al. 2023, arXiv:2309.16240;
-    TRL's `f_divergence_type`). reverse_kl is standard DPO and mode-seeking; forward_kl and js_divergence are more
-    mass-covering, which f-DPO finds keeps more diversity at some cost in reward. DPO only."""
-    alpha_divergence_coef: float | None = Field(None, gt=0)
-    """alpha of alpha_divergence (TRL's `f_alpha_divergence_coef`; None: TRL's 0.5); only with that divergence."""
-    rehearsal_coef: float | None = Field(None, gt=0)
-    """Weight of the NLL term on the rehearsal samples (pairs.rehearsal); None: 1.0. Set it only with rehearsal on."""
-    lr: float = Field(5e-5, gt=0)
-    """AdamW learning rate of the LoRA weights (LoRA needs ~10x the full fine-tuning rate)."""
-    epochs: float = Field(1.0, gt=0)
-    """Passes over the round's pairs (or samples)."""
-    per_device_batch_size: int = Field(4, ge=1)
-    """Pairs (DPO) or samples (KTO, SFT) per forward pass; KTO needs >= 2 (its KL estimate uses the other samples)."""
-    grad_accumulation: int = Field(1, ge=1)
-    """Forward passes per optimizer step (the step sees per_device_batch_size x grad_accumulation examples)."""
-    max_length: int | None = Field(2048, ge=2)
-    """Prompt + completion tokens kept per sequence (the end is cut); None: no limit."""
-    precompute_ref_log_probs: bool | None = None
-    """Compute the reference log-probs of every pair once, before training (TRL's option), instead of a reference
-    forward in every step of every epoch: the reference is fixed within a round, so the loss is the same and each
-    epoch after the first saves a forward pass. None: on for DPO; KTO computes its reference (and KL term) per step."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~25% slower; for long sequences or big models."""
-    bf16: bool | Literal["native"] | None = None
-    """bf16 weights and autocast. None: on a CUDA GPU with bf16, fp32 on CPU (bf16 LoRA training on CPU has not been
-    compared with fp32 on a loop's results). native: wherever the hardware computes bf16 (also a CPU with AMX or
-    AVX512-BF16; loop/models/hardware.py), fp32 elsewhere, where bf16 is emulated and many times slower."""
-    lora_r: int = Field(16, ge=1)
-    """LoRA rank (engine.max_lora_rank must be at least this)."""
-    lora_alpha: int = Field(32, ge=1)
-    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    """0 keeps the policy and reference forwards comparable (TRL disables dropout for that reason)."""
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    """Modules that get LoRA weights; all-linear: every linear layer but the LM head (vLLM serves all of them)."""
-    reference: Literal["base", "previous"] = "base"
-    """pi_ref: the base model (adapter disabled, pi_0) or the previous round's adapter, frozen (the base in the
-    first round, which has no previous adapter)."""
-    continue_adapter: bool = True
-    """Start from the previous round's adapter weights instead of a fresh (zero-effect) adapter. Independent of
-    `reference`."""
-    kto_desirable_weight: float = Field(1.0, gt=0)
-    """KTO's weight of correct (desirable) samples; see kto_undesirable_weight."""
-    kto_undesirable_weight: float = Field(1.0, gt=0)
-    """KTO loss weights; the KTO paper advises weight x count to be similar for both kinds (ratio 1 to 4/3)."""
-    max_grad_norm: float = Field(1.0, gt=0)
-    """Gradients are clipped to this norm."""
-    seed: int = 0
-    """Seeds the adapter's initialisation and the order of the examples."""
-
-    @model_validator(mode="after")
-    def _check_combination(self) -> "TrainConfig":
-        if self.algorithm == "kto" and self.per_device_batch_size < 2:
-            raise ValueError("KTO estimates its KL term from the other samples of a batch: "
-                             "set per_device_batch_size >= 2")
-        if self.algorithm != "dpo" and (self.loss != "sigmoid" or self.nll_coef or self.divergence != "reverse_kl"
-                                        or self.precompute_ref_log_probs):
-            raise ValueError(f"loss, nll_coef, divergence and precompute_ref_log_probs are DPO options; with "
-                             f"algorithm: {self.algorithm} leave them at their defaults")
-        if self.algorithm == "sft" and self.reference != "base":
-            raise ValueError("algorithm: sft trains without a reference model; remove train.reference (or set it to "
-                             "base) or use algorithm: dpo / kto")
-        if self.sft_pick is not None and self.algorithm != "sft":
-            raise ValueError(f"train.sft_pick chooses the samples of algorithm: sft (algorithm is {self.algorithm}); "
-                             "remove it or set algorithm: sft")
-        if self.alpha_divergence_coef is not None and self.divergence != "alpha_divergence":
-            raise ValueError(f"train.alpha_divergence_coef applies to divergence: alpha_divergence only (divergence is "
-                             f"{self.divergence}); remove it or set divergence: alpha_divergence")
-        return self
 
 
 @dataclass
@@ -138,10 +46,6 @@ class TrainResult:
     """Round summary, MLflow-ready keys under train/ (means over optimizer steps unless named otherwise)."""
     history: list[dict[str, float]] = field(default_factory=list)
     """TRL's log of every optimizer step (loss, rewards/*, logps/*, grad_norm, ...)."""
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
@@ -167,7 +71,7 @@ def _check_adapter_dir(path: Path, what: str) -> None:
 
 def _check_inputs(base_model_path: Path, data: list, cfg: TrainConfig, init_adapter: Path | None) -> None:
     """Everything that can be wrong with the inputs, checked before loading any weights."""
-    from loop.train_data import trajectories_of
+    from loop.training.batches import trajectories_of
 
     if not (base_model_path / "config.json").is_file():
         raise FileNotFoundError(f"base model {base_model_path} has no config.json (a Hugging Face model folder is "
@@ -258,17 +162,17 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
     with an NLL term of weight `cfg.rehearsal_coef`. `callbacks`: extra transformers
     `TrainerCallback`s (e.g. bench/train_profile.py's phase timer). On failure nothing is written to `out_dir`.
     """
-    # Imported here, not with the module: loading a config (loop/config.py imports TrainConfig) must not pay
-    # for torch, transformers, peft, TRL and datasets (~10 s).
+    # Imported here, not with the module: importing the stage (the flow imports train_round) must not pay for
+    # torch, transformers, peft, TRL and datasets (~10 s).
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, KTOConfig, SFTConfig, SFTTrainer
 
-    from loop.train_data import (MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, sft_rows,
+    from loop.training.batches import (MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, sft_rows,
                                  trajectories_of)
-    from loop.train_trl import StopOnNonFinite, TokenDPOTrainer, TokenKTOTrainer, cpu_lm_head, load_previous_weights
+    from loop.training.trainers import StopOnNonFinite, TokenDPOTrainer, TokenKTOTrainer, cpu_lm_head, load_previous_weights
 
     base_model_path, out_dir = Path(base_model_path), Path(out_dir)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
@@ -300,7 +204,7 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
     scratch = Path(tempfile.mkdtemp(prefix="ratchet-train-"))
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    # CPU: TRL's fused LM head with cache-sized tiles, scoring only the labelled positions (loop/train_trl.py).
+    # CPU: TRL's fused LM head with cache-sized tiles, scoring only the labelled positions (loop/training/trainers.py).
     with contextlib.nullcontext() if torch.cuda.is_available() else cpu_lm_head():
         try:
             common = dict(output_dir=str(scratch), learning_rate=cfg.lr, num_train_epochs=cfg.epochs,

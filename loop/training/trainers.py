@@ -1,5 +1,5 @@
-"""The parts of loop/train.py that subclass or call TRL, transformers and peft types: imported by `train_round`
-only, so that loading a config (which imports loop/train.py for `TrainConfig`) imports none of them."""
+"""The parts of loop/training/update.py that subclass or call TRL, transformers and peft types: imported by
+`train_round` only, so that importing the stage (the flow imports `train_round`) imports none of them."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from trl import DPOTrainer, KTOTrainer
 
-from loop.train import TrainingDiverged
+from loop.training.config import TrainingDiverged
 
 
 class StopOnNonFinite(TrainerCallback):
