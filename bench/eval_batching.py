@@ -1,6 +1,6 @@
 """Evaluation's greedy decode: a second engine call after the samples, or one call with them (generate_many).
 
-loop.evaluate.evaluate_policy sends the held-out samples and the greedy decodes through one
+loop.evaluation.evaluate.evaluate_policy sends the held-out samples and the greedy decodes through one
 rollout.generate_many call. This measures that choice against two rollout.generate calls, on a config's real
 evaluation tasks and settings (configs/demo.yaml by default), base model, real EOS (the tail of long answers is
 what one batch is meant to hide). Repeats alternate the two ways; each repeat prints wall time and generated

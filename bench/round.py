@@ -94,7 +94,7 @@ class Probe:
 
 def run(args) -> dict[str, Any]:
     import flows.self_improve as fsi
-    import loop.evaluate
+    import loop.evaluation.evaluate
     import loop.generation.rollout
     from prefect import flow, get_run_logger
 
@@ -106,7 +106,7 @@ def run(args) -> dict[str, Any]:
     probe = Probe()
     # grade_trajectories is looked up in these modules' namespaces when the stages run.
     fsi.grade_trajectories = probe.wrap(fsi.grade_trajectories, "grade", lambda a, k: "verify")
-    loop.evaluate.grade_trajectories = probe.wrap(loop.evaluate.grade_trajectories, "grade", lambda a, k: "evaluate")
+    loop.evaluation.evaluate.grade_trajectories = probe.wrap(loop.evaluation.evaluate.grade_trajectories, "grade", lambda a, k: "evaluate")
 
     @flow(name="bench-round", log_prints=True)
     def bench_round() -> dict[str, Any]:

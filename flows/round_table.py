@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from loop.stats import format_change, format_estimate
+from loop.evaluation.stats import format_change, format_estimate
 
 OTHER = ("eval/distinct_answers", "eval/cutoff_frac", "train_samples/correct_frac", "pairs/pairs", "train/loss",
          "train/chosen_logp_shift", "time/stages_s")

@@ -30,14 +30,14 @@ from loop.generation import rollout
 from loop.config import RunConfig, check_model, load_config
 from flows.console import round_line, say, stage_line
 from loop.generation.engine import Engine, VLLMEngine
-from loop.evaluate import evaluate_policy
+from loop.evaluation.evaluate import evaluate_policy
 from loop.run.peak_memory import PeakMemory
 from loop.models.resolve import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, rehearsal_samples, rft_samples, save_pairs, select_samples
 from loop.records import Graded, Trajectory
 from loop.run.directory import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
 from flows.round_table import markdown as round_markdown, primary_line
-from loop.stats import PER_PROMPT, detectable_change_note, round_statistics_from_dirs, training_statistics
+from loop.evaluation.stats import PER_PROMPT, detectable_change_note, round_statistics_from_dirs, training_statistics
 from loop.tasks import check_disjoint, count_clusters, load_round_tasks, load_tasks
 from loop.tasks.base import Task
 from loop.run.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
@@ -410,7 +410,7 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
         t0 = time.perf_counter()
         metrics["time/stages_s"] = sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/stages_s")
         # Intervals of every accuracy, and paired changes against round 0 and the last evaluated round before this
-        # one (loop/stats.py); a round the schedule did not evaluate has none.
+        # one (loop/evaluation/stats.py); a round the schedule did not evaluate has none.
         evaluated = [q for q in range(r - 1, -1, -1) if (run.round(q) / PER_PROMPT).exists()]
         metrics.update(round_statistics_from_dirs(round_dir, run.round(0) if r > 0 else None,
                                                   run.round(evaluated[0]) if evaluated else None))

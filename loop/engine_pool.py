@@ -1,6 +1,6 @@
 """vLLM engine replicas on a Ray cluster, behind the interface of one loop.generation.engine.VLLMEngine.
 
-`EnginePool` has what the flow, loop/generation/rollout.py, loop/evaluate.py and loop/generation/adapter_check.py use of an engine
+`EnginePool` has what the flow, loop/generation/rollout.py, loop/evaluation/evaluate.py and loop/generation/adapter_check.py use of an engine
 (`generate`, `lora_request`, `prompt_logprobs`, `check_adapter_applied`, `tokenizer`, `model_path`,
 `max_model_len`, `sleep`, `wake_up`, `memory`, `close`), so nothing downstream changes. Each replica is a Ray actor
 holding one VLLMEngine. A `generate` call is cut into one contiguous shard per replica, balanced by the requests'

@@ -9,7 +9,7 @@ histories (one step per round) and each round's eval_per_prompt.jsonl / eval_sam
 
 Each plot function takes a LoopData and returns a matplotlib Figure; `save_figure` writes it as PNG. Every
 accuracy drawn carries its 95% interval (bands or error bars), and every difference to round 0 its paired 95%
-interval, recomputed with loop/stats.py from the per-problem rows (so loops logged before the statistics
+interval, recomputed with loop/evaluation/stats.py from the per-problem rows (so loops logged before the statistics
 existed get them too; `cross_check` compares them with the logged ones where those exist).
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from loop import stats
-from loop.metrics import normalize_answer, votes_of
+from loop.evaluation import stats
+from loop.evaluation.metrics import normalize_answer, votes_of
 from loop.run.tracking import RUN_ID_TAG, ROUND_TAG, TrackingConfig, download_artifact, resolve_uri
 
 _PASS_KEY = re.compile(r"^eval/pass_at_(\d+)$")
@@ -228,7 +228,7 @@ def coverage(per_prompt: pd.DataFrame, base: int = 0) -> pd.DataFrame:
 def top_answer_share(samples: pd.DataFrame) -> pd.DataFrame:
     """Per round and prompt: the share of samples giving the prompt's most common final answer (samples
     without an answer count in the denominator only). 1.0 means every sample says the same thing. Math answers
-    are the same answer as maj@k and distinct_answers count them (loop.metrics.answer_votes: by the verifier's
+    are the same answer as maj@k and distinct_answers count them (loop.evaluation.metrics.answer_votes: by the verifier's
     equivalence and verdicts); code answers by normalised text."""
     def share(group: pd.DataFrame) -> float:
         if (group["verifier"] == "math").all():
@@ -270,7 +270,7 @@ def breakdown(per_prompt: pd.DataFrame, by: str) -> pd.DataFrame:
 
 
 def _group_interval(sub: pd.DataFrame, field: str) -> tuple[float, float]:
-    """95% interval of a group's mean of `field` (loop.stats.estimate, clustered as the loop clusters)."""
+    """95% interval of a group's mean of `field` (loop.evaluation.stats.estimate, clustered as the loop clusters)."""
     clusters = stats.problem_clusters(sub[[c for c in ("task_id", "cluster") if c in sub]].to_dict("records"))
     e = stats.estimate(sub[field].astype(float).to_numpy(), [clusters[t] for t in sub["task_id"]])
     return e.low, e.high
@@ -284,7 +284,7 @@ def _round_rows(per_prompt: pd.DataFrame, rnd: int) -> list[dict]:
 
 
 def round_stats(per_prompt: pd.DataFrame, base: int = 0) -> pd.DataFrame:
-    """Per round (index): for every accuracy M, 'eval/M' (mean over problems) and loop.stats.round_statistics'
+    """Per round (index): for every accuracy M, 'eval/M' (mean over problems) and loop.evaluation.stats.round_statistics'
     'eval/M_se', 'eval/M_low', 'eval/M_high', 'vs_round0/M[_low|_high|_p]' (against `base`) and
     'vs_prev/M[...]', recomputed from the per-prompt rows; plus 'solved' (the share of problems solved at
     least once) with 'solved_se', 'solved_low', 'solved_high', and its change 'vs_round0/solved[...]'."""

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from loop import metrics
+from loop.evaluation import metrics
 from loop.records import Graded, Segment, Trajectory
 from loop.tasks.base import Task
 from verifiers.math import cluster_answers

@@ -286,7 +286,7 @@ def test_a_tool_that_dies_is_an_observation_and_the_rollout_goes_on(engine):
             assert "killed" in observation and (kind != "memory" or "memory" in observation)
             if kind == "killed":
                 assert "restarted" in observation  # the model is told its earlier definitions are gone
-    from loop import metrics
+    from loop.evaluation import metrics
     from loop.records import Graded
 
     summary = metrics.pooled([Graded(t, "incorrect", None, "") for t in out])

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from loop import metrics
+from loop.evaluation import metrics
 from loop.records import Graded, Segment, Trajectory
 from loop.tasks.base import Task
 
@@ -138,7 +138,7 @@ def test_evaluate_rows_and_summary():
         _graded("t/b", 3, "timeout", "8", "a b c d"),
     ]
     greedy = [_graded("t/a", 0, "correct", "0.5"), _graded("t/b", 0, "incorrect", "6")]
-    rows, summary = metrics.evaluate(tasks, graded, greedy)
+    rows, summary = metrics.summarise(tasks, graded, greedy)
     a, b = rows
     assert (a["n"], a["correct"], b["correct"]) == (4, 2, 0)
     assert a["pass@1"] == pytest.approx(0.5) and a["pass@2"] == pytest.approx(1 - 1 / 6) and a["pass@4"] == 1.0
@@ -175,8 +175,8 @@ def test_breakdown_by_function():
 def test_evaluate_rejects_inconsistent_input():
     tasks = [Task("t/a", "A?", "math", "t", answer="1")]
     with pytest.raises(ValueError, match="'t/zz', which is not among"):
-        metrics.evaluate(tasks, [_graded("t/zz", 0, "correct", "1")])
+        metrics.summarise(tasks, [_graded("t/zz", 0, "correct", "1")])
     with pytest.raises(ValueError, match="have no graded samples.*t/a"):
-        metrics.evaluate(tasks, [])
+        metrics.summarise(tasks, [])
     with pytest.raises(ValueError, match="no greedy sample"):
-        metrics.evaluate(tasks, [_graded("t/a", 0, "correct", "1")], greedy=[])
+        metrics.summarise(tasks, [_graded("t/a", 0, "correct", "1")], greedy=[])

@@ -1,7 +1,7 @@
 """notebooks/diversity_collapse.ipynb and loop/report.py against a real MLflow store.
 
 The store is written by the project's own Tracker with three rounds of constructed evaluations whose
-per-prompt rows and summaries come from the real loop.metrics.evaluate, so the report reads exactly
+per-prompt rows and summaries come from the real loop.evaluation.metrics.summarise, so the report reads exactly
 what a loop logs. The notebook is executed top to bottom in a real kernel.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from loop import metrics, report, stats
+from loop import report
+from loop.evaluation import metrics, stats
 from loop.records import Graded, Segment, Trajectory
 from loop.run.directory import write_json, write_jsonl
 from loop.tasks.base import Task
@@ -75,7 +76,7 @@ def _round(tasks: list[Task], rnd: int, rd: Path, like: int | None = None) -> tu
     counts = [c[like] for rows in CORRECT.values() for c in rows]
     graded = [_graded(t, like, s, s < c) for t, c in zip(tasks, counts) for s in range(N)]
     greedy = [_graded(t, like, 0, c >= N // 2) for t, c in zip(tasks, counts)]
-    rows, summary = metrics.evaluate(tasks, graded, greedy)
+    rows, summary = metrics.summarise(tasks, graded, greedy)
     rd.mkdir(parents=True)
     m = {f"eval/{k}": v for k, v in summary.items()}
     if rnd > 0:

@@ -149,8 +149,8 @@ def test_tracker_refuses_a_new_run_directory_under_a_logged_run_id(tmp_path: Pat
 
 
 def _per_prompt(correct: list[int], greedy: list[int], n: int = 4) -> list[dict]:
-    """eval_per_prompt.jsonl rows as loop/metrics.py writes them (the fields the statistics read)."""
-    from loop.metrics import k_values, pass_at_k
+    """eval_per_prompt.jsonl rows as loop/evaluation/metrics.py writes them (the fields the statistics read)."""
+    from loop.evaluation.metrics import k_values, pass_at_k
 
     return [{"task_id": f"arith/{i}", "family": "arithmetic", "difficulty": "L1", "verifier": "math", "n": n,
              "correct": c, **{f"pass@{k}": pass_at_k(n, c, k) for k in k_values(n)},
@@ -225,7 +225,7 @@ def test_round_log_stage_logs_intervals_and_paired_changes(tmp_path: Path):
     recomputes them."""
     import json
 
-    from loop.stats import paired_difference, pass_at_k_interval
+    from loop.evaluation.stats import paired_difference, pass_at_k_interval
 
     run = RunDir(tmp_path / "runs", "loop")
     _log_rounds(tmp_path, [0, 1, 2])
@@ -286,7 +286,7 @@ def test_rounds_the_schedule_skips_leave_the_tables_mlflow_and_the_report_consis
     import json
 
     from loop.report import load_loop
-    from loop.stats import paired_difference
+    from loop.evaluation.stats import paired_difference
 
     run = RunDir(tmp_path / "runs", "loop")
     _log_rounds(tmp_path, [0, 2])

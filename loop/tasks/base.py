@@ -19,4 +19,4 @@ class Task:
     difficulty: str | None = None  # level or template group, for per-difficulty breakdowns
     cluster: str | None = None
     """Tasks that share a cluster are not independent draws (the variants of one gsm-symbolic template): the
-    intervals of loop/stats.py count clusters, not tasks. None: the task is its own cluster."""
+    intervals of loop/evaluation/stats.py count clusters, not tasks. None: the task is its own cluster."""

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from loop import metrics
+from loop.evaluation import metrics
 from loop.generation import rollout
 from loop.generation.engine import Engine
 from loop.records import Graded
@@ -60,7 +60,7 @@ def evaluate_policy(engine: Engine, tasks: list[Task], eval_cfg, verify_cfg: Ver
     if greedy_run:
         greedy = grade(by_id, greedy_run[0], verify_cfg)
         write_jsonl(out_dir / "eval_greedy.jsonl", (g.to_dict() for g in greedy))
-    per_prompt, summary = metrics.evaluate(tasks, graded, greedy)
+    per_prompt, summary = metrics.summarise(tasks, graded, greedy)
     write_jsonl(out_dir / "eval_per_prompt.jsonl", per_prompt)
     out = {f"eval/{k}": v for k, v in summary.items()}
     out["time/evaluate_s"] = time.perf_counter() - t0

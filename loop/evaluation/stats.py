@@ -2,7 +2,7 @@
 
 The unit is the problem, not the sample (Miller 2024, "Adding Error Bars to Evals", arXiv 2411.00640): each
 problem's n samples enter only through its per-problem score (the unbiased pass@k estimate of
-`loop.metrics.pass_at_k`, a maj@k value, a 0/1 greedy result), and the benchmark value is the mean over the
+`loop.evaluation.metrics.pass_at_k`, a maj@k value, a 0/1 greedy result), and the benchmark value is the mean over the
 N problems, an estimate of the mean over the population of problems the evaluation set stands for. Its
 standard error is sd(scores)/sqrt(N) or, when problems share a cluster (variants of one gsm-symbolic
 template), the cluster-robust SE_cl^2 = G/(G-1) * sum_c (sum_{i in c} (s_i - mean))^2 / N^2 over the G clusters
@@ -48,12 +48,12 @@ import numpy as np
 from scipy import optimize
 from scipy import stats as _sp
 
-from loop.metrics import pass_at_k
+from loop.evaluation.metrics import pass_at_k
 from loop.run.directory import read_jsonl
 
 PER_PROMPT = "eval_per_prompt.jsonl"
 """Each round's per-problem artifact (task_id, n, correct, greedy_correct, per-problem pass@k and maj@k),
-written by loop/evaluate.py and logged to MLflow: everything here can be recomputed from it."""
+written by loop/evaluation/evaluate.py and logged to MLflow: everything here can be recomputed from it."""
 
 __all__ = ["Estimate", "Change", "estimate", "paired_change", "pass_at_k_values", "pass_at_k_interval",
            "paired_difference", "detectable_change", "detectable_change_note", "round_statistics",
@@ -89,11 +89,6 @@ class Change:
     problems: int
     clusters: int
     level: float
-
-    @property
-    def within_noise(self) -> bool:
-        """True when the interval holds 0: no change shown at this level."""
-        return bool(self.low <= 0 <= self.high)
 
 
 # --- input checks ---------------------------------------------------------------------------------
@@ -273,7 +268,7 @@ def paired_change(values_a, values_b, clusters: Sequence[Hashable] | None = None
 
 
 def pass_at_k_values(correct, n: int | Sequence[int], k: int) -> np.ndarray:
-    """Per-problem unbiased pass@k (loop.metrics.pass_at_k) from each problem's correct count and samples.
+    """Per-problem unbiased pass@k (loop.evaluation.metrics.pass_at_k) from each problem's correct count and samples.
 
     `correct`: one count per problem (last axis; leading batch axes allowed); `n`: samples per problem, one
     int for all or one per problem."""

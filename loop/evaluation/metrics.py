@@ -1,6 +1,6 @@
 """Evaluation metrics over graded samples: pass@k, maj@k, greedy accuracy, diversity, and breakdowns.
 
-`evaluate(tasks, graded, greedy)` returns one row per prompt and an aggregate dict whose keys are
+`summarise(tasks, graded, greedy)` returns one row per prompt and an aggregate dict whose keys are
 metric names ("pass@4", "maj@4", "greedy_acc", "distinct_2", ...; the tracker turns '@' into '_at_').
 Aggregates are means over prompts (each prompt weighs the same), skipping prompts where a metric is
 undefined (None in its row).
@@ -330,8 +330,8 @@ def pooled(graded: Sequence[Graded]) -> dict[str, float]:
     return out
 
 
-def evaluate(tasks: Sequence[Task], graded: Sequence[Graded],
-             greedy: Sequence[Graded] | None = None) -> tuple[list[dict], dict[str, float]]:
+def summarise(tasks: Sequence[Task], graded: Sequence[Graded],
+              greedy: Sequence[Graded] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Per-prompt rows and the aggregate of `graded` samples (and greedy samples, one per task).
 
     The aggregate adds per-family and per-difficulty breakdowns of the accuracy metrics when the
