@@ -50,9 +50,9 @@ def main() -> None:
 
     from generation import make_adapter
     from loop.generation import rollout
-    from loop.cluster import ClusterConfig
+    from loop.cluster.driver import ClusterConfig
     from loop.generation.engine import EngineConfig, VLLMEngine
-    from loop.engine_pool import EnginePool
+    from loop.cluster.engines import EnginePool
     from loop.models.resolve import resolve_model
     from loop.generation.rollout import SamplingConfig
     from loop.tasks import TaskSetConfig, load_tasks

@@ -198,7 +198,7 @@ def self_improve(config_path: str, rounds: int | None = None, run_id: str | None
 @dataclass
 class Loop:
     """What every round of one flow run shares: the config, run directory, tasks, tracker and vLLM engine (with
-    `cluster:`, a loop.engine_pool.EnginePool of replicas, with the Ray grader and trainer)."""
+    `cluster:`, a loop.cluster.engines.EnginePool of replicas, with the Ray grader and trainer)."""
 
     cfg: RunConfig
     run: RunDir
@@ -280,7 +280,7 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
         run.save_config(config_dict)
         tracker.log_config(config_dict, model.provenance)
         if cfg.cluster is not None:
-            from loop.cluster import describe
+            from loop.cluster.driver import describe
 
             tracker.log_params({"cluster_runtime": {**describe(), "replicas": len(engine.replicas)}})
     except BaseException:
@@ -295,10 +295,10 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
 
 
 def join_cluster(cfg: RunConfig) -> tuple[bool, dict[str, Callable]]:
-    """Join the Ray cluster as its driver (loop/cluster.py); the Ray grader and trainer for the Loop."""
-    from loop.cluster import connect
-    from loop.ray_train import train_on_ray
-    from loop.ray_verify import grade_on_ray
+    """Join the Ray cluster as its driver (loop/cluster/driver.py); the Ray grader and trainer for the Loop."""
+    from loop.cluster.driver import connect
+    from loop.cluster.grading import grade_on_ray
+    from loop.cluster.training import train_on_ray
 
     connected = connect(cfg.cluster)
     return connected, {"grade": functools.partial(grade_on_ray, cluster=cfg.cluster),
@@ -307,7 +307,7 @@ def join_cluster(cfg: RunConfig) -> tuple[bool, dict[str, Callable]]:
 
 def leave_cluster(connected: bool) -> None:
     if connected:
-        from loop.cluster import disconnect
+        from loop.cluster.driver import disconnect
 
         disconnect()
 
@@ -318,8 +318,8 @@ def start_engine(cfg: RunConfig, model: ResolvedModel, training: bool = True) ->
     if cfg.cluster is None:
         progress(f"starting vLLM on {cfg.model} ...")
         return VLLMEngine(model.path, cfg.engine)
-    from loop.cluster import check_room
-    from loop.engine_pool import EnginePool
+    from loop.cluster.driver import check_room
+    from loop.cluster.engines import EnginePool
 
     progress(f"starting {cfg.cluster.engines} vLLM replica(s) of {cfg.model} on Ray ...")
     pool = EnginePool(cfg.model, model.path, cfg.engine, cfg.cluster)

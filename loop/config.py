@@ -15,7 +15,7 @@ from typing import Annotated, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from loop.cluster import ClusterConfig
+from loop.cluster.driver import ClusterConfig
 from loop.generation.engine import VLLM_LORA_RANKS, EngineConfig
 from loop.pairs import PairsConfig
 from loop.generation.rollout import SamplingConfig
@@ -98,7 +98,7 @@ class RunConfig(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Where metrics and artifacts go (MLflow; loop/run/tracking.py)."""
     cluster: ClusterConfig | None = None
-    """Run on a Ray cluster (loop/cluster.py); None: everything in this process."""
+    """Run on a Ray cluster (loop/cluster/driver.py); None: everything in this process."""
 
     @model_validator(mode="after")
     def _splits(self) -> "RunConfig":

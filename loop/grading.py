@@ -109,7 +109,7 @@ def _crash(e: BaseException) -> str:
 
 def grade_each(tasks: dict[str, Task], trajectories: list[Trajectory], cfg: VerifyConfig) -> list[Graded]:
     """`grade_trajectories` without the crash check: crashed gradings come back as "error" verdicts (for callers
-    that grade in parts, e.g. loop/ray_verify.py, and check the whole with `raise_on_crash`)."""
+    that grade in parts, e.g. loop/cluster/grading.py, and check the whole with `raise_on_crash`)."""
     # Imported here: the math verifier pulls in SymPy (~0.6 s), which loading a config (VerifyConfig) does not need.
     from verifiers import math as math_verifier
     from verifiers import python_exec

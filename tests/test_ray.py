@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from helpers import tiny_config
-from loop.cluster import ClusterConfig
+from loop.cluster.driver import ClusterConfig
 from loop.config import ConfigError, load_config
-from loop.engine_pool import shard_bounds
+from loop.cluster.engines import shard_bounds
 from loop.records import Segment, Trajectory
 from loop.generation.rollout import SamplingConfig
 from loop.tasks.base import Task
@@ -114,7 +114,7 @@ def _trajectory(task_id: str, sample: int, text: str) -> Trajectory:
 
 @pytest.mark.slow
 def test_grading_on_ray_equals_local_grading_and_a_crash_raises(ray_cluster):
-    from loop.ray_verify import grade_on_ray
+    from loop.cluster.grading import grade_on_ray
 
     tasks = {f"m{i}": Task(f"m{i}", f"q{i}", "math", "train", answer=str(i)) for i in range(7)}
     texts = ["So the answer is #### {i}", "#### {j}", "I do not know.", "It is \\boxed{{{i}}}.", "{i}.0 apples"]
@@ -138,9 +138,9 @@ def test_grading_on_ray_equals_local_grading_and_a_crash_raises(ray_cluster):
 
 @pytest.mark.slow
 def test_a_cluster_too_small_is_refused_before_anything_waits(ray_cluster, model_path):
-    from loop.cluster import check_room
+    from loop.cluster.driver import check_room
     from loop.generation.engine import EngineConfig
-    from loop.engine_pool import EnginePool
+    from loop.cluster.engines import EnginePool
 
     # Ray would leave actors it cannot place pending for ever: both are refused at once, with the numbers.
     with pytest.raises(RuntimeError, match=r"5 replicas of 1 CPU each need 5 CPU, and the Ray cluster has 4"):
@@ -160,7 +160,7 @@ def test_two_training_workers_take_the_steps_of_one_worker_with_twice_the_accumu
     from peft import load_peft_weights
     from transformers import AutoTokenizer
 
-    from loop.ray_train import train_on_ray
+    from loop.cluster.training import train_on_ray
     from loop.training.config import TrainConfig, TrainingDiverged
     from test_train import tool_pair
 
@@ -282,7 +282,7 @@ def reference(model_path, adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool(ray_cluster, reference, model_path):
     from loop.generation.engine import EngineConfig
-    from loop.engine_pool import EnginePool
+    from loop.cluster.engines import EnginePool
 
     p = EnginePool("smollm2-135m-instruct", model_path, EngineConfig(**ENGINE),
                    ClusterConfig(engines=2, max_replica_restarts=1))
@@ -343,7 +343,7 @@ def test_a_replica_killed_mid_generation_is_replaced_with_the_same_results(pool,
     import ray
 
     from loop.generation import rollout
-    from loop.engine_pool import ReplicaDied
+    from loop.cluster.engines import ReplicaDied
 
     out: dict = {}
     worker = threading.Thread(target=lambda: out.update(trajs=rollout.generate(pool, TASKS, SAMPLING, round=1)))

@@ -43,7 +43,7 @@ def evaluate_policy(engine: Engine, tasks: list[Task], eval_cfg, verify_cfg: Ver
     eval.common_seeds) unless told otherwise; a standalone evaluation (`ratchet eval`) is 0.
 
     Returns the aggregate metrics with keys prefixed `eval/` (pass@k, maj@k, greedy_acc, diversity). `grade`
-    grades the samples (None: `grade_trajectories`, e.g. loop.ray_verify.grade_on_ray on a cluster).
+    grades the samples (None: `grade_trajectories`, e.g. loop.cluster.grading.grade_on_ray on a cluster).
     """
     t0 = time.perf_counter()
     grade = grade or grade_trajectories

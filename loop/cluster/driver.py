@@ -2,8 +2,8 @@
 
 Without a `cluster` section the loop runs in one process, as it always has, and nothing here imports Ray. With one,
 the flow process is the Ray driver (Prefect stays the orchestrator and MLflow logging stays in the driver):
-generation runs on `engines` vLLM replicas, each a Ray actor (loop/engine_pool.py), grading runs as Ray tasks
-(loop/ray_verify.py) and training in `train_workers` Ray actors (loop/ray_train.py). No shared filesystem is assumed: adapters
+generation runs on `engines` vLLM replicas, each a Ray actor (loop/cluster/engines.py), grading runs as Ray tasks
+(loop/cluster/grading.py) and training in `train_workers` Ray actors (loop/cluster/training.py). No shared filesystem is assumed: adapters
 travel through Ray's object store as the bytes of their files (`pack_folder`, `unpack_folder`). The model itself
 is resolved on each node (`loop.models.resolve.resolve_model`): a built-in model or a hub id works anywhere, a local folder
 must exist at the same path on every node, and so must this project (installed at the same commit).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from loop.cluster import ClusterConfig
+from loop.cluster.driver import ClusterConfig
 from loop.records import Graded, Trajectory
 from loop.tasks.base import Task
 from loop.grading import VerifyConfig, grade_each, raise_on_crash

@@ -25,7 +25,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from loop.cluster import ClusterConfig, pack_folder, unpack_folder
+from loop.cluster.driver import ClusterConfig, pack_folder, unpack_folder
 from loop.training.config import TrainConfig
 from loop.training.update import TrainResult
 

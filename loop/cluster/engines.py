@@ -1,12 +1,12 @@
 """vLLM engine replicas on a Ray cluster, behind the interface of one loop.generation.engine.VLLMEngine.
 
-`EnginePool` has what the flow, loop/generation/rollout.py, loop/evaluation/evaluate.py and loop/generation/adapter_check.py use of an engine
-(`generate`, `lora_request`, `prompt_logprobs`, `check_adapter_applied`, `tokenizer`, `model_path`,
-`max_model_len`, `sleep`, `wake_up`, `memory`, `close`), so nothing downstream changes. Each replica is a Ray actor
-holding one VLLMEngine. A `generate` call is cut into one contiguous shard per replica, balanced by the requests'
-token budgets (prompt + max_tokens; contiguous keeps the samples of one prompt together, so vLLM's prefix cache
-serves their shared prompt), and the outputs come back in request order. Every sampled request carries its own seed
-(loop/generation/rollout.py), so where a request runs does not change what it draws, up to the engine's numerics.
+`EnginePool` has what the flow, the rollout and the evaluation use of an engine (the `Engine` protocol of
+loop/generation/engine.py: `generate`, `lora_request`, `prompt_logprobs`, `check_adapter_applied`, `tokenizer`,
+`model_path`, `max_model_len`, `sleep`, `wake_up`, `memory`, `close`), so nothing downstream changes. Each replica is
+a Ray actor holding one VLLMEngine. A `generate` call is cut into one contiguous shard per replica, balanced by the
+requests' token budgets (prompt + max_tokens; contiguous keeps the samples of one prompt together, so vLLM's prefix
+cache serves their shared prompt), and the outputs come back in request order. Every sampled request carries its own
+seed (loop/generation/rollout.py), so where a request runs does not change what it draws, up to the engine's numerics.
 
 Adapters reach the replicas without a shared filesystem: `lora_request` puts the adapter folder's files into the
 object store once per LoRA id, and each replica writes them to a temporary folder of its own the first time it
@@ -32,7 +32,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError
 
-from loop.cluster import ClusterConfig, pack_folder, unpack_folder
+from loop.cluster.driver import ClusterConfig, pack_folder, unpack_folder
 from loop.generation.engine import _BINDING_VARS, EngineConfig, TurnOutput, TurnRequest
 
 log = logging.getLogger(__name__)
