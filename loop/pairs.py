@@ -306,7 +306,7 @@ def rft_samples(graded: list[Graded], cfg: PairsConfig,
     usable, _ = _usable_by_task(graded, cfg)
     picked = []
     for task_id, u in usable.items():
-        correct = [g for g in u.correct if g.trajectory.finish_reason not in TRUNCATED]
+        correct = [g for g in u.correct if not g.trajectory.cut_off]
         if correct and pick == "shortest":
             picked.append(min(correct, key=lambda g: g.trajectory.num_model_tokens))
         elif correct:
