@@ -1,4 +1,4 @@
-"""notebooks/diversity_collapse.ipynb and loop/report.py against a real MLflow store.
+"""notebooks/diversity_collapse.ipynb and loop/report/ against a real MLflow store.
 
 The store is written by the project's own Tracker with three rounds of constructed evaluations whose
 per-prompt rows and summaries come from the real loop.evaluation.metrics.summarise, so the report reads exactly
@@ -18,6 +18,7 @@ import pytest
 from nbclient import NotebookClient
 
 from loop import report
+from loop.report import plots
 from loop.evaluation import metrics, stats
 from loop.records import Graded, Segment, Trajectory
 from loop.run.directory import write_json, write_jsonl
@@ -310,5 +311,5 @@ def test_figures_fit_the_data(store):
     import matplotlib.pyplot as plt
 
     frame = pd.DataFrame({"round": [0] * 20 + [1] * 20, "v": [i / 20 for i in range(20)] * 2})
-    assert report._distribution_by_round(plt.subplots()[1], frame, "v", [0, 1]) == "box"
-    assert report._distribution_by_round(plt.subplots()[1], frame.head(4).assign(round=0), "v", [0]) == "points"
+    assert plots._distribution_by_round(plt.subplots()[1], frame, "v", [0, 1]) == "box"
+    assert plots._distribution_by_round(plt.subplots()[1], frame.head(4).assign(round=0), "v", [0]) == "points"
