@@ -1,4 +1,5 @@
-"""Peak RSS of one backbone forward + backward with a q/v LoRA, per token (the count in loop/training/memory_estimate.py).
+"""Peak RSS of one backbone forward + backward with a q/v LoRA, per token (the count in
+loop/training/memory_estimate.py).
 
     .venv/bin/python bench/activation_memory.py <model folder> 2 1024 0    # batch, length, gradient checkpointing
 """

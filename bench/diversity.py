@@ -30,8 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loop.run.directory import read_jsonl  # noqa: E402
 from loop.evaluation.stats import estimate, format_change, paired_change, problem_clusters  # noqa: E402
+from loop.run.directory import read_jsonl  # noqa: E402
 
 # Each option changes one thing against the demo's config; what each one is and where it comes from is in the
 # docstrings of the config keys (loop/training/config.py TrainConfig.divergence, loop/pairs.py

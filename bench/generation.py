@@ -1,4 +1,5 @@
-"""Generation throughput: this project's path (loop.generation.rollout.generate with a LoRA adapter) against bare vLLM and HF.
+"""Generation throughput: this project's path (loop.generation.rollout.generate with a LoRA adapter) against bare vLLM
+and HF.
 
 Every round after round 0 samples with the previous round's LoRA adapter, so all methods run with the same real
 peft adapter (random, non-zero B; --lora-targets, default q_proj,v_proj as configs/demo.yaml, or all-linear, the
@@ -138,7 +139,8 @@ def main() -> None:
             shift = engine.check_adapter_applied(adapter, adapter_id=1).shift
             prompt_ids = [rollout.prompt_ids(engine.tokenizer, t, sampling) for t in tasks]
             prompt_tokens = sum(map(len, prompt_ids))
-            # Seeds as the rollout sets them: one per sampled request, on every device (loop.generation.rollout.sample_seed).
+            # Seeds as the rollout sets them: one per sampled request, on every device
+            # (loop.generation.rollout.sample_seed).
             request_seeds = args.temperature > 0
             bare_seed = args.seed if request_seeds else None
 

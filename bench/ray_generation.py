@@ -1,8 +1,8 @@
 """Generation on Ray: one engine in this process against an EnginePool of 1 and of 2 vLLM replicas, and what Ray
 costs per call and per round.
 
-The same rollout (loop.generation.rollout.generate with a LoRA adapter, as every round after round 0 samples) runs three ways,
-in one run, on the same machine:
+The same rollout (loop.generation.rollout.generate with a LoRA adapter, as every round after round 0 samples) runs three
+ways, in one run, on the same machine:
 
   local      one VLLMEngine in this process (the path without a `cluster:` section), on every CPU
   pool-1     EnginePool, 1 replica on every CPU (engine_num_cpus = the CPUs)
@@ -49,12 +49,12 @@ def main() -> None:
     import vllm
 
     from generation import make_adapter
-    from loop.generation import rollout
     from loop.cluster.driver import ClusterConfig
-    from loop.generation.engine import EngineConfig, VLLMEngine
     from loop.cluster.engines import EnginePool
-    from loop.models.resolve import resolve_model
+    from loop.generation import rollout
+    from loop.generation.engine import EngineConfig, VLLMEngine
     from loop.generation.rollout import SamplingConfig
+    from loop.models.resolve import resolve_model
     from loop.tasks import TaskSetConfig, load_tasks
 
     cpus = len(os.sched_getaffinity(0))

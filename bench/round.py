@@ -73,7 +73,8 @@ def zero_adapter(model_path: str, train_cfg, out: Path) -> Path:
 
 
 class Probe:
-    """Times calls of loop.generation.rollout.generate (train vs evaluation prompts) and of grade_trajectories (by caller)."""
+    """Times calls of loop.generation.rollout.generate (train vs evaluation prompts) and of grade_trajectories (by
+    caller)."""
 
     def __init__(self):
         self.calls: list[dict[str, Any]] = []
@@ -106,7 +107,8 @@ def run(args) -> dict[str, Any]:
     probe = Probe()
     # grade_trajectories is looked up in these modules' namespaces when the stages run.
     fsi.grade_trajectories = probe.wrap(fsi.grade_trajectories, "grade", lambda a, k: "verify")
-    loop.evaluation.evaluate.grade_trajectories = probe.wrap(loop.evaluation.evaluate.grade_trajectories, "grade", lambda a, k: "evaluate")
+    loop.evaluation.evaluate.grade_trajectories = probe.wrap(loop.evaluation.evaluate.grade_trajectories, "grade",
+                                                             lambda a, k: "evaluate")
 
     @flow(name="bench-round", log_prints=True)
     def bench_round() -> dict[str, Any]:
@@ -117,8 +119,9 @@ def run(args) -> dict[str, Any]:
         lp = fsi.open_loop(cfg, run, logger)
         setup_s = time.perf_counter() - t0
         train_ids = {t.id for t in lp.train_tasks}
-        loop.generation.rollout.generate = probe.wrap(loop.generation.rollout.generate, "generate",  # looked up when the stage runs
-                                           lambda a, k: "train" if a[1][0].id in train_ids else "evaluate")
+        # looked up when the stage runs
+        loop.generation.rollout.generate = probe.wrap(loop.generation.rollout.generate, "generate",
+                                                      lambda a, k: "train" if a[1][0].id in train_ids else "evaluate")
         try:
             t0 = time.perf_counter()
             round0_timings: dict[str, float] = {}

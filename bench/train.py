@@ -29,10 +29,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loop.run.peak_memory import PeakMemory  # noqa: E402
 from loop.models.resolve import resolve_model  # noqa: E402
 from loop.pairs import PreferencePair  # noqa: E402
 from loop.records import Segment, Trajectory  # noqa: E402
+from loop.run.peak_memory import PeakMemory  # noqa: E402
 from loop.training import trainers  # noqa: E402
 from loop.training.config import TrainConfig  # noqa: E402
 from loop.training.update import _use_bf16, train_round  # noqa: E402

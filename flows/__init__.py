@@ -1,4 +1,5 @@
-"""Orchestration: the Prefect flow over loop/'s stages, and the CLI that starts it.
+"""Orchestration: the Prefect flow over loop/'s stages, and the CLI that starts it, checks it (preflight.py),
+supervises it (supervise.py) and shows it (console.py, round_table.py).
 
 Importing this package sets two defaults for Prefect's temporary local server (the embedded default),
 before Prefect itself is imported (it reads its settings once, at import); a user's own setting wins:

@@ -246,13 +246,13 @@ def eval_(config: Path = typer.Option(..., "--config", "-c"),
 
 
 def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
-    from flows.self_improve import join_cluster, leave_cluster, start_engine
     from flows.console import say
+    from flows.round_table import fmt
+    from flows.self_improve import join_cluster, leave_cluster, start_engine
     from loop.evaluation.evaluate import evaluate_policy
+    from loop.evaluation.stats import detectable_change_note, format_estimate, round_statistics
     from loop.models.resolve import resolve_model
     from loop.run.directory import read_jsonl, write_json
-    from flows.round_table import fmt
-    from loop.evaluation.stats import detectable_change_note, format_estimate, round_statistics
     from loop.tasks import count_clusters, load_tasks
 
     cfg = _load(config)

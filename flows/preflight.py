@@ -1,13 +1,14 @@
 """Start-up checks of `ratchet run`, `serve` and `eval`, before any expensive work: nothing is written, no MLflow run
 is created, no Prefect server or vLLM engine is started until they pass.
 
-Each failure is one `PreflightError` (a `ConfigError`: the CLI prints it on one line and exits with 2) that says
-what is wrong, which setting is involved, and how to fix it. What they cover: the config (schema and YAML syntax,
-loop/config.py), a task file (family jsonl: there, and every line a task), the model name (loop/models/resolve.py `locate_model`) and, when its weights are on disk, the checks
-that need them (`check_model`), the folders written to, the saved config of a resumed run id, the MLflow store, and
-the device (`check_device`: a GPU config needs a CUDA device; the CUDA vLLM needs a CUDA torch).
-Imports stay light (no torch, vLLM, Prefect or mlflow): a typo is reported in well under a second. Only a config that
-asks for a GPU, or an install with the CUDA vLLM, imports torch (for `check_device`, a few seconds).
+Each failure is one `PreflightError` (a `ConfigError`: the CLI prints it on one line and exits with 2) that says what is
+wrong, which setting is involved, and how to fix it. What they cover: the config (schema and YAML syntax,
+loop/config.py), a task file (family jsonl: there, and every line a task), the model name (loop/models/resolve.py
+`locate_model`) and, when its weights are on disk, the checks that need them (`check_model`), the folders written to,
+the saved config of a resumed run id, the MLflow store, and the device (`check_device`: a GPU config needs a CUDA
+device; the CUDA vLLM needs a CUDA torch). Imports stay light (no torch, vLLM, Prefect or mlflow): a typo is reported in
+well under a second. Only a config that asks for a GPU, or an install with the CUDA vLLM, imports torch (for
+`check_device`, a few seconds).
 """
 from __future__ import annotations
 
@@ -115,9 +116,9 @@ def check_model_name(cfg: RunConfig) -> None:
         check_model(cfg, weights)
 
 
-# Settings that act only on CUDA (loop/generation/engine.py passes them to vLLM there and ignores them on CPU). A config file
-# that sets one of them explicitly (or turns sleep mode on) is a GPU config: run without a GPU, it would run on the CPU
-# with none of them applied, at a fraction of the speed it was sized for, instead of saying so.
+# Settings that act only on CUDA (loop/generation/engine.py passes them to vLLM there and ignores them on CPU). A config
+# file that sets one of them explicitly (or turns sleep mode on) is a GPU config: run without a GPU, it would run on the
+# CPU with none of them applied, at a fraction of the speed it was sized for, instead of saying so.
 GPU_SETTINGS = ("gpu_memory_utilization", "enable_sleep_mode")
 
 

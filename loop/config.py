@@ -17,13 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from loop.cluster.driver import ClusterConfig
 from loop.generation.engine import VLLM_LORA_RANKS, EngineConfig
-from loop.pairs import PairsConfig
 from loop.generation.rollout import SamplingConfig
-from loop.tasks import TaskSetConfig
-from loop.run.tracking import TrackingConfig
-from loop.training.config import TrainConfig
 from loop.grading import VerifyConfig
 from loop.models.weights import model_weight_shapes
+from loop.pairs import PairsConfig
+from loop.run.tracking import TrackingConfig
+from loop.tasks import TaskSetConfig
+from loop.training.config import TrainConfig
 
 # Modules the loop never adapts: vLLM serves LoRA on the embeddings and the LM head only for some architectures
 # (Llama, not Qwen2, in vLLM 0.32) and refuses the adapter at load time otherwise.
@@ -157,13 +157,13 @@ class RunConfig(BaseModel):
 
 def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = None,
                        gpu_total: int | None = None) -> None:
-    """A training step of the configured size fits beside the vLLM engine (loop/training/memory_estimate.py: an upper bound for
-    the configured lengths): on a CPU machine in the memory left beside the engine, on a GPU in the GPU memory that
-    vLLM leaves while it sleeps (or beside its share, without sleep mode). The GPU is the device where CUDA gives
-    this process one (`CUDA_VISIBLE_DEVICES=""` trains on the CPU even where a GPU is installed) or where
-    `gpu_total` (bytes) is given; `available` (bytes) replaces the CPU memory the machine reports."""
-    from loop.training import memory_estimate
+    """A training step of the configured size fits beside the vLLM engine (loop/training/memory_estimate.py: an upper
+    bound for the configured lengths): on a CPU machine in the memory left beside the engine, on a GPU in the GPU memory
+    that vLLM leaves while it sleeps (or beside its share, without sleep mode). The GPU is the device where CUDA gives
+    this process one (`CUDA_VISIBLE_DEVICES=""` trains on the CPU even where a GPU is installed) or where `gpu_total`
+    (bytes) is given; `available` (bytes) replaces the CPU memory the machine reports."""
     from loop.models.hardware import CUDA_BF16_CAPABILITY, cpu_has_bf16, cuda_capability, gpu_memory_total, gpu_visible
+    from loop.training import memory_estimate
 
     if cfg.cluster is not None:
         return  # the trainer runs in a Ray actor, on its node's memory
@@ -191,8 +191,8 @@ def check_train_memory(cfg: RunConfig, model_dir: Path, available: int | None = 
         sleeps = cfg.engine.enable_sleep_mode is not False
         engine = memory_estimate.engine_gpu_bytes(gpu_total, cfg.engine.gpu_memory_utilization, asleep=sleeps)
         free = gpu_total - engine
-        where = (f"this GPU ({gpu_total / memory_estimate.GIB:.1f} GiB) has {free / memory_estimate.GIB:.1f} GiB beside "
-                 f"the vLLM engine ({engine / memory_estimate.GIB:.1f} GiB "
+        where = (f"this GPU ({gpu_total / memory_estimate.GIB:.1f} GiB) has {free / memory_estimate.GIB:.1f} GiB "
+                 f"beside the vLLM engine ({engine / memory_estimate.GIB:.1f} GiB "
                  + ("while asleep)" if sleeps else "awake: engine.enable_sleep_mode is false)"))
     else:
         engine_value = {"bfloat16": 2, "float16": 2, "float32": 4}.get(cfg.engine.dtype, 2 if cpu_has_bf16() else 4)

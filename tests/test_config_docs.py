@@ -19,6 +19,7 @@ def test_every_key_is_documented_with_its_type_and_default():
     keys = [k for k, _, _, _ in table]
     assert {"eval.sampling.n", "train.algorithm", "pairs.keep_truncated", "train_tasks.fresh_per_round",
             "verify.cutoff_is_wrong", "eval.every"} <= set(keys)
-    # Every field of every section has a docstring, except the engine's (documented in loop/generation/engine.py's own words).
+    # Every field of every section has a docstring, except the engine's (documented in loop/generation/engine.py's own
+    # words).
     undocumented = [k for k, _, _, doc in table if not doc and not k.startswith("engine.")]
     assert undocumented == [], undocumented

@@ -1,5 +1,5 @@
-"""loop/generation/environments.py: the sandboxed Python session behind the environment contract (reset / action / step / close), in a
-real sandbox; no engine."""
+"""loop/generation/environments.py: the sandboxed Python session behind the environment contract
+(reset / action / step / close), in a real sandbox; no engine."""
 from __future__ import annotations
 
 from loop.generation.environments import TOOL_SYSTEM_PROMPT, PythonSession

@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loop.generation import rollout
-from loop.generation.adapter_check import PROBE_FILE, AdapterNotApplied, adapter_tolerance, check_adapter_applied, write_probe
+from loop.generation.adapter_check import (PROBE_FILE, AdapterNotApplied, adapter_tolerance, check_adapter_applied,
+                                           write_probe)
 from loop.generation.engine import EngineConfig, VLLMEngine
+from loop.generation.rollout import SamplingConfig, sample_seed
 from loop.models.resolve import resolve_model
 from loop.records import Segment, Trajectory
-from loop.generation.rollout import SamplingConfig, sample_seed
 from loop.tasks.base import Task
 from verifiers.python_exec import Session
 
@@ -44,7 +45,8 @@ PROBE = "Question: what is 7 + 10?\nAnswer: 7 + 10 = 17. The answer is 17."
 
 def make_adapter(model_path: str, out: Path, seed: int = 0, scale: float = 1.0) -> Path:
     """A real peft LoRA adapter with non-zero B (peft's default B = 0 would leave outputs unchanged), B scaled by
-    `scale`, saved with the probe record the trainer writes (loop.training.update.train_round calls the same write_probe)."""
+    `scale`, saved with the probe record the trainer writes (loop.training.update.train_round calls the same
+    write_probe)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

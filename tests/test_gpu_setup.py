@@ -16,9 +16,9 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from flows.preflight import gpu_settings
 from loop.config import load_config
 from loop.models.resolve import BUILTIN_MODELS
-from flows.preflight import gpu_settings
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_CHECK = REPO / "scripts" / "gpu-check"
@@ -225,8 +225,8 @@ def fake_model(root: Path, hidden=1536, layers=28, inter=8960, vocab=151936, kv=
 
 
 def test_the_training_step_is_checked_against_the_gpu_memory_vllm_leaves_asleep(tmp_path: Path, monkeypatch):
-    from loop.models import hardware
     from loop.config import ConfigError, check_train_memory
+    from loop.models import hardware
 
     model = fake_model(tmp_path / "model")
     gib = 2 ** 30

@@ -97,7 +97,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def group(module: str) -> str:
-    """The package (or top-level module) of loop/ that `module` belongs to: loop.generation.engine -> loop.generation."""
+    """The package (or top-level module) of loop/ that `module` is in (loop.generation.engine: loop.generation)."""
     return ".".join(module.split(".")[:2])
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from loop.grading import VerifyConfig, grade_trajectories, model_written_text
 from loop.records import Graded, GradeStatus, Segment, Trajectory
 from loop.tasks.base import Task
-from loop.grading import VerifyConfig, grade_trajectories, model_written_text
 from verifiers.math import (ComparisonError, ComparisonTimeout, Verdict, extract_answer, grade, grade_many,
                             is_equivalent)
 from verifiers.math import grading as math_grading

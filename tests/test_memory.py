@@ -1,6 +1,6 @@
-"""Memory across rounds (loop/run/peak_memory.py, loop/training/update.py): the trainer's memory is freed after each round, so rounds
-trained one after another in one process (as the flow does) do not grow the process; each stage's peak is measured.
-Real SmolLM2-135M training on CPU, a few steps per round."""
+"""Memory across rounds (loop/run/peak_memory.py, loop/training/update.py): the trainer's memory is freed after each
+round, so rounds trained one after another in one process (as the flow does) do not grow the process; each stage's peak
+is measured. Real SmolLM2-135M training on CPU, a few steps per round."""
 from __future__ import annotations
 
 import gc

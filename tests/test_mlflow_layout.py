@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from loop.grading import VerifyConfig, grade_trajectories
 from loop.records import Segment, Trajectory
 from loop.run.directory import write_jsonl
-from loop.tasks import TaskSetConfig, load_tasks
 from loop.run.tracking import Tracker, TrackingConfig, artifact_repo, download_artifact, ui_command
-from loop.grading import VerifyConfig, grade_trajectories
+from loop.tasks import TaskSetConfig, load_tasks
 
 TAGS = {"config_name": "layout", "model": "smollm2-135m-instruct", "task": "arithmetic", "git_commit": "x"}
 PASS_AT_1 = {0: 0.25, 1: 0.5, 2: 0.375, 3: 0.5}  # round 3 ties round 1: `best` stays on the earlier version

@@ -18,12 +18,12 @@ import pytest
 from nbclient import NotebookClient
 
 from loop import report
-from loop.report import plots
 from loop.evaluation import metrics, stats
 from loop.records import Graded, Segment, Trajectory
+from loop.report import plots
 from loop.run.directory import write_json, write_jsonl
-from loop.tasks.base import Task
 from loop.run.tracking import Tracker, TrackingConfig
+from loop.tasks.base import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "diversity_collapse.ipynb"

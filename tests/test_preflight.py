@@ -139,9 +139,9 @@ def test_a_resumed_run_with_a_changed_config_is_refused_before_anything_starts(t
 def test_a_new_run_id_with_a_replaced_config_starts_over_in_mlflow(tmp_path: Path):
     """A start that never ran a stage (its MLflow loop run created, then e.g. round 0 failed) leaves the run id
     usable: a changed config replaces the saved one, and its MLflow runs (the old params) are deleted."""
+    from flows.preflight import preflight_run
     from flows.self_improve import _discard_unstarted_runs
     from loop.config import load_config
-    from flows.preflight import preflight_run
     from loop.run.directory import RunDir
     from loop.run.tracking import Tracker
 
@@ -189,16 +189,16 @@ def test_a_gpu_config_without_a_visible_gpu_is_refused(tmp_path: Path):
         assert f"error: {asks} for a GPU, but no CUDA device is visible (torch " in line, line
         assert "`make install EXTRAS=gpu,dev`" in line and "to run it on the CPU" in line, line
     # On a cluster the GPUs are the Ray nodes': a driver without one is not refused for them.
-    from loop.config import load_config
     from flows.preflight import check_device
+    from loop.config import load_config
 
     check_device(load_config(tiny_config(tmp_path, engine={"gpu_memory_utilization": 0.4},
                                          cluster={"engine_num_gpus": 1})))
 
 
 def test_only_settings_that_act_on_cuda_ask_for_a_gpu_and_a_cpu_config_imports_no_torch(tmp_path: Path):
-    from loop.config import load_config
     from flows.preflight import _cuda_vllm, gpu_settings
+    from loop.config import load_config
 
     assert gpu_settings(load_config(tiny_config(tmp_path))) == []
     assert gpu_settings(load_config(tiny_config(tmp_path, engine={"enable_sleep_mode": False}))) == []

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from loop.grading import VerifyConfig, extract_program, grade_trajectories
 from loop.records import Segment, Trajectory
 from loop.tasks import TaskSetConfig, check_disjoint, count_clusters, humaneval, load_tasks
 from loop.tasks import python_debug as debug
-from loop.grading import VerifyConfig, extract_program, grade_trajectories
 from verifiers.python_exec import run_tests
 
 

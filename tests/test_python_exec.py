@@ -496,7 +496,7 @@ def test_a_session_outlives_the_threads_that_ran_its_cells():
         with ThreadPoolExecutor(1) as ex:
             return ex.submit(fn, *args).result()
 
-    def open_and_run(code):  # as loop.generation.environments.PythonSession.step does: open the session and run its first cell
+    def open_and_run(code):  # as environments.PythonSession.step does: open the session and run its first cell
         s = Session(timeout_s=20)
         assert s.run(code).ok
         return s

@@ -19,12 +19,12 @@ import yaml
 
 from helpers import tiny_config
 from loop.cluster.driver import ClusterConfig
-from loop.config import ConfigError, load_config
 from loop.cluster.engines import shard_bounds
-from loop.records import Segment, Trajectory
+from loop.config import ConfigError, load_config
 from loop.generation.rollout import SamplingConfig
-from loop.tasks.base import Task
 from loop.grading import VerifierCrash, VerifyConfig, grade_trajectories
+from loop.records import Segment, Trajectory
+from loop.tasks.base import Task
 
 TASKS = [Task(f"t{i}", f"What is {i} + {i + 3}?", "math", "test", answer=str(2 * i + 3)) for i in range(4)]
 SAMPLING = SamplingConfig(n=4, temperature=1.0, max_tokens=48, seed=0)
@@ -80,8 +80,8 @@ BINDING = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 
 
 class cpu_binding:
-    """The vLLM-CPU binding variables set to `values` (None: unset) inside the block, as they were after it. An
-    engine started earlier in this process leaves its binding in the environment (loop.generation.engine.apply_cpu_binding),
+    """The vLLM-CPU binding variables set to `values` (None: unset) inside the block, as they were after it. An engine
+    started earlier in this process leaves its binding in the environment (loop.generation.engine.apply_cpu_binding),
     which the Ray workers would inherit and take for the user's."""
 
     def __init__(self, values: dict[str, str] | None = None):
@@ -139,8 +139,8 @@ def test_grading_on_ray_equals_local_grading_and_a_crash_raises(ray_cluster):
 @pytest.mark.slow
 def test_a_cluster_too_small_is_refused_before_anything_waits(ray_cluster, model_path):
     from loop.cluster.driver import check_room
-    from loop.generation.engine import EngineConfig
     from loop.cluster.engines import EnginePool
+    from loop.generation.engine import EngineConfig
 
     # Ray would leave actors it cannot place pending for ever: both are refused at once, with the numbers.
     with pytest.raises(RuntimeError, match=r"5 replicas of 1 CPU each need 5 CPU, and the Ray cluster has 4"):
@@ -281,8 +281,8 @@ def reference(model_path, adapter, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, reference, model_path):
-    from loop.generation.engine import EngineConfig
     from loop.cluster.engines import EnginePool
+    from loop.generation.engine import EngineConfig
 
     p = EnginePool("smollm2-135m-instruct", model_path, EngineConfig(**ENGINE),
                    ClusterConfig(engines=2, max_replica_restarts=1))
@@ -342,8 +342,8 @@ def test_the_adapter_reaches_every_replica_without_a_shared_folder(pool, referen
 def test_a_replica_killed_mid_generation_is_replaced_with_the_same_results(pool, reference, shipped):
     import ray
 
-    from loop.generation import rollout
     from loop.cluster.engines import ReplicaDied
+    from loop.generation import rollout
 
     out: dict = {}
     worker = threading.Thread(target=lambda: out.update(trajs=rollout.generate(pool, TASKS, SAMPLING, round=1)))

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from loop.grading import VerifyConfig, grade_trajectories
 from loop.records import Segment, Trajectory
 from loop.tasks.base import Task
-from loop.grading import VerifyConfig, grade_trajectories
 from verifiers.math import grade, grade_many
 from verifiers.math.pool import default_pool
 

@@ -285,8 +285,8 @@ def test_rounds_the_schedule_skips_leave_the_tables_mlflow_and_the_report_consis
     notebook's loader reads the evaluated rounds only."""
     import json
 
-    from loop.report import load_loop
     from loop.evaluation.stats import paired_difference
+    from loop.report import load_loop
 
     run = RunDir(tmp_path / "runs", "loop")
     _log_rounds(tmp_path, [0, 2])

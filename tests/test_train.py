@@ -1,5 +1,5 @@
-"""DPO / KTO / SFT (RFT) rounds on the real SmolLM2-135M-Instruct (loop/training/update.py): a few steps on short sequences,
-CPU."""
+"""DPO / KTO / SFT (RFT) rounds on the real SmolLM2-135M-Instruct (loop/training/update.py): a few steps on short
+sequences, CPU."""
 from __future__ import annotations
 
 import json

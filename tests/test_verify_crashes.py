@@ -9,9 +9,9 @@ import types
 
 import pytest
 
+from loop.grading import GOLD_ERROR, VerifierCrash, VerifyConfig, grade_trajectories, grading_counts
 from loop.records import Segment, Trajectory
 from loop.tasks.base import Task
-from loop.grading import GOLD_ERROR, VerifierCrash, VerifyConfig, grade_trajectories, grading_counts
 
 TESTS = "def check(c):\n    assert c(1) == 1\n"
 

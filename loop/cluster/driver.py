@@ -1,12 +1,13 @@
 """The loop on a Ray cluster: the `cluster:` config section, joining the cluster, and moving folders between nodes.
 
-Without a `cluster` section the loop runs in one process, as it always has, and nothing here imports Ray. With one,
-the flow process is the Ray driver (Prefect stays the orchestrator and MLflow logging stays in the driver):
-generation runs on `engines` vLLM replicas, each a Ray actor (loop/cluster/engines.py), grading runs as Ray tasks
-(loop/cluster/grading.py) and training in `train_workers` Ray actors (loop/cluster/training.py). No shared filesystem is assumed: adapters
-travel through Ray's object store as the bytes of their files (`pack_folder`, `unpack_folder`). The model itself
-is resolved on each node (`loop.models.resolve.resolve_model`): a built-in model or a hub id works anywhere, a local folder
-must exist at the same path on every node, and so must this project (installed at the same commit).
+Without a `cluster` section the loop runs in one process, as it always has, and nothing here imports Ray. With one, the
+flow process is the Ray driver (Prefect stays the orchestrator and MLflow logging stays in the driver): generation runs
+on `engines` vLLM replicas, each a Ray actor (loop/cluster/engines.py), grading runs as Ray tasks
+(loop/cluster/grading.py) and training in `train_workers` Ray actors (loop/cluster/training.py). No shared filesystem is
+assumed: adapters travel through Ray's object store as the bytes of their files (`pack_folder`, `unpack_folder`). The
+model itself is resolved on each node (`loop.models.resolve.resolve_model`): a built-in model or a hub id works
+anywhere, a local folder must exist at the same path on every node, and so must this project (installed at the same
+commit).
 """
 from __future__ import annotations
 

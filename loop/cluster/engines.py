@@ -285,8 +285,8 @@ class EnginePool:
         return out
 
     def check_adapter_applied(self, adapter: Path, adapter_id: int):
-        """The adapter check (loop.generation.adapter_check) on every replica: AdapterNotApplied unless each serves `adapter`
-        as its trainer had it. Returns the check with the largest error."""
+        """The adapter check (loop.generation.adapter_check) on every replica: AdapterNotApplied unless each serves
+        `adapter` as its trainer had it. Returns the check with the largest error."""
         checks = self.each("check_adapter", self.lora_request(adapter, adapter_id))
         self._checked.add(adapter_id)
         return max(checks, key=lambda c: c.error)

@@ -11,9 +11,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from loop.cluster.driver import ClusterConfig
+from loop.grading import VerifyConfig, grade_each, raise_on_crash
 from loop.records import Graded, Trajectory
 from loop.tasks.base import Task
-from loop.grading import VerifyConfig, grade_each, raise_on_crash
 
 
 @ray.remote(num_cpus=1, max_retries=1)

@@ -9,15 +9,16 @@ from typing import Callable
 from loop.evaluation import metrics
 from loop.generation import rollout
 from loop.generation.engine import Engine
+from loop.grading import VerifyConfig, grade_trajectories
 from loop.records import Graded
 from loop.run.directory import write_json, write_jsonl
 from loop.tasks.base import Task
-from loop.grading import VerifyConfig, grade_trajectories
 
 
 CHECKPOINT = "eval_samples.partial.jsonl"
-"""Trajectories finished so far (loop.generation.rollout.generate_many's checkpoint): an evaluation that fails or is stopped
-partway keeps them, and the next attempt generates only the rest. Deleted once the evaluation's files are written."""
+"""Trajectories finished so far (loop.generation.rollout.generate_many's checkpoint): an evaluation that fails or is
+stopped partway keeps them, and the next attempt generates only the rest. Deleted once the evaluation's files are
+written."""
 
 
 PREVIEW = "eval_preview.jsonl"

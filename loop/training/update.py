@@ -4,9 +4,10 @@ SFT on one correct sample per prompt).
 TRL's DPOTrainer/KTOTrainer/SFTTrainer do the optimisation on a frozen base with a peft LoRA adapter. What this
 module adds:
 - token-space rows with tool observations masked out of the policy and reference log-probs (loop/training/batches.py);
-  TRL 1.16's DPO/KTO trainers only take text datasets, so a two-line subclass (loop/training/trainers.py) skips their tokenisation step
-  (`_prepare_dataset`), and the masked rows reach TRL's loss through its `data_collator` argument; its SFTTrainer
-  takes token rows as they are and turns their `completion_mask` into the labels (-100 on prompt and observations);
+  TRL 1.16's DPO/KTO trainers only take text datasets, so a two-line subclass (loop/training/trainers.py) skips their
+  tokenisation step (`_prepare_dataset`), and the masked rows reach TRL's loss through its `data_collator` argument; its
+  SFTTrainer takes token rows as they are and turns their `completion_mask` into the labels (-100 on prompt and
+  observations);
 - the reference policy: the base model (adapter disabled, TRL's default for a fresh adapter) or the previous
   round's adapter, loaded frozen as the "ref" adapter that TRL's DPO/KTO look for;
 - the start point: the previous round's adapter weights (continue_adapter) or a fresh adapter. The two choices are
@@ -170,9 +171,10 @@ def train_round(base_model_path: str | Path, data: list[PreferencePair] | list[G
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, KTOConfig, SFTConfig, SFTTrainer
 
-    from loop.training.batches import (MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows, sft_rows,
-                                 trajectories_of)
-    from loop.training.trainers import StopOnNonFinite, TokenDPOTrainer, TokenKTOTrainer, cpu_lm_head, load_previous_weights
+    from loop.training.batches import (MaskedPreferenceCollator, MaskedUnpairedCollator, dpo_rows, kto_rows,
+                                       sft_rows, trajectories_of)
+    from loop.training.trainers import (StopOnNonFinite, TokenDPOTrainer, TokenKTOTrainer, cpu_lm_head,
+                                        load_previous_weights)
 
     base_model_path, out_dir = Path(base_model_path), Path(out_dir)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
