@@ -49,6 +49,28 @@ def test_shards_are_contiguous_balanced_and_cover_every_request():
         assert max(sum(weights[a:b]) for a, b in bounds) <= sum(weights) / len(bounds) + max(weights)
 
 
+def test_the_pool_has_what_the_loop_uses_of_an_engine():
+    """EnginePool stands in for VLLMEngine wherever the loop takes an `Engine` (loop/generation/engine.py): both have
+    every member of the protocol, its methods with the protocol's parameters."""
+    import inspect
+
+    from loop.cluster.engines import EnginePool
+    from loop.generation.engine import Engine, VLLMEngine
+
+    members = {n for n in vars(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
+    assert {"generate", "lora_request", "check_adapter_applied", "tokenizer", "max_model_len", "close"} <= members
+    for cls in (VLLMEngine, EnginePool):
+        for name in sorted(members):
+            if name in Engine.__annotations__:  # an instance attribute, set in __init__
+                assert f"self.{name}" in inspect.getsource(cls.__init__), (cls.__name__, name)
+                continue
+            assert hasattr(cls, name), (cls.__name__, name)
+            want, have = getattr(Engine, name), getattr(cls, name)
+            if callable(want):
+                assert list(inspect.signature(have).parameters) == list(inspect.signature(want).parameters), \
+                    (cls.__name__, name)
+
+
 @pytest.mark.parametrize("cluster, message", [
     ({"engines": 0}, "cluster.engines must be at least 1 (got 0); set cluster.engines: 1, or remove the cluster"),
     ({"train_workers": 0}, "cluster.train_workers must be at least 1 (got 0)"),
