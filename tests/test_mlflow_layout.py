@@ -56,7 +56,7 @@ def store(tmp_path_factory) -> dict:
     (tmp / "store").mkdir()
     adapter = tmp / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"r": 16}')
+    (adapter / "adapter_config.json").write_text('{"r": 16, "base_model_name_or_path": "/root/.cache/x/model"}')
     t = Tracker(cfg, "layout", TAGS)
     t.log_config({"model": TAGS["model"], "rounds": 4, "train": {"lr": 1e-4}}, {"sha256": "abc"})
     gaps, nested = {}, {}
@@ -69,7 +69,8 @@ def store(tmp_path_factory) -> dict:
         samples = _eval_samples(tmp, r)
         time.sleep(GAP_S)
         gaps[r] = time.monotonic() - t0
-        logged = t.log_round(r, {"eval/pass@1": PASS_AT_1[r], "train/loss": 0.6 if r else None},
+        logged = t.log_round(r, {"eval/pass@1": PASS_AT_1[r], "eval/pass@1_low": PASS_AT_1[r] - 0.1,
+                                 "eval/pass@1_high": PASS_AT_1[r] + 0.1, "train/loss": 0.6 if r else None},
                              {"eval_samples.jsonl": samples}, adapter if r else None)
         assert logged == nested[r]
     other = Tracker(cfg, "other", {**TAGS, "config_name": "other-config", "model": "qwen2.5-coder-0.5b-instruct"})
@@ -125,6 +126,23 @@ def test_registry_is_per_config_with_pass_at_1_and_aliases(store):
     [v] = c.search_model_versions("name = 'ratchet-other-config'")
     assert v.tags["base_model"] == "qwen2.5-coder-0.5b-instruct"
     assert str(c.get_model_version_by_alias("ratchet-other-config", "best").version) == "1"
+
+
+def test_a_registered_adapter_is_portable_and_has_a_model_card(store, tmp_path: Path):
+    """The logged adapter names its base model as the config does, not this machine's cache path, and its card
+    gives the round, pass@1 with its interval, the base weights' checksum and how `best` was chosen."""
+    c, uri = store["client"], store["cfg"].uri
+    best = c.get_model_version_by_alias("ratchet-layout", "best")
+    dst = download_artifact(uri, c.get_run(best.run_id).info.artifact_uri, "adapter", tmp_path)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == TAGS["model"] and config["r"] == 16
+    card = (dst / "README.md").read_text()
+    assert "round 1" in card and "pass@1 0.500 [0.400, 0.600]" in card and "`abc`" in card
+    assert "chosen on the same evaluation set" in card.replace("\n", " ")
+    assert "/root/.cache" not in card
+    # The run directory's adapter is untouched.
+    assert json.loads((store["tmp"] / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        == "/root/.cache/x/model"
 
 
 def _read_samples(uri: str, run, dst: Path) -> list[dict]:
@@ -186,7 +204,7 @@ def _check_ui_serves(uri: str, run_id: str, rows: list[dict]) -> None:
         assert [json.loads(line) for line in got.decode().splitlines()] == rows
         listed = json.loads(urllib.request.urlopen(
             f"{base}/ajax-api/2.0/mlflow/artifacts/list?run_id={run_id}&path=adapter").read())
-        assert [f["path"] for f in listed["files"]] == ["adapter/adapter_config.json"]
+        assert sorted(f["path"] for f in listed["files"]) == ["adapter/README.md", "adapter/adapter_config.json"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,30 @@ class TrackingConflict(RuntimeError):
     pass
 
 
+def model_card(base: str, provenance: dict[str, str], *, run_id: str, config_name: str, round_: int,
+               metrics: dict[str, Any]) -> str:
+    """The model card of a logged adapter: what it is, what it was measured at, and how `best` was chosen."""
+    p1, low, high = (metrics.get(f"eval/pass@1{s}") for s in ("", "_low", "_high"))
+    if p1 is None:
+        measured = "not evaluated this round (eval.every)"
+    else:
+        measured = f"held-out pass@1 {p1:.3f}" + (f" [{low:.3f}, {high:.3f}] (95% interval, problems as the unit)"
+                                                 if None not in (low, high) else "")
+    weights = [f"- {k}: `{v}`" for k, v in sorted(provenance.items()) if k in ("upstream", "sha256", "packages",
+                                                                                  "version", "source", "id")]
+    return "\n".join([
+        "---", f"base_model: {provenance.get('upstream', base).split(' ')[0] or base}", "library_name: peft",
+        "tags: [lora, dpo, ratchet-loop]", "---", "",
+        f"# LoRA adapter: {config_name}, round {round_}", "",
+        f"A LoRA adapter of `{base}` trained by ratchet-loop (run `{run_id}`, loop config `{config_name}`), "
+        f"after round {round_}: {measured}.", "",
+        "Load it on the base model named in `adapter_config.json` (`base_model_name_or_path`: the loop's `model:`, "
+        "a ratchet-loop built-in name or a hub id). The base weights:", "", *weights, "",
+        "The registry alias `best` points at the version with the highest held-out pass@1, chosen on the same "
+        "evaluation set these figures come from: the chosen version's figure is optimistic; judge it on other "
+        "problems.", ""])
+
+
 class Tracker:
     """Logs one loop to MLflow. Idempotent per (run id, round): resuming reuses the runs."""
 
@@ -274,7 +299,8 @@ class Tracker:
             else:
                 repo.log_artifact(str(path))
         if adapter is not None:
-            repo.log_artifacts(str(adapter), "adapter")
+            with tempfile.TemporaryDirectory() as tmp:
+                repo.log_artifacts(str(self._portable_adapter(adapter, round_, metrics, Path(tmp))), "adapter")
             if self.cfg.registered_model:
                 self._register(rid, round_, metrics.get("eval/pass@1"))
         if note:
@@ -282,6 +308,24 @@ class Tracker:
         self.client.set_terminated(rid, "FINISHED")
         self._open_round = None
         return rid
+
+    def _portable_adapter(self, adapter: Path, round_: int, metrics: dict[str, Any], tmp: Path) -> Path:
+        """The adapter as logged: a copy that names its base model as the config does (a built-in name or a hub id;
+        peft wrote this machine's cache path) and carries a model card (README.md) with the run, the round, its
+        held-out pass@1 with the interval and the base weights' checksum. The run directory keeps the original."""
+        out = tmp / "adapter"
+        shutil.copytree(adapter, out)
+        base = self.tags.get("model", "")
+        config = out / "adapter_config.json"
+        if base and config.is_file():
+            cfg = json.loads(config.read_text())
+            cfg["base_model_name_or_path"] = base
+            config.write_text(json.dumps(cfg, indent=2))
+        (out / "README.md").write_text(model_card(
+            base, {k[len("model."):]: v for k, v in self.client.get_run(self.parent_id).data.tags.items()
+                   if k.startswith("model.")},
+            run_id=self.run_id, config_name=self.tags.get("config_name", ""), round_=round_, metrics=metrics))
+        return out
 
     @property
     def registered_model(self) -> str | None:
