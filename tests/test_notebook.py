@@ -215,6 +215,26 @@ def test_report_draws_intervals_and_paired_changes(store):
         assert sum(any(isinstance(c, ErrorbarContainer) for c in ax.containers) for ax in fig.axes) == axes, plot
 
 
+def test_each_round_gets_a_sentence_that_agrees_with_its_intervals(store):
+    data = report.load_loop(store["uri"], "exp", "loop-a")
+    st = report.round_stats(data.per_prompt)
+    sentences = report.pass_at_k_verdicts(data)
+    n = int(data.per_prompt["n"].min())
+    assert len(sentences) == len(data.rounds) - 1 + (n < 16)
+    for rnd, text in zip(data.rounds[1:], sentences):
+        assert text.startswith(f"round {rnd} against round 0")
+        up1, down_k = st.loc[rnd, "vs_round0/pass@1_low"] > 0, st.loc[rnd, "vs_round0/pass@8_high"] < 0
+        assert ("Collapse at large k" in text) == (up1 and down_k), text
+        assert ("Sharpening without collapse" in text) == (up1 and not down_k), text
+        if st.loc[rnd, "vs_round0/pass@1_low"] <= 0 <= st.loc[rnd, "vs_round0/pass@1_high"] and not down_k:
+            assert "within noise" in text.lower(), text
+    if n < 16:
+        assert f"With {n} samples per problem" in sentences[-1] and "cannot be judged" in sentences[-1]
+    # p-values as a reader takes them, never 0.0000.
+    ps = report.change_table(data).filter(like="p (").stack()
+    assert all(isinstance(p, str) and p != "0.0000" for p in ps)
+
+
 def test_coverage_counts_lost_and_gained_problems():
     rows = [{"round": r, "task_id": t, "correct": c} for r, per_task in enumerate([
         {"a": 3, "b": 1, "c": 0, "d": 0},   # round 0 solves a, b

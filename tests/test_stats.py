@@ -339,3 +339,10 @@ def test_round_statistics_cluster_gsm_symbolic_variants_by_template():
         stats.pass_at_k_values(c1, 4, 1)).se)
     assert out["vs_round0/pass@1"] == pytest.approx(paired_difference(c0, c1, 4, 1, clusters=templates)[0])
     assert out["vs_round0/pass@1_p"] == pytest.approx(paired_difference(c0, c1, 4, 1, clusters=templates)[3])
+
+
+def test_p_values_read_as_a_reader_takes_them():
+    from loop.evaluation.stats import format_p
+
+    assert [format_p(p) for p in (0.0, 3e-9, 9.9e-5, 1e-4, 0.0034, 0.0123, 0.5, None)] == \
+        ["<1e-4", "<1e-4", "<1e-4", "0.0001", "0.0034", "0.012", "0.500", "-"]

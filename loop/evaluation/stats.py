@@ -525,6 +525,13 @@ def format_estimate(mean: float | None, se: float | None = None) -> str:
     return f"{mean:.3f}" if se is None else f"{mean:.3f} ± {se:.3f}"
 
 
+def format_p(p: float | None) -> str:
+    """A p-value as a reader takes it: '0.012', '3e-04', '<1e-4' (never '0.0000'); '-' without one."""
+    if p is None or p != p:
+        return "-"
+    return "<1e-4" if p < 1e-4 else (f"{p:.2g}" if p < 0.01 else f"{p:.3f}")
+
+
 def format_change(delta: float | None, low: float | None = None, high: float | None = None,
                   p: float | None = None) -> str:
     """'+0.060 [+0.010, +0.110]' (paired change and its interval), with ' within noise' when the interval
@@ -535,5 +542,5 @@ def format_change(delta: float | None, low: float | None = None, high: float | N
         return f"{delta:+.3f}"
     text = f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]"
     if p is not None:
-        text += f" p={p:.2g}"
+        text += f" p={format_p(p)}"
     return text + (" within noise" if low <= 0 <= high else "")

@@ -19,10 +19,12 @@ from loop.report.load import LoopData, find_loop_run, load_loop, load_loops
 from loop.report.plots import (MIN_BOX, plot_breakdown, plot_coverage, plot_diversity, plot_headline, plot_options,
                                plot_pass_at_k, save_figure)
 from loop.report.tables import (breakdown, change_table, coverage, cross_check, crossover_k, group_field,
-                                pass_at_k_table, round_stats, solved_matrix, summary_table, top_answer_share)
+                                pass_at_k_table, pass_at_k_verdicts, round_stats, solved_matrix, summary_table,
+                                top_answer_share)
 
 __all__ = ["LoopData", "find_loop_run", "load_loop", "load_loops",
            "breakdown", "change_table", "coverage", "cross_check", "crossover_k", "group_field", "pass_at_k_table",
+           "pass_at_k_verdicts",
            "round_stats", "solved_matrix", "summary_table", "top_answer_share",
            "MIN_BOX", "plot_breakdown", "plot_coverage", "plot_diversity", "plot_headline", "plot_options",
            "plot_pass_at_k", "save_figure"]

@@ -177,10 +177,58 @@ def change_table(data: LoopData, metrics: list[str] | None = None) -> pd.DataFra
                     continue
                 low, high = st.loc[rnd, f"{vs}/{m}_low"], st.loc[rnd, f"{vs}/{m}_high"]
                 row[label] = stats.format_change(delta, low, high)
-                row[f"p ({label})"] = st.loc[rnd, f"{vs}/{m}_p"]
+                row[f"p ({label})"] = stats.format_p(st.loc[rnd, f"{vs}/{m}_p"])
             if len(row) > 3:
                 rows.append(row)
     return pd.DataFrame(rows).set_index(["round", "metric"]) if rows else pd.DataFrame()
+
+
+# Below this many samples per problem pass@k is known only for small k, where sharpening and collapse look alike:
+# the collapse studies (Yue et al. 2025) see pass@k curves cross at k of 16 to 256.
+MIN_SAMPLES_FOR_COLLAPSE = 16
+
+
+def pass_at_k_verdicts(data: LoopData, base: int = 0) -> list[str]:
+    """One sentence per evaluated round after `base` saying what its pass@k curve shows against the base round, by
+    the paired 95% intervals of pass@1 and of pass@k at the largest k: sharpening without collapse, collapse at
+    large k (pass@kmax below the base with its interval below zero), or within noise; then, with fewer than
+    MIN_SAMPLES_FOR_COLLAPSE samples per problem, a warning that collapse at large k cannot be judged."""
+    st = round_stats(data.per_prompt, base=base)
+    kmax = int(pass_at_k_table(data.metrics).columns[-1])
+    out = []
+
+    def change(rnd: int, name: str) -> tuple[str, int]:  # the change as text, and its sign where it is a result
+        d, lo, hi = (st.loc[rnd].get(f"vs_round0/{name}{x}") for x in ("", "_low", "_high"))
+        if d is None or pd.isna(d):
+            return "", 0
+        return stats.format_change(d, lo, hi), (1 if lo > 0 else -1 if hi < 0 else 0)
+
+    for rnd in st.index:
+        if rnd == base:
+            continue
+        (t1, s1), (tk, sk) = change(rnd, "pass@1"), change(rnd, f"pass@{kmax}")
+        if not t1:
+            continue
+        head = f"round {rnd} against round {base}: pass@1 {t1}, pass@{kmax} {tk}. "
+        if sk < 0:
+            verdict = ("collapse at large k: pass@1 rose while pass@{k} fell" if s1 > 0 else
+                       "pass@{k} fell below the base model" + (" and pass@1 with it" if s1 < 0 else "")).format(k=kmax)
+        elif s1 > 0:
+            verdict = ("sharpening without collapse: pass@1 rose and pass@{k} " + ("rose too" if sk > 0 else
+                       "is within noise of the base model")).format(k=kmax)
+        elif s1 < 0:
+            verdict = "pass@1 fell; pass@{k} ".format(k=kmax) + ("rose" if sk > 0 else "is within noise")
+        elif sk > 0:
+            verdict = f"pass@{kmax} rose while pass@1 is within noise: more problems solved at least once"
+        else:
+            verdict = "within noise: no change this evaluation can tell from chance"
+        out.append(head + verdict[0].upper() + verdict[1:] + ".")
+    n = int(data.per_prompt["n"].min())
+    if n < MIN_SAMPLES_FOR_COLLAPSE:
+        out.append(f"With {n} samples per problem, pass@k is known only up to k = {n}; collapse at large k (where "
+                   f"pass@k curves of RL-trained models cross the base model's, k of {MIN_SAMPLES_FOR_COLLAPSE} and "
+                   f"more) cannot be judged here: raise eval.sampling.n to {MIN_SAMPLES_FOR_COLLAPSE} or more.")
+    return out
 
 
 def summary_table(data: LoopData) -> pd.DataFrame:
