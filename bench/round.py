@@ -118,10 +118,10 @@ def run(args) -> dict[str, Any]:
         t0 = time.perf_counter()
         lp = fsi.open_loop(cfg, run, logger)
         setup_s = time.perf_counter() - t0
-        train_ids = {t.id for t in lp.train_tasks}
+        eval_ids = {t.id for t in lp.eval_tasks}  # every other generate call samples a round's training tasks
         # looked up when the stage runs
         loop.generation.rollout.generate = probe.wrap(loop.generation.rollout.generate, "generate",
-                                                      lambda a, k: "train" if a[1][0].id in train_ids else "evaluate")
+                                                      lambda a, k: "evaluate" if a[1][0].id in eval_ids else "train")
         try:
             t0 = time.perf_counter()
             round0_timings: dict[str, float] = {}

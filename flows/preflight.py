@@ -12,6 +12,7 @@ well under a second. Only a config that asks for a GPU, or an install with the C
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import tempfile
@@ -175,8 +176,36 @@ def preflight_run(config: Path, rounds: int | None = None, run_id: str | None = 
     check_task_files(cfg)
     check_model_name(cfg)
     check_device(cfg)
-    check_tracking(cfg.tracking)
+    uri = check_tracking(cfg.tracking)
+    if not (Path(cfg.run_dir) / (run_id or cfg.name)).exists():
+        check_run_id_is_free(uri, cfg.tracking.experiment, run_id or cfg.name)
     return cfg
+
+
+def check_run_id_is_free(uri: str, experiment: str, run_id: str) -> None:
+    """A new run directory whose run id a SQLite store already holds a loop for: the same refusal the tracker gives
+    (loop/run/tracking.py, TrackingConflict), but before vLLM starts. Read with plain SQL on MLflow's tables, as
+    importing MLflow takes seconds; a server is left to the tracker."""
+    import sqlite3
+
+    from loop.run.tracking import RUN_ID_TAG
+
+    if not uri.startswith("sqlite:///") or not Path(uri[len("sqlite:///"):]).is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{uri[len('sqlite:///'):]}?mode=ro", uri=True)) as db:
+            row = db.execute(
+                "SELECT r.run_uuid FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+                "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = ? AND t.value = ? "
+                "JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = 'kind' AND k.value = 'loop' "
+                "WHERE e.name = ? AND r.lifecycle_stage = 'active' LIMIT 1", (RUN_ID_TAG, run_id, experiment)).fetchone()
+    except sqlite3.Error:
+        return  # not a store this query understands (an empty file, another schema): the tracker decides
+    if row:
+        raise PreflightError(
+            f"the MLflow store {uri} (experiment {experiment!r}) already has a loop with run id {run_id!r} (MLflow run "
+            f"{row[0]}), but its run directory is new. Start with another --run-id, or first delete the old MLflow "
+            f"run: MLFLOW_TRACKING_URI={uri} mlflow runs delete --run-id {row[0]}")
 
 
 def preflight_eval(config: Path, out: Path) -> RunConfig:

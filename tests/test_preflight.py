@@ -261,3 +261,22 @@ def test_the_memory_estimate_follows_batch_length_and_checkpointing(tmp_path: Pa
     # The vLLM engine's KV cache is set aside from what is available.
     assert check(10, per_device_batch_size=4) is None
     assert check(10, per_device_batch_size=4, engine={"kv_cache_memory_bytes": 5 * gib}) is not None
+
+
+def test_a_new_run_directory_whose_run_id_the_store_already_has_is_refused_before_vllm(tmp_path: Path):
+    from loop.run.tracking import Tracker, TrackingConfig
+
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store}/mlflow.db"
+    Tracker(TrackingConfig(uri=uri, experiment="e2e"), "e2e", {"config_name": "e2e"}).finish()
+    config = tiny_config(tmp_path, tracking={"uri": uri, "experiment": "e2e"})
+    rc, out, seconds = ratchet(tmp_path, "run", "--config", str(config))
+    assert rc == 2 and "already has a loop with run id 'e2e'" in out and "mlflow runs delete" in out, out
+    assert "starting vLLM" not in out and not (tmp_path / "runs").exists()
+    assert seconds < 30, seconds
+    # Another run id, or another experiment, is free.
+    from flows.preflight import check_run_id_is_free
+
+    check_run_id_is_free(uri, "e2e", "other")
+    check_run_id_is_free(uri, "elsewhere", "e2e")
