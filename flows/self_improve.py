@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -423,6 +424,8 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
                   if (run.round(q) / "metrics.json").exists()]
         loop.tracker.set_tag("mlflow.note.content", f"{run.run_id} ({cfg.model})\n\n"
                              + round_markdown(so_far, cfg.eval.primary))
+        if (round_dir / PER_PROMPT).exists():
+            log_pass_at_k_figure(loop.tracker, cfg.tracking.experiment, run.run_id)
         create_markdown_artifact(key=f"round-{r}", markdown=round_markdown([{"round": r, **metrics}], cfg.eval.primary),
                                  description=f"{run.run_id} round {r}")
         run.mark_done(r, "log")
@@ -431,6 +434,23 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
     run.mark_done(r, "round")
     progress(round_line(r, cfg.rounds, metrics))
     return metrics, adapter, adapter_id
+
+
+def log_pass_at_k_figure(tracker: Tracker, experiment: str, run_id: str) -> None:
+    """pass@k against k for every evaluated round so far, with its 95% bands (the notebook's figure), on the parent
+    run as pass_at_k.png, redrawn after each evaluated round. A figure is not worth a round: a failure to draw it
+    is a warning on the console, and the loop goes on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from loop import report
+
+    try:
+        fig = report.plot_pass_at_k(report.load_loop(tracker.uri, experiment, run_id))
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker.log_loop_artifact(report.save_figure(fig, tmp, "pass_at_k"))
+    except Exception as e:
+        progress(f"warning: the pass@k figure was not drawn ({type(e).__name__}: {e}); the run goes on")
 
 
 def _run(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> list[dict[str, Any]]:

@@ -121,6 +121,11 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
         assert sorted({m.step for m in client.get_metric_history(parents[0].info.run_id, key)}) == steps, key
     assert "Smallest change of pass@1 detectable" in out and "paired change over the same problems" in out
     assert "model.sha256" in parents[0].data.tags
+    # The pass@k-per-round figure, with its bands, on the loop's run.
+    from loop.run.tracking import artifact_repo
+
+    assert "pass_at_k.png" in [f.path for f in artifact_repo(f"sqlite:///{tmp_path}/mlflow.db",
+                                                            parents[0].info.artifact_uri).list_artifacts()]
     versions = client.search_model_versions("name = 'ratchet-e2e'")  # ratchet-<config name>
     assert len(versions) == len(trained)
     if trained:

@@ -223,6 +223,10 @@ class Tracker:
     def _round_run(self, round_: int) -> str:
         return self._find_or_create(round_, {RUN_ID_TAG: self.run_id, **self.tags}, name=f"{self.run_id}/round-{round_}")
 
+    def log_loop_artifact(self, path: Path) -> None:
+        """A file on the loop's parent run (replacing one of the same name: a figure redrawn each round)."""
+        self._repo(self.parent_id).log_artifact(str(path))
+
     def _repo(self, rid: str):
         return artifact_repo(self.uri, self.client.get_run(rid).info.artifact_uri)
 
