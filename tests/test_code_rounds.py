@@ -21,7 +21,8 @@ def test_a_python_debug_round_with_tools_and_a_humaneval_evaluation(tmp_path: Pa
         sampling={"n": 4, "temperature": 1.0, "max_tokens": 160, "seed": 0, "tools": True, "max_turns": 2},
         eval={"tasks": {"family": "humaneval", "split": "eval", "limit": 3},
               "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 160, "seed": 1}, "greedy": False},
-        engine={"max_model_len": 1536}, train={"max_length": 1536, "per_device_batch_size": 2})
+        engine={"max_model_len": 1536},
+        train={"max_length": 1536, "per_device_batch_size": 1, "grad_accumulation": 2, "gradient_checkpointing": True})
     out = finish(ratchet("run", "--config", str(cfg), cwd=tmp_path), timeout=1500)
     rd = tmp_path / "runs" / "code" / "round-01"
     tasks = [json.loads(line) for line in (rd / "tasks.jsonl").read_text().splitlines()]
