@@ -73,8 +73,9 @@ def run_supervised(argv: list[str], log: Path | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     rc = child.wait()
     stop_descendants()
-    if interrupts and rc in (128 + signal.SIGINT, -signal.SIGINT, -signal.SIGKILL):
-        # Here rather than in the loop process: a Ctrl-C while it still imports never reaches its handler.
+    if interrupts and rc != 0:
+        # Here rather than in the loop process: a Ctrl-C while it still imports never reaches its handler, and one
+        # that lands in native code (a nanobind callback while vLLM starts) aborts the process instead of raising.
         print(INTERRUPTED, flush=True)
         return 128 + signal.SIGINT
     if rc == -signal.SIGKILL:
