@@ -25,6 +25,14 @@ from flows.console import CONSOLE_FD_ENV, LOG_ENV, VERBOSE_ENV, flag
 
 SUPERVISED_ENV = "RATCHET_SUPERVISED"
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In the loop process, before exec: SIGTERM when the supervisor dies (killed outright, say), so the loop, in its
+    own session and out of reach of a signal to the supervisor's process group, still shuts down, in order."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 KILLED_HINT = (
     "the loop process was killed by SIGKILL; on Linux that is usually the out-of-memory killer (`dmesg | grep -i "
@@ -58,7 +66,8 @@ def run_supervised(argv: list[str], log: Path | None = None) -> int:
     # alone. Were the loop in the terminal's process group, vLLM's engine processes and Prefect's temporary server
     # would get the same SIGINT and die under it, and the loop's cleanup would then hang on the dead server
     # (a minute, then a misleading ConnectError) instead of shutting them down in order.
-    child = subprocess.Popen(argv, env=env, stdout=out, stderr=out, pass_fds=keep, start_new_session=True)
+    child = subprocess.Popen(argv, env=env, stdout=out, stderr=out, pass_fds=keep, start_new_session=True,
+                             preexec_fn=_stop_with_parent)
     if out is not None:
         out.close()
     interrupts = 0
@@ -67,10 +76,11 @@ def run_supervised(argv: list[str], log: Path | None = None) -> int:
         nonlocal interrupts
         interrupts += signum == signal.SIGINT
         # A third Ctrl-C: the user wants out now, cleanup or not (stop_descendants below takes the rest).
-        child.send_signal(signal.SIGKILL if interrupts >= 3 else signum)
+        # The terminal closing (SIGHUP) stops the loop as a SIGTERM does: in order, completed work kept.
+        child.send_signal(signal.SIGKILL if interrupts >= 3 else signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
     rc = child.wait()
     stop_descendants()
     if interrupts and rc != 0:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -61,8 +62,13 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
         assert proc.poll() is None, proc.stdout.read()[-6000:]
         assert time.time() < deadline, "round 1 never got graded"
         time.sleep(0.5)
+    # The loop runs in its own session (flows/supervise.py): it stops because its supervisor died. Wait until the
+    # killed run's processes are gone, as a user rerunning after a crash would find them.
+    running = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(running, timeout=120)
+    assert not alive, [p.cmdline()[:3] for p in alive]
     samples_before = (run / "round-01" / "samples.jsonl").read_bytes()
     assert not (run / "round-01" / "round.done").exists()
 
