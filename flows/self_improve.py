@@ -422,7 +422,8 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
         # run's note as markdown on its page).
         so_far = [{"round": q, **json.loads((run.round(q) / "metrics.json").read_text())} for q in range(r + 1)
                   if (run.round(q) / "metrics.json").exists()]
-        loop.tracker.set_tag("mlflow.note.content", f"{run.run_id} ({cfg.model})\n\n"
+        loop.tracker.set_tag("mlflow.note.content", f"{cfg.model} on {cfg.train_tasks.family}, {cfg.rounds} rounds "
+                             f"(config {cfg.name}, run {run.run_id})\n\n"
                              + round_markdown(so_far, cfg.eval.primary))
         if (round_dir / PER_PROMPT).exists():
             log_pass_at_k_figure(loop.tracker, cfg.tracking.experiment, run.run_id)

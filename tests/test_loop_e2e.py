@@ -100,7 +100,8 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
     rounds = sorted(int(r.data.tags["round"]) for r in runs if r.data.tags.get("kind") == "round")
     assert len(parents) == 1 and rounds == [0, 1, 2]
     assert parents[0].info.status == "FINISHED"
-    assert "smollm2-135m-instruct on arithmetic, 2 rounds" in parents[0].data.tags["mlflow.note.content"]
+    note = parents[0].data.tags["mlflow.note.content"]  # the one-line description, then the round table
+    assert note.startswith("smollm2-135m-instruct on arithmetic, 2 rounds") and "| round |" in note, note
     for nested in (r for r in runs if r.data.tags.get("kind") == "round"):
         r = int(nested.data.tags["round"])
         m = json.loads((run / f"round-{r:02d}" / "metrics.json").read_text())
