@@ -7,8 +7,8 @@ new LoRA id, never merged, never restarting vLLM. Training runs in this process 
 sleep mode frees its GPU memory for the trainer; vLLM-CPU has none) and the trainer's memory is freed after each round;
 every stage's peak memory goes to the round's metrics (`memory/<stage>_peak_rss_mb`; on CUDA also
 `_peak_cuda_allocated_mb` and `_gpu_used_mb`). On CPU, with loop/generation/vllm_cpu_lora.py, serving the adapter costs
-about what restarting vLLM on a merged model would (a ~30 s start vs 12 s of adapter cost on the generation benchmark,
-~40-60 s per demo round; bench/RESULTS.md, README), so the engine is kept and nothing is merged.
+about what restarting vLLM on a merged model would (measured in bench/RESULTS.md), so the engine is kept and nothing is
+merged.
 """
 from __future__ import annotations
 
