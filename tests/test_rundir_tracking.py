@@ -181,7 +181,8 @@ tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db", experiment="e
                   "loop", json.loads(sys.argv[2]))
 # What run_round reads of a round whose stages are done: the settings it logs on the round's nested run.
 sampling = SimpleNamespace(n=4, temperature=1.0, max_tokens=16)
-cfg = SimpleNamespace(model="m", rounds=2, sampling=sampling,
+cfg = SimpleNamespace(name="c", model="m", rounds=2, sampling=sampling, train_tasks=SimpleNamespace(family="f"),
+                      tracking=SimpleNamespace(experiment="exp"),
                       eval=SimpleNamespace(sampling=sampling, primary="pass@1", evaluates=lambda r, n: r in evaluated),
                       train=SimpleNamespace(continue_adapter=True, algorithm="dpo", lr=1e-4, beta=0.1, epochs=1, lora_r=8))
 loop = Loop(cfg=cfg, run=RunDir(tmp / "runs", "loop"), model=SimpleNamespace(path=None), eval_tasks=[],
