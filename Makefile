@@ -12,7 +12,7 @@ GPU    := $(filter gpu,$(subst $(comma), ,$(EXTRAS)))
 STAMP  := $(VENV)/.installed$(if $(GPU),-gpu)
 CONSTRAINTS := constraints-$(if $(GPU),gpu,cpu).txt
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test install system-deps bench figures clean
 
 install: $(STAMP) system-deps
 
@@ -39,7 +39,12 @@ demo: install
 	$(BIN)/ratchet demo
 
 test: install
-	$(BIN)/python -m pytest -x -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -x -q --durations=40 $(PYTEST_ARGS)
+
+# The notebook's figures of one loop (RUN=<its run id>; default: the latest loop in ./mlflow.db) in figures/, each
+# stamped with the run id, the commit it ran at and its date (docs/diversity.md).
+figures: install
+	RATCHET_RUN_ID=$(RUN) $(BIN)/jupyter execute notebooks/diversity_collapse.ipynb
 
 # Every benchmark at its default (small, CPU-sized) settings, one after the other; results in bench/results/.
 bench: install

@@ -447,9 +447,10 @@ def log_pass_at_k_figure(tracker: Tracker, experiment: str, run_id: str) -> None
     from loop import report
 
     try:
-        fig = report.plot_pass_at_k(report.load_loop(tracker.uri, experiment, run_id))
+        data = report.load_loop(tracker.uri, experiment, run_id)
+        fig = report.plot_pass_at_k(data)
         with tempfile.TemporaryDirectory() as tmp:
-            tracker.log_loop_artifact(report.save_figure(fig, tmp, "pass_at_k"))
+            tracker.log_loop_artifact(report.save_figure(fig, tmp, "pass_at_k", stamp=data.stamp))
     except Exception as e:
         progress(f"warning: the pass@k figure was not drawn ({type(e).__name__}: {e}); the run goes on")
 

@@ -315,6 +315,20 @@ def test_the_documented_notebook_command_runs_as_written_from_the_repository_roo
     assert not (root / "notebooks" / "mlflow.db").exists()  # no empty store made beside the notebook
 
 
+def test_a_saved_figure_says_which_run_commit_and_date_it_was_drawn_from(store, tmp_path):
+    from datetime import datetime, timezone
+
+    data = report.load_loop(store["uri"], "exp", "loop-a")
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    assert data.stamp == f"run loop-a · commit {TAGS['git_commit']} · {today}"
+    fig = report.plot_pass_at_k(data)
+    assert report.save_figure(fig, tmp_path, "pass_at_k", stamp=data.stamp).exists()
+    assert [t.get_text() for t in fig.texts] == [data.stamp]
+    fig = report.plot_headline(data)
+    report.save_figure(fig, tmp_path, "headline")
+    assert fig.texts == []
+
+
 def test_figures_fit_the_data(store):
     data = report.load_loop(store["uri"], "exp", "loop-a")
     # pass@k on its whole range; differences symmetric about 0, at least ±0.1 wide.

@@ -6,6 +6,7 @@ import json
 import tempfile
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
@@ -26,6 +27,14 @@ class LoopData:
     metrics: pd.DataFrame  # index: round; columns: metric keys as logged ("eval/pass_at_1", ...)
     per_prompt: pd.DataFrame  # every round's eval_per_prompt.jsonl rows, plus a 'round' column
     samples: pd.DataFrame  # one row per evaluation sample: round, task_id, sample, status, answer, model_tokens
+    git_commit: str = "unknown"  # the project's commit the loop ran at (its parent run's tag)
+    started: str = ""  # the loop's start date (UTC, YYYY-MM-DD)
+
+    @property
+    def stamp(self) -> str:
+        """What a figure drawn from this loop says in its corner (loop.report.plots.save_figure): which run, at
+        which commit, from when."""
+        return f"run {self.ratchet_run_id or self.parent_run_id} · commit {self.git_commit} · {self.started}"
 
     @property
     def rounds(self) -> list[int]:
@@ -134,7 +143,8 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
     return LoopData(tracking_uri=uri, experiment=experiment, parent_run_id=pid,
                     ratchet_run_id=parent.data.tags.get(RUN_ID_TAG, ""), round_run_ids=round_runs,
                     metrics=metrics.loc[metrics.index.isin(round_runs)], per_prompt=pd.DataFrame(per_prompt),
-                    samples=pd.DataFrame(samples))
+                    samples=pd.DataFrame(samples), git_commit=parent.data.tags.get("git_commit", "unknown"),
+                    started=datetime.fromtimestamp(parent.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d"))
 
 
 def load_loops(tracking_uri: str | None = None, experiment: str = "ablation",

@@ -312,8 +312,11 @@ def plot_options(datas: dict[str, LoopData], baseline: str | None = None, rnd: i
     return fig
 
 
-def save_figure(fig: Figure, out_dir: str | Path, name: str) -> Path:
-    """Write `fig` as out_dir/name.png (folders created) and return the path."""
+def save_figure(fig: Figure, out_dir: str | Path, name: str, stamp: str | None = None) -> Path:
+    """Write `fig` as out_dir/name.png (folders created) and return the path. `stamp` (LoopData.stamp: run id,
+    commit, date) goes in the bottom-right corner, so a figure copied into a doc still says what it was drawn from."""
+    if stamp:
+        fig.text(0.995, 0.005, stamp, ha="right", va="bottom", fontsize=7, color="0.4")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
