@@ -20,8 +20,8 @@ def test_a_python_debug_round_with_tools_and_a_humaneval_evaluation(tmp_path: Pa
         train_tasks={"family": "python-debug", "limit": 3, "difficulty": None, "fresh_per_round": True},
         sampling={"n": 4, "temperature": 1.0, "max_tokens": 160, "seed": 0, "tools": True, "max_turns": 2},
         eval={"tasks": {"family": "humaneval", "split": "eval", "limit": 3},
-              "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 160, "seed": 1}, "greedy": False},
-        engine={"max_model_len": 1536},
+              "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 96, "seed": 1}, "greedy": False},
+        engine={"max_model_len": 1536}, pairs={"max_pairs_per_prompt": 1},
         train={"max_length": 1536, "per_device_batch_size": 1, "grad_accumulation": 2, "gradient_checkpointing": True})
     out = finish(ratchet("run", "--config", str(cfg), cwd=tmp_path), timeout=1500)
     rd = tmp_path / "runs" / "code" / "round-01"

@@ -2,6 +2,7 @@
 turns."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -307,13 +308,13 @@ def test_a_stopped_generation_keeps_what_it_finished(engine, tmp_path):
     ckpt.write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
     kept = {(d["trajectory"]["task_id"], d["trajectory"]["sample"]) for d in map(json.loads, lines[1:3])}
     asked = []
-    real = engine.generate
+    real = engine.generate_stream
 
     def counting(requests, lora=None):
         asked.append(len(requests))
         return real(requests, lora)
 
-    engine.generate = counting
+    engine.generate_stream = counting
     try:
         [again] = rollout.generate_many(engine, [(TASKS, cfg)], round=1, checkpoint=ckpt)
         assert sum(asked) == 4  # the 4 not in the checkpoint, one turn each
@@ -324,4 +325,34 @@ def test_a_stopped_generation_keeps_what_it_finished(engine, tmp_path):
         rollout.generate_many(engine, [(TASKS, cfg.model_copy(update={"seed": 6}))], round=1, checkpoint=ckpt)
         assert sum(asked) == 6
     finally:
-        del engine.generate
+        del engine.generate_stream
+
+
+def test_the_checkpoint_fills_while_the_batch_runs_and_a_stopped_batch_leaves_nothing_in_the_engine(engine, tmp_path):
+    # One engine call holds every single-turn sample of a stage: each trajectory reaches the checkpoint as its request
+    # finishes, not when the call returns, so a stage stopped mid-call keeps what had finished.
+    cfg = SamplingConfig(n=3, temperature=1.0, max_tokens=12, seed=5)
+    ckpt = tmp_path / "samples.partial.jsonl"
+    real = engine.generate_stream
+    rows_before = []  # trajectories in the checkpoint when each output arrived
+
+    def stopped_after_three(requests, lora=None):
+        with contextlib.closing(real(requests, lora)) as outputs:
+            for k, item in enumerate(outputs):
+                rows_before.append(len(ckpt.read_text().splitlines()) - 1)
+                if k == 3:
+                    raise KeyboardInterrupt  # the stage is stopped with 3 of the batch's 6 requests finished
+                yield item
+
+    engine.generate_stream = stopped_after_three
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rollout.generate_many(engine, [(TASKS, cfg)], round=1, checkpoint=ckpt)
+    finally:
+        del engine.generate_stream
+    assert rows_before == [0, 1, 2, 3]
+    assert len(ckpt.read_text().splitlines()) == 1 + 3
+    assert not engine.llm.llm_engine.has_unfinished_requests()  # the other 3 were aborted, not left running
+    [resumed] = rollout.generate_many(engine, [(TASKS, cfg)], round=1, checkpoint=ckpt)
+    [whole] = rollout.generate_many(engine, [(TASKS, cfg)], round=1)
+    assert [t.to_dict() for t in resumed] == [t.to_dict() for t in whole]

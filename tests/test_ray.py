@@ -271,6 +271,9 @@ class Shards:
         self.tokenizer, self.max_model_len = engine.tokenizer, engine.max_model_len
         self.lora_request = engine.lora_request
 
+    def generate_stream(self, requests, lora=None):
+        yield from enumerate(self.generate(requests, lora))
+
     def generate(self, requests, lora=None):
         bounds = shard_bounds([len(rq.token_ids) + rq.max_tokens for rq in requests], self.n)
         return [out for a, b in bounds for out in self.engine.generate(requests[a:b], lora)]

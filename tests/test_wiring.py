@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -55,10 +56,12 @@ def test_kto_rounds_fresh_start_previous_reference_and_resumed_sampling_repeats(
         assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)), m
         assert m["generate/tokens_per_s"] > 0
 
-    # The same run id resumed in a fresh process samples the same round-1 tokens: here run "again" stops after
-    # round 0, then resumes into round 1 (stopped once its samples are written), where "wiring" sampled round 1
-    # right after round 0's evaluation in one process.
-    finish(ratchet("run", "--config", str(cfg_path), "--run-id", "again", "--rounds", "0", cwd=tmp_path), timeout=900)
+    # A run resumed in a fresh process samples the same round-1 tokens: run "again" holds what "wiring" had after
+    # round 0 (its saved config and finished round 0, copied), and resumes into round 1 (stopped once its samples
+    # are written), where "wiring" sampled round 1 right after round 0's evaluation in one process.
+    (tmp_path / "runs" / "again").mkdir()
+    shutil.copy(run / "config.yaml", tmp_path / "runs" / "again" / "config.yaml")
+    shutil.copytree(run / "round-00", tmp_path / "runs" / "again" / "round-00")
     again = tmp_path / "runs" / "again" / "round-01"
     proc = ratchet("run", "--config", str(cfg_path), "--run-id", "again", "--rounds", "1", cwd=tmp_path)
     deadline = time.time() + 900

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,6 +266,11 @@ class EnginePool:
             return known
         lora = self._adapters[adapter_id] = PoolLoRA(adapter_id, path, [ray.put(pack_folder(Path(path)))])
         return lora
+
+    def generate_stream(self, requests: list[TurnRequest],
+                        lora: PoolLoRA | None = None) -> Iterator[tuple[int, TurnOutput]]:
+        """`generate`'s outputs with their request indices, once every replica has answered its share."""
+        yield from enumerate(self.generate(requests, lora))
 
     def generate(self, requests: list[TurnRequest], lora: PoolLoRA | None = None) -> list[TurnOutput]:
         """One model turn for every request, the requests split across the replicas; outputs in request order."""

@@ -13,11 +13,12 @@ decoder-only models the tests (batches past one step's token budget, tool turns,
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Iterator, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -150,6 +151,11 @@ class Engine(Protocol):
 
     def generate(self, requests: list[TurnRequest], lora: Any = None) -> list[TurnOutput]: ...
 
+    def generate_stream(self, requests: list[TurnRequest], lora: Any = None) -> Iterator[tuple[int, TurnOutput]]:
+        """`generate`'s outputs as (request index, output), each as soon as the engine has it (an engine that only
+        returns whole batches yields them after the batch). Stopping the iteration early abandons the rest."""
+        ...
+
     def prompt_logprobs(self, token_ids: list[int], adapter: Path | None = None,
                         adapter_id: int | None = None) -> list[float]: ...
 
@@ -235,6 +241,7 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.asleep = False
         self._said_no_sleep = False
+        self._batches = itertools.count()  # tells apart the request ids of successive generate calls
         self._adapters: dict[int, str] = {}
 
     @property
@@ -290,16 +297,47 @@ class VLLMEngine:
         return LoRARequest(f"adapter-{adapter_id}", adapter_id, path)
 
     def generate(self, requests: list[TurnRequest], lora=None) -> list[TurnOutput]:
-        """One model turn for every request, batched through the engine; `lora` from `lora_request`."""
-        from vllm import SamplingParams, TokensPrompt
+        """One model turn for every request, batched through the engine; `lora` from `lora_request`. Outputs in
+        request order."""
+        done = dict(self.generate_stream(requests, lora))
+        return [done[i] for i in range(len(requests))]
 
+    def generate_stream(self, requests: list[TurnRequest], lora=None) -> Iterator[tuple[int, TurnOutput]]:
+        """`generate`, yielding (request index, output) as each request finishes. The whole batch is in the engine at
+        once, as `LLM.generate` puts it (same batching, same tokens); what this adds is that a caller keeps finished
+        work while the batch runs (rollout's checkpoint), where `LLM.generate` returns only at the end. Requests still
+        running when the caller stops iterating (an error, an interrupt) are aborted in the engine."""
+        from tqdm import tqdm
+        from vllm import SamplingParams, TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if not requests:
+            return
         self.wake_up()
-        prompts = [TokensPrompt(prompt_token_ids=rq.token_ids) for rq in requests]
-        params = [SamplingParams(temperature=rq.temperature, top_p=rq.top_p, max_tokens=rq.max_tokens, logprobs=0,
-                                 seed=rq.seed, stop=rq.stop, include_stop_str_in_output=True) for rq in requests]
-        outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=len(requests) > 8)
-        return [TurnOutput(list(c.token_ids), c.cumulative_logprob, c.finish_reason, c.stop_reason)
-                for c in (out.outputs[0] for out in outs)]
+        engine = self.llm.llm_engine
+        batch = next(self._batches)
+        pending: dict[str, int] = {}
+        try:
+            for i, rq in enumerate(requests):
+                params = SamplingParams(temperature=rq.temperature, top_p=rq.top_p, max_tokens=rq.max_tokens,
+                                        logprobs=0, seed=rq.seed, stop=rq.stop, include_stop_str_in_output=True,
+                                        output_kind=RequestOutputKind.FINAL_ONLY)
+                request_id = f"ratchet-{batch}-{i}"
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=rq.token_ids), params, lora_request=lora)
+                pending[request_id] = i
+            with tqdm(total=len(requests), desc="Processed prompts", disable=len(requests) <= 8) as bar:
+                while pending and engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if out.finished and out.request_id in pending:
+                            c = out.outputs[0]
+                            bar.update(1)
+                            yield pending.pop(out.request_id), TurnOutput(list(c.token_ids), c.cumulative_logprob,
+                                                                          c.finish_reason, c.stop_reason)
+            if pending:
+                raise RuntimeError(f"vLLM finished its work with {len(pending)} of {len(requests)} requests unanswered")
+        finally:
+            if pending:
+                engine.abort_request(list(pending))
 
     def prompt_logprobs(self, token_ids: list[int], adapter: Path | None = None,
                         adapter_id: int | None = None) -> list[float]:

@@ -275,27 +275,32 @@ def _run(engine: Engine, live: list[_LiveTrajectory], lora,
                                             list(lv.env.stop) if lv.env is not None else None))
                 active.append(lv)
             flight = []
-            for lv, out in zip(active, engine.generate(requests, lora) if active else []):
-                ids = out.token_ids
-                text = engine.tokenizer.decode(ids)
-                logprob = out.cumulative_logprob
-                if logprob is None or not math.isfinite(logprob):
-                    raise RuntimeError(f"vLLM returned the log-prob {logprob} for task {lv.traj.task_id} sample "
-                                       f"{lv.traj.sample} ({len(ids)} tokens); a sampled turn needs a finite "
-                                       "log-prob (requested with logprobs=0)")
-                lv.traj.segments.append(Segment("model", text, ids))
-                if lv.traj.cumulative_logprob is not None:
-                    lv.traj.cumulative_logprob += logprob
-                lv.turn_text += text
-                if out.finish_reason == "length":
-                    # Cut by the token budget, or by the context window when that was the tighter one.
-                    lv.traj.finish_reason = "context" if len(lv.ids) >= engine.max_model_len else "length"
-                    end(lv)
-                elif lv.env is not None and isinstance(out.stop_reason, str):
-                    route(lv)  # a block closed: run it, or (asking for nothing) let the model go on
-                else:
-                    lv.traj.finish_reason = "stop"
-                    end(lv)
+            # As each request finishes (not when the whole batch has), so that a trajectory that ends here reaches
+            # `on_done` (the stage's checkpoint) while the rest of the batch is still running. Closed on the way out,
+            # so that an error or an interrupt here aborts the requests still in the engine.
+            with contextlib.closing(engine.generate_stream(requests, lora)) as outputs:
+                for i, out in outputs:
+                    lv = active[i]
+                    ids = out.token_ids
+                    text = engine.tokenizer.decode(ids)
+                    logprob = out.cumulative_logprob
+                    if logprob is None or not math.isfinite(logprob):
+                        raise RuntimeError(f"vLLM returned the log-prob {logprob} for task {lv.traj.task_id} sample "
+                                           f"{lv.traj.sample} ({len(ids)} tokens); a sampled turn needs a finite "
+                                           "log-prob (requested with logprobs=0)")
+                    lv.traj.segments.append(Segment("model", text, ids))
+                    if lv.traj.cumulative_logprob is not None:
+                        lv.traj.cumulative_logprob += logprob
+                    lv.turn_text += text
+                    if out.finish_reason == "length":
+                        # Cut by the token budget, or by the context window when that was the tighter one.
+                        lv.traj.finish_reason = "context" if len(lv.ids) >= engine.max_model_len else "length"
+                        end(lv)
+                    elif lv.env is not None and isinstance(out.stop_reason, str):
+                        route(lv)  # a block closed: run it, or (asking for nothing) let the model go on
+                    else:
+                        lv.traj.finish_reason = "stop"
+                        end(lv)
             admit()
     finally:
         for lv in live:
