@@ -250,7 +250,8 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
     from flows.round_table import fmt
     from flows.self_improve import join_cluster, leave_cluster, start_engine
     from loop.evaluation.evaluate import evaluate_policy
-    from loop.evaluation.stats import detectable_change_note, format_estimate, round_statistics
+    from loop.evaluation.stats import (detectable_change_from_rates_note, detectable_change_note, format_estimate,
+                                       round_statistics)
     from loop.models.resolve import resolve_model
     from loop.run.directory import read_jsonl, write_json
     from loop.tasks import count_clusters, load_tasks
@@ -293,6 +294,8 @@ def _evaluate(config: Path, adapter: Path | None, out: Path) -> None:
         else:
             t.add_row(k.removeprefix("eval/"), fmt(v))
     console.print(t)
+    if "eval/pass@1_detectable" in stats:  # the base model's evaluation sizes the runs to come
+        console.print(detectable_change_from_rates_note(stats["eval/pass@1_detectable"]))
     console.print(f"samples and summary written to {out}/")
 
 

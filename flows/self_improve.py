@@ -30,7 +30,8 @@ from flows.console import round_line, say, stage_line
 from flows.round_table import markdown as round_markdown, primary_line
 from loop.config import RunConfig, check_model, load_config
 from loop.evaluation.evaluate import evaluate_policy
-from loop.evaluation.stats import PER_PROMPT, detectable_change_note, round_statistics_from_dirs, training_statistics
+from loop.evaluation.stats import (PER_PROMPT, detectable_change_from_rates_note, detectable_change_note,
+                                   round_statistics_from_dirs, training_statistics)
 from loop.generation import rollout
 from loop.generation.engine import Engine, VLLMEngine
 from loop.grading import grade_trajectories, grading_counts
@@ -415,6 +416,8 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
         metrics.update(round_statistics_from_dirs(round_dir, run.round(0) if r > 0 else None,
                                                   run.round(evaluated[0]) if evaluated else None))
         write_json(metrics_path, metrics)
+        if "eval/pass@1_detectable" in metrics:  # round 0 sizes the comparisons to come
+            progress(f"round {r}/{cfg.rounds} · {detectable_change_from_rates_note(metrics['eval/pass@1_detectable'])}")
         trained = round_dir / "adapter"
         log_round(loop.tracker, r, metrics, round_dir, trained if trained.is_dir() else None,
                   round_line(r, cfg.rounds, metrics))

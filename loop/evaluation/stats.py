@@ -56,7 +56,8 @@ PER_PROMPT = "eval_per_prompt.jsonl"
 written by loop/evaluation/evaluate.py and logged to MLflow: everything here can be recomputed from it."""
 
 __all__ = ["Estimate", "Change", "estimate", "paired_change", "pass_at_k_values", "pass_at_k_interval",
-           "paired_difference", "detectable_change", "detectable_change_note", "round_statistics",
+           "paired_difference", "detectable_change", "detectable_change_note", "detectable_change_from_rates",
+           "detectable_change_from_rates_note", "round_statistics",
            "round_statistics_from_dirs", "training_statistics",
            "accuracy_names", "problem_clusters", "format_estimate", "format_change"]
 
@@ -391,6 +392,52 @@ def detectable_change_note(num_problems: int, n: int, power: float = 0.8, alpha:
             "rounds will read as within noise")
 
 
+def detectable_change_from_rates(rows: Sequence[Mapping], power: float = 0.8, alpha: float = 0.05) -> float | None:
+    """The smallest rise of pass@1 that a paired comparison with a later round detects with probability `power` at
+    two-sided level `alpha`, sized with this round's per-problem rates as the pilot (rows of eval_per_prompt.jsonl:
+    task_id, cluster, n, correct); the problems, the clusters and n as in the rows.
+
+    `detectable_change` puts every problem at the mean rate, the worst case for that mean. Here problem i keeps its
+    own rate p_i: Var(d_i) = [s_i^2 + s_i^2 + delta(1 - 2 p_i) - delta^2] / n (the second term at least 0), where
+    s_i^2 = p_i(1 - p_i) n / (n - 1) is the unbiased variance of one sample's outcome; df = clusters - 1, as the
+    intervals use. Problems that are always or never solved add no noise, so this figure is usually much smaller.
+    It assumes the later round's samples are drawn independently of this round's (common seeds make the change
+    smaller still: a sample that comes out the same adds no noise) and that every problem moves alike (a change
+    that differs between problems makes it larger); the rates are estimates, so averaged over the round 0s that
+    could have sized it the power is as stated (tests/test_stats.py). None when the rows have fewer than 2
+    problems with n >= 2 or fewer than 2 clusters (no spread to learn from); inf when no rise up to 1 is
+    detectable."""
+    usable = [r for r in rows if r["n"] >= 2]
+    if len(usable) < 2:
+        return None
+    p = np.array([r["correct"] / r["n"] for r in usable])
+    n = np.array([r["n"] for r in usable], dtype=float)
+    s2 = p * (1 - p) * n / (n - 1)
+    clusters = len(set(problem_clusters(usable).values()))
+    if clusters < 2:
+        return None
+    df = clusters - 1
+    q = float(_sp.t.ppf(1 - alpha / 2, df) + _sp.t.ppf(power, df))
+
+    def gap(delta: float) -> float:
+        # (p + delta)(1 - p - delta) = p(1 - p) + delta(1 - 2p) - delta^2, with s2 for p(1 - p): unbiased as s2 is
+        s2_after = np.maximum(s2 + delta * (1 - 2 * p) - delta ** 2, 0.0)
+        return delta - q * math.sqrt(float(np.sum((s2 + s2_after) / n))) / len(usable)
+
+    if gap(1.0) < 0:
+        return math.inf
+    if gap(1e-12) >= 0:
+        return 0.0
+    return float(optimize.brentq(gap, 1e-12, 1.0, xtol=1e-10))
+
+
+def detectable_change_from_rates_note(delta: float, power: float = 0.8, alpha: float = 0.05) -> str:
+    """The line that reports `detectable_change_from_rates` after a base evaluation."""
+    return (f"sized with these per-problem rates, a later round's change of pass@1 is detectable with {power:.0%} power "
+            f"at {alpha:.0%} from +{delta:.3f} (independent draws, every problem moving alike; common seeds narrow it, "
+            "a change that differs between problems widens it)")
+
+
 # --- a round's statistics from its per-prompt rows ------------------------------------------------
 
 
@@ -425,12 +472,18 @@ def round_statistics(rows: Sequence[Mapping], base: Sequence[Mapping] | None = N
     mean itself is 'eval/M' of the summary), and, against round 0 (`base`) and the previous round (`prev`),
     'vs_round0/M' (the paired change), 'vs_round0/M_low', '_high', '_p', and the same under 'vs_prev/'. Pairs
     are the problems both rounds have a value for; problems are clustered by gsm-symbolic template where the
-    tasks are template variants ('eval/num_clusters' then says into how many).
+    tasks are template variants ('eval/num_clusters' then says into how many). Without `base` (round 0, or
+    `ratchet eval`), 'eval/pass@1_detectable': the change of pass@1 a later round needs to be detected, sized with
+    these rows' per-problem rates (`detectable_change_from_rates`).
     """
     clusters = problem_clusters(rows)
     out: dict[str, float] = {}
     if len(set(clusters.values())) < len(clusters):
         out["eval/num_clusters"] = float(len(set(clusters.values())))
+    if base is None and any(r.get("pass@1") is not None for r in rows):
+        detectable = detectable_change_from_rates([r for r in rows if r.get("pass@1") is not None])
+        if detectable is not None and math.isfinite(detectable):  # a base round sizes the comparisons to come
+            out["eval/pass@1_detectable"] = detectable
     for name in accuracy_names(rows):
         vals = _values(rows, name)
         ids = list(vals)
