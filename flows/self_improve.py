@@ -40,7 +40,7 @@ from loop.pairs import build_pairs, load_pairs, rehearsal_samples, rft_samples, 
 from loop.records import Graded, Trajectory
 from loop.run.directory import RunDir, RunLocked, read_jsonl, write_json, write_jsonl
 from loop.run.peak_memory import PeakMemory
-from loop.run.tracking import RUN_ID_TAG, Tracker, git_commit, resolve_uri
+from loop.run.tracking import GIT_COMMIT_TAG, RUN_ID_TAG, Tracker, git_commit, resolve_uri
 from loop.tasks import check_disjoint, count_clusters, load_round_tasks, load_tasks
 from loop.tasks.base import Task
 from loop.training.update import train_round
@@ -276,7 +276,7 @@ def open_loop(cfg: RunConfig, run: RunDir, logger: logging.Logger) -> Loop:
         if new_run and had_config:
             _discard_unstarted_runs(cfg, run.run_id)
         tracker = Tracker(cfg.tracking, run.run_id, tags={
-            "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, "git_commit": git_commit()},
+            "config_name": cfg.name, "model": cfg.model, "task": cfg.train_tasks.family, GIT_COMMIT_TAG: git_commit()},
             new_loop=new_run)
         run.save_config(config_dict)
         tracker.log_config(config_dict, model.provenance)
@@ -417,7 +417,8 @@ def run_round(loop: Loop, r: int, adapter: Path | None, adapter_id: int | None,
                                                   run.round(evaluated[0]) if evaluated else None))
         write_json(metrics_path, metrics)
         if "eval/pass@1_detectable" in metrics:  # round 0 sizes the comparisons to come
-            progress(f"round {r}/{cfg.rounds} · {detectable_change_from_rates_note(metrics['eval/pass@1_detectable'])}")
+            note = detectable_change_from_rates_note(metrics["eval/pass@1_detectable"])
+            progress(f"round {r}/{cfg.rounds} · {note}")
         trained = round_dir / "adapter"
         log_round(loop.tracker, r, metrics, round_dir, trained if trained.is_dir() else None,
                   round_line(r, cfg.rounds, metrics))

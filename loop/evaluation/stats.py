@@ -433,9 +433,9 @@ def detectable_change_from_rates(rows: Sequence[Mapping], power: float = 0.8, al
 
 def detectable_change_from_rates_note(delta: float, power: float = 0.8, alpha: float = 0.05) -> str:
     """The line that reports `detectable_change_from_rates` after a base evaluation."""
-    return (f"sized with these per-problem rates, a later round's change of pass@1 is detectable with {power:.0%} power "
-            f"at {alpha:.0%} from +{delta:.3f} (independent draws, every problem moving alike; common seeds narrow it, "
-            "a change that differs between problems widens it)")
+    return (f"sized with these per-problem rates, a later round's change of pass@1 is detectable with {power:.0%} "
+            f"power at {alpha:.0%} from +{delta:.3f} (independent draws, every problem moving alike; common seeds "
+            "narrow it, a change that differs between problems widens it)")
 
 
 # --- a round's statistics from its per-prompt rows ------------------------------------------------

@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from loop.evaluation.metrics import normalize_answer
-from loop.run.tracking import RUN_ID_TAG, ROUND_TAG, TrackingConfig, download_artifact, resolve_uri
+from loop.run.tracking import GIT_COMMIT_TAG, RUN_ID_TAG, ROUND_TAG, TrackingConfig, download_artifact, resolve_uri
 
 
 @dataclass
@@ -143,7 +143,7 @@ def load_loop(tracking_uri: str | None = None, experiment: str = "ratchet", run_
     return LoopData(tracking_uri=uri, experiment=experiment, parent_run_id=pid,
                     ratchet_run_id=parent.data.tags.get(RUN_ID_TAG, ""), round_run_ids=round_runs,
                     metrics=metrics.loc[metrics.index.isin(round_runs)], per_prompt=pd.DataFrame(per_prompt),
-                    samples=pd.DataFrame(samples), git_commit=parent.data.tags.get("git_commit", "unknown"),
+                    samples=pd.DataFrame(samples), git_commit=parent.data.tags.get(GIT_COMMIT_TAG, "unknown"),
                     started=datetime.fromtimestamp(parent.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d"))
 
 

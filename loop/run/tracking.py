@@ -34,6 +34,7 @@ from loop.run.directory import flatten
 RUN_ID_TAG = "ratchet.run_id"
 ROUND_TAG = "round"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+GIT_COMMIT_TAG = "git_commit"  # the loop's parent run: the commit the run started from (figures are stamped with it)
 PASS_AT_1_TAG = "pass_at_1"  # on each registered adapter version: its round's held-out pass@1
 
 
