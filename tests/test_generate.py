@@ -296,6 +296,50 @@ def test_a_tool_that_dies_is_an_observation_and_the_rollout_goes_on(engine):
     assert summary["tool_errors/killed"] >= 1 and summary["tool_errors/memory"] >= 1
 
 
+def test_the_session_cap_bounds_live_interpreters_not_trajectories(engine, monkeypatch):
+    # sampling.max_live_sessions caps the sandboxed interpreters alive at once, not the trajectories (issue 31: a cap
+    # on trajectories held a whole evaluation to batches of 64 while few samples ever called the tool). Six
+    # trajectories each open a session with a cap of 2: never more than 2 are alive, every cell still runs (the later
+    # ones wait for a session to close), and the trajectories that call no tool go into the engine beside them.
+    import threading
+
+    from verifiers import python_exec
+
+    lock, alive, peak = threading.Lock(), set(), [0]
+    real_init, real_close = python_exec.Session.__init__, python_exec.Session.close
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        with lock:
+            alive.add(id(self))
+            peak[0] = max(peak[0], len(alive))
+
+    def close(self, *a, **kw):
+        with lock:
+            alive.discard(id(self))
+        return real_close(self, *a, **kw)
+
+    monkeypatch.setattr(python_exec.Session, "__init__", init)
+    monkeypatch.setattr(python_exec.Session, "close", close)
+    batches = []
+    real_stream = engine.generate_stream
+
+    def stream(requests, lora=None):
+        batches.append(len(requests))
+        return real_stream(requests, lora)
+
+    monkeypatch.setattr(engine, "generate_stream", stream)
+    cfg = SamplingConfig(tools=True, max_turns=1, max_tokens=48, seed=5, max_live_sessions=2)
+    calling = [_tool_prefix(engine, f"print({k} * 11)\n") for k in range(6)]
+    plain = [Trajectory(t.id, 0, rollout.prompt_ids(engine.tokenizer, t, cfg), []) for t in TASKS]
+    out = rollout.continue_trajectories(engine, calling + plain, cfg, round=0)
+    for k, t in enumerate(out[:6]):
+        assert t.segments[1] == Segment("observation", f"```output\n{k * 11}\n```\n", t.segments[1].token_ids), t.segments
+    assert all(t.finish_reason in ("stop", "length", "max_turns") for t in out)
+    assert peak[0] == 2 and not alive, (peak, alive)
+    assert max(batches) >= 4, batches  # 2 trajectories after their cells and the 2 without one, at least
+
+
 def test_a_stopped_generation_keeps_what_it_finished(engine, tmp_path):
     # generate_many's checkpoint: trajectories are appended as they end; a call after an interruption takes the
     # finished ones from it and generates only the others (issue 31: a late failure lost 10 minutes of samples).

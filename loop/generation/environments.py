@@ -47,6 +47,8 @@ class Environment(Protocol):
     """Strings that end a model turn so that the environment can act on it."""
     last_error: str | None
     """The kind of tool failure of the last step (one of TOOL_ERROR_KINDS), None when the tool worked."""
+    holds_session: bool
+    """Whether it holds something alive (an interpreter) until `close()`: the rollout caps how many do at once."""
 
     def reset(self, task_id: str) -> None: ...
 
@@ -105,6 +107,10 @@ class PythonSession:
         if len(body) > self.observation_max_chars:
             body = body[: self.observation_max_chars] + "\n... (output truncated)"
         return f"```output\n{body.rstrip()}\n```\n"
+
+    @property
+    def holds_session(self) -> bool:
+        return self.session is not None
 
     def close(self) -> None:
         session, self.session = self.session, None

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,8 +65,9 @@ class SamplingConfig(BaseModel):
     tool_timeout_s: float = Field(10.0, gt=0)
     """Wall-clock limit of one tool call (a cell); a cell that runs over is stopped and the observation says so."""
     max_live_sessions: int = Field(64, ge=1)
-    """With tools on: at most this many trajectories in flight at once, each holding its own sandboxed interpreter
-    (a Python process with its imports) until it ends or its tool budget is spent; the others wait their turn.
+    """With tools on: at most this many sandboxed interpreters (a Python process with its imports) alive at once. A
+    trajectory opens its own at its first tool call and holds it until it ends or its tool budget is spent; one that
+    calls the tool while all are taken waits for one to close, and trajectories that have not called it never wait.
     Memory grows with this number, not with n x prompts."""
     system_prompt: str | None = None
     """None: none for plain chain of thought, loop.generation.environments.TOOL_SYSTEM_PROMPT when tools are on."""
@@ -226,11 +226,10 @@ def continue_trajectories(engine: Engine, trajectories: list[Trajectory], cfg: S
 def _run(engine: Engine, live: list[_LiveTrajectory], lora,
          on_done: Callable[[_LiveTrajectory], None] | None = None) -> None:
     """Generate every trajectory in `live` to its end, in place; each follows its own SamplingConfig. With tools on,
-    at most `max_live_sessions` of them are in flight at once (the rest wait in order); `on_done` sees each
-    trajectory as it ends."""
-    waiting = deque(live)
-    flight: list[_LiveTrajectory] = []  # admitted, ready for their next model turn
-    calls: list[tuple[_LiveTrajectory, str]] = []  # admitted, waiting for their environment's step
+    at most `max_live_sessions` environments hold a session at once: a tool call that would open one more waits
+    (its trajectory paused) until one closes; `on_done` sees each trajectory as it ends."""
+    flight: list[_LiveTrajectory] = []  # ready for their next model turn
+    calls: list[tuple[_LiveTrajectory, str]] = []  # waiting for their environment's step
     failures = [0]  # sandbox failures in a row (MAX_SANDBOX_FAILURES)
 
     def end(lv: _LiveTrajectory) -> None:
@@ -250,18 +249,32 @@ def _run(engine: Engine, live: list[_LiveTrajectory], lora,
         else:
             flight.append(lv)
 
-    def admit() -> None:
-        # A trajectory handed in ending with an action (a Python block) carries it out before generating.
-        while waiting and (waiting[0].env is None or len(flight) + len(calls) < waiting[0].cfg.max_live_sessions):
-            route(waiting.popleft())
+    def ready_calls() -> list[tuple[_LiveTrajectory, str]]:
+        """The calls that may run now: those of environments that hold a session, and as many others as there
+        are sessions free (in order); the rest stay in `calls`. Every session is held by a trajectory that is
+        running (a model turn or a step), so one frees up and a waiting call never waits for ever."""
+        held = sum(lv.env is not None and lv.env.holds_session for lv in live)
+        ready, wait = [], []
+        for lv, action in calls:
+            if lv.env.holds_session or held < lv.cfg.max_live_sessions:
+                held += not lv.env.holds_session
+                ready.append((lv, action))
+            else:
+                wait.append((lv, action))
+        calls[:] = wait
+        return ready
 
     try:
-        admit()
+        for lv in live:  # a trajectory handed in ending with an action (a Python block) carries it out first
+            route(lv)
         while flight or calls:
             if calls:
-                _step(engine, calls, failures)
-                flight += [lv for lv, _ in calls]
-                calls = []
+                ready = ready_calls()
+                if not ready and not flight:  # cannot happen (see ready_calls); never spin
+                    raise RuntimeError(f"{len(calls)} tool calls wait for a session that no running trajectory holds")
+                if ready:
+                    _step(engine, ready, failures)
+                flight += [lv for lv, _ in ready]
             requests, active = [], []
             for lv in flight:
                 cfg = lv.cfg
@@ -301,7 +314,6 @@ def _run(engine: Engine, live: list[_LiveTrajectory], lora,
                     else:
                         lv.traj.finish_reason = "stop"
                         end(lv)
-            admit()
     finally:
         for lv in live:
             if lv.env is not None:
