@@ -233,12 +233,12 @@ def test_the_detectable_change_sized_with_a_base_rounds_rates_has_its_power():
         p = np.clip(rng.beta(0.4, 1.2, num), 0, 0.75)  # room above every problem for the rise
         cluster = [f"c{i // per_cluster}" for i in range(num)]
         hits, deltas = [], []
-        for _ in range(40):
+        for _ in range(30):
             pilot = rng.binomial(n, p)
             rows = [{"task_id": f"t{i}", "cluster": cluster[i], "n": n, "correct": int(c)} for i, c in enumerate(pilot)]
             delta = stats.detectable_change_from_rates(rows)
             deltas.append(delta)
-            ca, cb = rng.binomial(n, p, (100, num)), rng.binomial(n, p + delta, (100, num))
+            ca, cb = rng.binomial(n, p, (80, num)), rng.binomial(n, p + delta, (80, num))
             a, b = stats.pass_at_k_values(ca, n, 1), stats.pass_at_k_values(cb, n, 1)
             for i in range(len(a)):  # the clustered change, as the flow computes it
                 ch = stats.paired_change(a[i], b[i], cluster)
