@@ -209,6 +209,9 @@ def test_detectable_change_has_the_stated_power():
     assert stats.detectable_change(3, 1, 0.9) == math.inf
     note = stats.detectable_change_note(50, 4)
     assert "50 problems x 4 samples" in note and f"+{stats.detectable_change(50, 4):.3f}" in note
+    # A set too small to detect anything says so instead of printing +inf.
+    assert "too small for any change" in stats.detectable_change_note(2, 1) and "inf" not in stats.detectable_change_note(2, 1)
+    assert "none at pass@1 0.5, +" in stats.detectable_change_note(4, 2)  # nothing at 0.5, something at 0.1
 
 
 def test_the_detectable_change_counts_the_clusters_the_intervals_use():

@@ -373,22 +373,27 @@ def detectable_change_note(num_problems: int, n: int, power: float = 0.8, alpha:
     change if a cluster's problems behaved as one problem; the figure if every problem behaved on its own follows
     in brackets. Which is nearer depends on how much a round's change differs between clusters (the intervals
     measure it; nothing before the run does), so plan with the headline."""
-    def at(units: int, **kw) -> dict[float, float]:
-        return {p: detectable_change(units, n, p, power, alpha, **kw) for p in (0.1, 0.5)}
+    def at(units: int, **kw) -> dict[float, str]:
+        out = {p: detectable_change(units, n, p, power, alpha, **kw) for p in (0.1, 0.5)}
+        return {p: "none" if math.isinf(d) else f"+{d:.3f}" for p, d in out.items()}
 
     if clusters is None or clusters >= num_problems:
         d = at(num_problems)
+        if set(d.values()) == {"none"}:
+            return (f"evaluation set: {num_problems} problems x {n} samples: too small for any change of pass@1 to be "
+                    f"detected with {power:.0%} power at {alpha:.0%}; every comparison between rounds will read as "
+                    "within noise (use more problems or samples)")
         return (f"evaluation set: {num_problems} problems x {n} samples. Smallest change of pass@1 detectable with "
-                f"{power:.0%} power at {alpha:.0%} (paired, every problem shifting alike): +{d[0.5]:.3f} at pass@1 "
-                f"0.5, +{d[0.1]:.3f} at 0.1; smaller changes between rounds will read as within noise")
+                f"{power:.0%} power at {alpha:.0%} (paired, every problem shifting alike): {d[0.5]} at pass@1 "
+                f"0.5, {d[0.1]} at 0.1; smaller changes between rounds will read as within noise")
     if clusters < 2:
         return (f"evaluation set: {num_problems} problems in {clusters} cluster: the clustered intervals have no "
                 "spread to learn from; use tasks from more clusters (e.g. more templates)")
     whole, apart = at(clusters), at(num_problems, clusters=clusters)
     return (f"evaluation set: {num_problems} problems in {clusters} clusters x {n} samples. Smallest change of pass@1 "
             f"detectable with {power:.0%} power at {alpha:.0%} (paired, clustered as the intervals are): "
-            f"+{whole[0.5]:.3f} at pass@1 0.5, +{whole[0.1]:.3f} at 0.1 counting the {clusters} clusters "
-            f"(+{apart[0.5]:.3f} / +{apart[0.1]:.3f} if every problem counted on its own); smaller changes between "
+            f"{whole[0.5]} at pass@1 0.5, {whole[0.1]} at 0.1 counting the {clusters} clusters "
+            f"({apart[0.5]} / {apart[0.1]} if every problem counted on its own); smaller changes between "
             "rounds will read as within noise")
 
 
