@@ -329,6 +329,14 @@ def paired_difference(correct_a, correct_b, n: int | Sequence[int], k: int, leve
 # --- power ----------------------------------------------------------------------------------------
 
 
+def _smallest_detectable(gap, top: float) -> float:
+    """The smallest delta in (0, top] with gap(delta) >= 0 (gap: delta minus the margin it must clear); inf if none."""
+    if gap(top) < 0:
+        return math.inf
+    if gap(1e-12) >= 0:
+        return 0.0
+    return float(optimize.brentq(gap, 1e-12, top, xtol=1e-10))
+
 def detectable_change(num_problems: int, n: int, base_rate: float = 0.5, power: float = 0.8,
                       alpha: float = 0.05, change_sd: float = 0.0, clusters: int | None = None) -> float:
     """The smallest rise of pass@1 above `base_rate` that a paired comparison of two evaluations on the same
@@ -358,12 +366,7 @@ def detectable_change(num_problems: int, n: int, base_rate: float = 0.5, power: 
         var = (base_rate * (1 - base_rate) + p1 * (1 - p1)) / n + change_sd ** 2
         return delta - q * math.sqrt(var / num_problems)
 
-    top = 1 - base_rate
-    if gap(top) < 0:
-        return math.inf
-    if gap(1e-12) >= 0:
-        return 0.0
-    return float(optimize.brentq(gap, 1e-12, top, xtol=1e-10))
+    return _smallest_detectable(gap, 1 - base_rate)
 
 
 def detectable_change_note(num_problems: int, n: int, power: float = 0.8, alpha: float = 0.05,
@@ -429,11 +432,7 @@ def detectable_change_from_rates(rows: Sequence[Mapping], power: float = 0.8, al
         s2_after = np.maximum(s2 + delta * (1 - 2 * p) - delta ** 2, 0.0)
         return delta - q * math.sqrt(float(np.sum((s2 + s2_after) / n))) / len(usable)
 
-    if gap(1.0) < 0:
-        return math.inf
-    if gap(1e-12) >= 0:
-        return 0.0
-    return float(optimize.brentq(gap, 1e-12, 1.0, xtol=1e-10))
+    return _smallest_detectable(gap, 1.0)
 
 
 def detectable_change_from_rates_note(delta: float, power: float = 0.8, alpha: float = 0.05) -> str:
