@@ -106,14 +106,14 @@ def check_task_files(cfg: RunConfig) -> None:
                                  + (" / ..." if len(first) > 4 else "")) from None
 
 
-def check_model_name(cfg: RunConfig) -> None:
-    """The model resolves (built-in, local folder, cached or reachable hub id); with its weights on disk, the
-    config's train settings fit it (loop/config.py `check_model`)."""
+def check_model_name(cfg: RunConfig, trains: bool = True) -> None:
+    """The model resolves (built-in, local folder, cached or reachable hub id); with its weights on disk and a
+    command that trains (`trains`), the config's train settings fit it (loop/config.py `check_model`)."""
     try:
         weights = locate_model(cfg.model)
     except ModelError as e:
         raise PreflightError(str(e)) from None
-    if weights is not None:
+    if weights is not None and trains:
         check_model(cfg, weights)
 
 
@@ -213,6 +213,6 @@ def preflight_eval(config: Path, out: Path) -> RunConfig:
     cfg = load_config(config)
     check_writable(out, "--out")
     check_task_files(cfg)
-    check_model_name(cfg)
+    check_model_name(cfg, trains=False)  # evaluation trains nothing: the train settings are not its concern
     check_device(cfg)
     return cfg

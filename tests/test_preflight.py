@@ -237,6 +237,18 @@ def test_a_training_batch_that_cannot_fit_in_memory_is_refused_before_anything_s
     assert "lower train.per_device_batch_size (now 512" in line and "train.gradient_checkpointing: true" in line
 
 
+def test_evaluation_is_not_refused_for_train_settings_it_never_uses(tmp_path: Path):
+    from flows.preflight import preflight_eval, preflight_run
+    from loop.config import ConfigError
+    from loop.models.resolve import resolve_model
+
+    resolve_model("smollm2-135m-instruct")
+    config = tiny_config(tmp_path, train={"per_device_batch_size": 512, "max_length": 512})
+    with pytest.raises(ConfigError, match="a training step may need about"):
+        preflight_run(config)  # the loop trains: refused
+    assert preflight_eval(config, tmp_path / "eval").train.per_device_batch_size == 512  # `ratchet eval` does not
+
+
 def test_the_memory_estimate_follows_batch_length_and_checkpointing(tmp_path: Path):
     from loop.config import ConfigError, check_train_memory, load_config
     from loop.models.resolve import resolve_model
