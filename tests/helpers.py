@@ -1,9 +1,32 @@
 """Shared by the end-to-end tests: the tiny loop configuration (SmolLM2-135M on arithmetic, a few prompts)."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import yaml
+
+VLLM_PROCESSES = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+"""vLLM's default, as a user runs it: the engine core and its worker in processes of their own (the suite runs
+engines in-process otherwise: tests/conftest.py). For the tests about the processes a run starts and leaves, and
+for every engine started in the pytest process itself: an engine in-process binds its process's threads to the CPUs
+it runs on, which would hold for every test after it."""
+
+
+@contextlib.contextmanager
+def vllm_processes():
+    """Engines started inside the block run as a user's do, in vLLM's own processes (VLLM_PROCESSES)."""
+    saved = {k: os.environ.get(k) for k in VLLM_PROCESSES}
+    os.environ.update(VLLM_PROCESSES)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def tiny_config(tmp: Path, **over) -> Path:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import vllm_processes
 from loop.generation import rollout
 from loop.generation.adapter_check import (PROBE_FILE, AdapterNotApplied, adapter_tolerance, check_adapter_applied,
                                            write_probe)
@@ -36,7 +37,8 @@ def model_path() -> str:
 
 @pytest.fixture(scope="module")
 def engine(model_path):
-    e = VLLMEngine(model_path, EngineConfig(max_model_len=512, kv_cache_memory_bytes=256 << 20))
+    with vllm_processes():
+        e = VLLMEngine(model_path, EngineConfig(max_model_len=512, kv_cache_memory_bytes=256 << 20))
     yield e
     e.close()
 

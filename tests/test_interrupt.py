@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import tiny_config
+from helpers import VLLM_PROCESSES, tiny_config
 
 RATCHET = str(Path(sys.executable).parent / "ratchet")
 
@@ -26,7 +26,7 @@ def interrupt_when(tmp: Path, marker: str, delay: float) -> tuple[int, str, floa
     config = tiny_config(tmp, rounds=1)
     proc = subprocess.Popen([RATCHET, "run", "--config", str(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=tmp,
-                            env={**os.environ, "COLUMNS": "200"})
+                            env={**os.environ, "COLUMNS": "200", **VLLM_PROCESSES})
     lines: list[str] = []
     seen = threading.Event()
 

@@ -18,15 +18,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from helpers import tiny_config
+from helpers import VLLM_PROCESSES, tiny_config
 from loop.run.tracking import download_artifact
 
 pytestmark = pytest.mark.slow
 RATCHET = [sys.executable, "-m", "flows.cli"]
 
 
-def ratchet(*args: str, cwd: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def ratchet(*args: str, cwd: Path, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([*RATCHET, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, **kw)
 
@@ -56,7 +56,7 @@ def test_two_rounds_resume_after_kill_and_mlflow(tmp_path: Path):
     run = tmp_path / "runs" / "e2e"
 
     # Kill the whole process group (flow + vLLM engine) in the middle of round 1, after its samples are graded.
-    proc = ratchet("run", "--config", str(cfg), cwd=tmp_path)
+    proc = ratchet("run", "--config", str(cfg), cwd=tmp_path, env=VLLM_PROCESSES)  # vLLM's processes, as a user's
     deadline = time.time() + 900
     while not (run / "round-01" / "verify.done").exists():
         assert proc.poll() is None, proc.stdout.read()[-6000:]
@@ -164,7 +164,7 @@ def _start_and_wait_for_generation(cfg: Path, cwd: Path, log: Path) -> tuple[sub
 
     with log.open("w") as out:
         proc = subprocess.Popen([*RATCHET, "run", "--config", str(cfg)], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **VLLM_PROCESSES}, start_new_session=True)
     deadline = time.time() + 600
     while True:
         assert proc.poll() is None, log.read_text()[-6000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import tiny_config
+from helpers import tiny_config, vllm_processes
 from loop.cluster.driver import ClusterConfig
 from loop.cluster.engines import shard_bounds
 from loop.config import ConfigError, load_config
@@ -123,7 +123,8 @@ class cpu_binding:
 def ray_cluster():
     ray = pytest.importorskip("ray")
     # 4 logical CPUs on this 2-core machine: 2 engine replicas (1 each), the trainer and grading tasks beside them.
-    with cpu_binding():
+    # The replicas (Ray workers inherit this environment) run vLLM in its own processes, as a user's cluster does.
+    with cpu_binding(), vllm_processes():
         ctx = ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, object_store_memory=200 << 20,
                        log_to_driver=False)
     yield ctx.address_info["address"]
@@ -286,7 +287,7 @@ def reference(model_path, adapter, tmp_path_factory):
     from loop.generation import rollout
     from loop.generation.engine import EngineConfig, VLLMEngine
 
-    with cpu_binding({"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}):
+    with cpu_binding({"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}), vllm_processes():
         local = VLLMEngine(model_path, EngineConfig(**ENGINE))  # one CPU, as each replica of the pool
     engine = Shards(local, 2)
     try:
